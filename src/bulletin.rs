@@ -1,0 +1,277 @@
+//! The public bulletin: when affected merchants stay unreachable (a configurable threshold) or
+//! a responder decides, a public notice carrying the five elements, without anyone's personal
+//! data, is published as static files (it must survive an outage of Tocsin itself):
+//! `<publish>/<reference>/index.html` (zh-CN), `index.en.html`, `feed.atom` with one entry per
+//! update, `bulletin.json`; and `<publish>/index.html` listing every bulletin.
+//! Each published version records which merchants it covers.
+
+use std::path::{Path, PathBuf};
+
+use chrono::Utc;
+use serde_json::{Value, json};
+
+use crate::domain::*;
+use crate::draft::{NoticeSettings, categories_context, incident_context};
+use crate::ledger::content_hash;
+use crate::model::*;
+use crate::taxonomy::Taxonomy;
+use crate::templates::{TemplateError, Templates};
+use crate::time::{fmt_ts, human};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BulletinError {
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    #[error("writing the bulletin to {path}: {reason}")]
+    Write { path: String, reason: String },
+    #[error("the incident has no confirmed facts yet")]
+    NoFacts,
+}
+
+/// The language of `index.html`; the other is `index.<locale>.html`.
+pub const PRIMARY: Locale = Locale::ZhCn;
+
+pub fn page_file(locale: Locale) -> String {
+    if locale == PRIMARY {
+        "index.html".into()
+    } else {
+        format!("index.{locale}.html")
+    }
+}
+
+/// Why a bulletin is (re)published now, or `None` if it need not be.
+pub fn trigger(unreachable: usize, threshold: u64, responder_asked: bool) -> Option<String> {
+    if responder_asked {
+        Some("a responder decided to publish".into())
+    } else if threshold > 0 && unreachable as u64 >= threshold {
+        Some(format!(
+            "{unreachable} affected merchant(s) could not be reached individually"
+        ))
+    } else {
+        None
+    }
+}
+
+/// What the bulletin says, in a form whose hash decides whether a new version is due.
+pub fn content_key(incident: &Incident, covered: &[MerchantId]) -> String {
+    let facts = serde_json::to_string(&incident.facts).unwrap_or_default();
+    let ids: Vec<&str> = covered.iter().map(|m| m.as_str()).collect();
+    content_hash(format!("{facts}\n{}", ids.join(",")).as_bytes())
+}
+
+/// The update text of a new version.
+pub fn update_text(version: i64, covered: usize, locale: Locale) -> String {
+    match (locale, version) {
+        (Locale::En, 1) => "First publication of this notice.".into(),
+        (Locale::En, _) => format!(
+            "Notice updated; it now covers {covered} merchants we could not reach individually."
+        ),
+        (Locale::ZhCn, 1) => "首次发布本公告。".into(),
+        (Locale::ZhCn, _) => format!("公告已更新，目前覆盖 {covered} 个无法单独联系到的商家。"),
+    }
+}
+
+fn title(incident: &Incident, locale: Locale) -> String {
+    match locale {
+        Locale::En => format!("Security incident notice {}", incident.reference),
+        Locale::ZhCn => format!("安全事件公告 {}", incident.reference),
+    }
+}
+
+/// Renders every file of the bulletin from all its versions (newest last in `versions`).
+pub fn render_files(
+    incident: &Incident,
+    versions: &[Bulletin],
+    settings: &NoticeSettings,
+    taxonomy: &Taxonomy,
+    templates: &Templates,
+) -> Result<Vec<(String, String)>, BulletinError> {
+    let facts = incident.facts.as_ref().ok_or(BulletinError::NoFacts)?;
+    let base_url = settings.notice_url(&incident.reference);
+    let published_at = versions
+        .first()
+        .map(|b| b.published_at)
+        .unwrap_or_else(Utc::now);
+    let updated_at = versions
+        .last()
+        .map(|b| b.published_at)
+        .unwrap_or(published_at);
+    let mut files = Vec::new();
+    for locale in [Locale::ZhCn, Locale::En] {
+        let other = if locale == Locale::ZhCn {
+            Locale::En
+        } else {
+            Locale::ZhCn
+        };
+        let updates: Vec<Value> = versions
+            .iter()
+            .rev()
+            .map(|b| json!({ "at": fmt_ts(b.published_at), "text": update_text(b.version, b.covered as usize, locale) }))
+            .collect();
+        let base = json!({
+            "locale": locale.as_str(),
+            "operator": { "name": settings.operator_name, "platform": settings.platform },
+        });
+        let categories = categories_context(&facts.categories, locale, &base, taxonomy, templates)?;
+        let context = json!({
+            "locale": locale.as_str(),
+            "operator": { "name": settings.operator_name, "platform": settings.platform },
+            "reference": incident.reference,
+            "title": title(incident, locale),
+            "published_at": human(published_at),
+            "updated_at": human(updated_at),
+            "incident": incident_context(incident, facts, locale),
+            "categories": categories,
+            "contact": {
+                "officer": if locale == Locale::En { &settings.officer_en } else { &settings.officer_zh },
+                "email": settings.contact_email,
+                "phone": settings.contact_phone,
+            },
+            "updates": updates,
+            "other_locale": {
+                "code": other.as_str(),
+                "label": if other == Locale::En { "English" } else { "中文" },
+                "href": page_file(other),
+            },
+            "feed_href": "feed.atom",
+            "json_href": "bulletin.json",
+        });
+        files.push((
+            page_file(locale),
+            templates.render(&format!("bulletin/{locale}/page.html"), &context)?,
+        ));
+    }
+    let entries: Vec<Value> = versions
+        .iter()
+        .rev()
+        .map(|b| {
+            json!({
+                "id": format!("urn:tocsin:bulletin:{}:{}", incident.reference, b.version),
+                "title": format!("{} ({})", title(incident, PRIMARY), b.version),
+                "updated_at": fmt_ts(b.published_at),
+                "summary": format!("{} / {}", update_text(b.version, b.covered as usize, Locale::ZhCn), update_text(b.version, b.covered as usize, Locale::En)),
+                "href": base_url,
+            })
+        })
+        .collect();
+    let feed = json!({
+        "feed_id": format!("urn:tocsin:bulletin:{}", incident.reference),
+        "title": title(incident, PRIMARY),
+        "updated_at": fmt_ts(updated_at),
+        "self_href": format!("{base_url}feed.atom"),
+        "alternate_href": base_url,
+        "operator": { "name": settings.operator_name },
+        "entries": entries,
+    });
+    files.push((
+        "feed.atom".into(),
+        templates.render("bulletin/feed.atom", &feed)?,
+    ));
+    let texts: serde_json::Map<String, Value> = [Locale::ZhCn, Locale::En]
+        .iter()
+        .map(|l| {
+            let t = |x: &LocalizedText| x.get(*l).unwrap_or("").to_owned();
+            let text = json!({
+                "title": title(incident, *l),
+                "what_happened": t(&facts.what_happened), "impact": t(&facts.impact),
+                "measures_taken": t(&facts.measures_taken), "measures_planned": t(&facts.measures_planned),
+                "remedies": t(&facts.remedies),
+            });
+            (l.as_str().to_owned(), text)
+        })
+        .collect();
+    let updates: Vec<Value> = versions
+        .iter()
+        .map(|b| {
+            json!({ "version": b.version, "at": fmt_ts(b.published_at),
+                    "text": { "zh-CN": update_text(b.version, b.covered as usize, Locale::ZhCn),
+                              "en": update_text(b.version, b.covered as usize, Locale::En) } })
+        })
+        .collect();
+    let view = json!({
+        "reference": incident.reference,
+        "published_at": fmt_ts(published_at),
+        "updated_at": fmt_ts(updated_at),
+        "kind": facts.kind.as_str(),
+        "categories": facts.categories,
+        "contained_at": facts.contained_at.map(fmt_ts),
+        "text": texts,
+        "contact": { "email": settings.contact_email, "phone": settings.contact_phone },
+        "updates": updates,
+    });
+    files.push((
+        "bulletin.json".into(),
+        serde_json::to_string_pretty(&view).unwrap_or_default(),
+    ));
+    Ok(files)
+}
+
+/// Writes the files under `<publish>/<reference>/`, each atomically (write then rename), so a
+/// web server never serves half a page.
+pub fn write(
+    publish_dir: &Path,
+    reference: &str,
+    files: &[(String, String)],
+) -> Result<PathBuf, BulletinError> {
+    let folder = publish_dir.join(reference);
+    let err = |p: &Path, e: std::io::Error| BulletinError::Write {
+        path: p.display().to_string(),
+        reason: e.to_string(),
+    };
+    std::fs::create_dir_all(&folder).map_err(|e| err(&folder, e))?;
+    for (name, body) in files {
+        let path = folder.join(name);
+        let tmp = folder.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, body).map_err(|e| err(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| err(&path, e))?;
+    }
+    Ok(folder)
+}
+
+/// Writes `<publish>/index.html`, the list of every published bulletin.
+pub fn write_index(
+    publish_dir: &Path,
+    entries: &[(String, String, String)],
+) -> Result<(), BulletinError> {
+    let mut items = String::new();
+    for (reference, title, updated) in entries {
+        let esc = |s: &str| {
+            s.replace('&', "&amp;")
+                .replace('<', "&lt;")
+                .replace('>', "&gt;")
+                .replace('"', "&quot;")
+        };
+        items.push_str(&format!(
+            "<li><a href=\"{r}/\">{t}</a> <span lang=\"en\">(<a href=\"{r}/index.en.html\">English</a>)</span> · <time>{u}</time></li>\n",
+            r = esc(reference), t = esc(title), u = esc(updated)
+        ));
+    }
+    let page = format!(
+        "<!DOCTYPE html>\n<html lang=\"zh-CN\">\n<head>\n<meta charset=\"utf-8\">\n<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n<title>安全事件公告 / Security notices</title>\n</head>\n<body>\n<main>\n<h1>安全事件公告 <span lang=\"en\">/ Security notices</span></h1>\n<ul>\n{items}</ul>\n</main>\n</body>\n</html>\n"
+    );
+    let path = publish_dir.join("index.html");
+    std::fs::create_dir_all(publish_dir).map_err(|e| BulletinError::Write {
+        path: publish_dir.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    std::fs::write(&path, page).map_err(|e| BulletinError::Write {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn triggers_record_their_reason() {
+        assert!(trigger(0, 1, false).is_none());
+        assert!(trigger(3, 1, false).is_some_and(|r| r.contains("3 affected")));
+        assert!(trigger(0, 1, true).is_some_and(|r| r.contains("responder")));
+        assert!(
+            trigger(5, 0, false).is_none(),
+            "threshold 0 disables the automatic trigger"
+        );
+    }
+}

@@ -1,0 +1,502 @@
+//! The command line: argument definitions and their translation to engine calls. Output is
+//! for people by default and JSON with `--json`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+use crate::config::Settings;
+use crate::domain::{Actor, FieldError};
+use crate::engine::Tocsin;
+use crate::ledger::Verification;
+use crate::model::ScopeRule;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tocsin",
+    version,
+    about = "Incident notification: from a security event to lawful, timely, provable notice"
+)]
+pub struct Cli {
+    /// Directory holding the embedded database and every output.
+    #[arg(long, global = true, env = "TOCSIN_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Configuration file layered over the built-in defaults.
+    #[arg(long, global = true, env = "TOCSIN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Who is acting (recorded with every transition). Approval needs a different actor than drafting.
+    #[arg(long, global = true, env = "TOCSIN_ACTOR")]
+    pub actor: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the whole flow on the demo data and print a summary.
+    Demo,
+    /// Run the HTTP API, the public bulletins and the delivery worker.
+    Serve {
+        /// Address to listen on (loopback only).
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// The merchant directory.
+    #[command(subcommand)]
+    Merchants(MerchantsCmd),
+    /// Security events.
+    #[command(subcommand)]
+    Events(EventsCmd),
+    /// Incidents and their lifecycle.
+    #[command(subcommand)]
+    Incidents(IncidentsCmd),
+    /// Drafted notices.
+    #[command(subcommand)]
+    Notices(NoticesCmd),
+    /// The audit ledger.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MerchantsCmd {
+    /// Import (insert or update) merchants from a .jsonl or .csv file.
+    Import { file: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCmd {
+    /// Ingest events from a file (one JSON object, an array, or JSON Lines); `-` reads stdin.
+    Ingest { file: PathBuf },
+}
+
+#[derive(Debug, Args)]
+pub struct ScopeArgs {
+    /// A scope rule as a JSON file (merchant_ids, any_categories, regions, created_after, created_before).
+    #[arg(long)]
+    pub rule: Option<PathBuf>,
+    /// Merchant ids, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub merchants: Vec<String>,
+    /// Merchant ids, one per line, from a file.
+    #[arg(long)]
+    pub merchants_file: Option<PathBuf>,
+    /// Merchants holding any of these categories, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub categories: Vec<String>,
+    /// Regions (CN, CN-ZJ, SG...), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub regions: Vec<String>,
+    /// Show the counts without storing anything.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IncidentsCmd {
+    /// List incidents.
+    List,
+    /// Show an incident: state, timeline, scope, deliveries, bulletin, filings.
+    Show { id: String },
+    /// Confirm an incident in triage with the facts from a JSON file.
+    Confirm {
+        id: String,
+        #[arg(long)]
+        facts: PathBuf,
+    },
+    /// Dismiss an incident (false positive).
+    Dismiss {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Work out the affected merchants.
+    Scope {
+        id: String,
+        #[command(flatten)]
+        args: ScopeArgs,
+    },
+    /// Draft the notices (a new version if anything changed).
+    Draft { id: String },
+    /// Approve the latest draft (a different actor than its drafter).
+    Approve { id: String },
+    /// Queue the approved notices and deliver them.
+    Dispatch {
+        id: String,
+        /// Only queue; let `tocsin serve` deliver.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+    /// Publish the public bulletin now.
+    Bulletin { id: String },
+    /// Draft and submit the regulator's initial report (CAC) if the grade requires it.
+    File { id: String },
+    /// List the incident's deliveries.
+    Deliveries { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NoticesCmd {
+    /// List the notices of an incident's latest draft.
+    List { incident: String },
+    /// Show a notice's sections and rendered text.
+    Show { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCmd {
+    /// Walk the hash chain and report the first broken link.
+    Verify,
+}
+
+fn actor(cli_actor: &Option<String>, fallback: Option<&str>) -> anyhow::Result<Actor> {
+    match (cli_actor.as_deref(), fallback) {
+        (Some(a), _) | (None, Some(a)) => a
+            .parse()
+            .map_err(|e: FieldError| anyhow::anyhow!("--actor: {}", e.reason)),
+        (None, None) => bail!(
+            "--actor (or TOCSIN_ACTOR) is required: every change is recorded with who made it"
+        ),
+    }
+}
+
+fn print<T: Serialize>(json: bool, value: &T, text: impl FnOnce() -> String) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(value).unwrap_or_default()
+        );
+    } else {
+        println!("{}", text());
+    }
+}
+
+fn read_json(path: &Path) -> anyhow::Result<serde_json::Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
+}
+
+fn scope_rule(args: &ScopeArgs) -> anyhow::Result<ScopeRule> {
+    let mut rule: ScopeRule = match &args.rule {
+        Some(path) => serde_json::from_value(read_json(path)?)
+            .with_context(|| format!("scope rule {}", path.display()))?,
+        None => ScopeRule::default(),
+    };
+    let mut ids = args.merchants.clone();
+    if let Some(path) = &args.merchants_file {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        ids.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_owned),
+        );
+    }
+    for (i, id) in ids.iter().enumerate() {
+        rule.merchant_ids.push(
+            id.parse()
+                .map_err(|e: FieldError| anyhow::anyhow!("merchants[{i}]: {}", e.reason))?,
+        );
+    }
+    for (i, c) in args.categories.iter().enumerate() {
+        rule.any_categories.push(
+            c.parse()
+                .map_err(|e: FieldError| anyhow::anyhow!("categories[{i}]: {}", e.reason))?,
+        );
+    }
+    rule.regions.extend(args.regions.iter().cloned());
+    Ok(rule)
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TOCSIN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    use std::io::IsTerminal;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Runs one command. Returns the process exit code.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    init_tracing(if matches!(cli.command, Command::Serve { .. }) {
+        "info"
+    } else {
+        "warn"
+    });
+    crate::install_crypto_provider();
+    let settings = Settings::load(cli.config.as_deref(), std::env::vars())?;
+    let engine = Tocsin::open(settings, &cli.data_dir).await?;
+    let json = cli.json;
+    match &cli.command {
+        Command::Demo => {
+            let summary = crate::demo::run(&engine).await?;
+            print(json, &summary, || summary.to_text());
+        }
+        Command::Serve { listen } => {
+            let listen = listen
+                .clone()
+                .unwrap_or_else(|| engine.settings.server.listen.clone());
+            crate::http::serve(
+                std::sync::Arc::new(engine),
+                &listen,
+                crate::http::shutdown_signal(),
+            )
+            .await?;
+        }
+        Command::Merchants(MerchantsCmd::Import { file }) => {
+            let report = engine.import_merchants(file).await?;
+            print(json, &report, || {
+                let mut out = format!(
+                    "imported: {} new, {} updated, {} unchanged, {} rejected",
+                    report.counts.inserted,
+                    report.counts.updated,
+                    report.counts.unchanged,
+                    report.rejected.len()
+                );
+                for r in &report.rejected {
+                    out.push_str(&format!("\n  rejected {r}"));
+                }
+                out
+            });
+            if !report.rejected.is_empty() {
+                return Ok(ExitCode::from(2));
+            }
+        }
+        Command::Events(EventsCmd::Ingest { file }) => {
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).context("reading events from stdin")?
+            } else {
+                std::fs::read_to_string(file)
+                    .with_context(|| format!("reading {}", file.display()))?
+            };
+            let outcomes = engine
+                .ingest_text(&text, &actor(&cli.actor, Some("cli"))?)
+                .await?;
+            print(json, &outcomes, || {
+                outcomes
+                    .iter()
+                    .map(|o| serde_json::to_string(o).unwrap_or_default())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        Command::Incidents(cmd) => return incidents(&engine, &cli, cmd).await,
+        Command::Notices(NoticesCmd::List { incident }) => {
+            let notices = engine.notices(incident).await?;
+            let rows: Vec<_> = notices
+                .iter()
+                .map(|n| {
+                    (
+                        n.id.to_string(),
+                        n.merchant_id.to_string(),
+                        n.locale.to_string(),
+                    )
+                })
+                .collect();
+            print(json, &rows, || {
+                rows.iter()
+                    .map(|(id, m, l)| format!("{id}  {m}  {l}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        Command::Notices(NoticesCmd::Show { id }) => {
+            let view = engine.notice(id).await?;
+            print(json, &view, || {
+                let n = &view.notice;
+                format!(
+                    "notice {} (incident {}, version {}, merchant {}, {})\n\n--- email: {}\n{}\n\n--- sms\n{}\n\n--- push: {}\n{}",
+                    n.id,
+                    view.incident_reference,
+                    view.draft_version,
+                    n.merchant_id,
+                    n.locale,
+                    n.email_subject,
+                    n.email_text,
+                    n.sms_text,
+                    n.push_title,
+                    n.push_body
+                )
+            });
+        }
+        Command::Audit(AuditCmd::Verify) => {
+            let result = crate::ledger::verify(engine.store.as_ref()).await?;
+            print(json, &result, || match &result {
+                Verification::Intact { entries, head } => {
+                    format!("ledger intact: {entries} entries, head {head}")
+                }
+                Verification::Broken { seq, reason } => {
+                    format!("ledger BROKEN at entry {seq}: {reason}")
+                }
+            });
+            if matches!(result, Verification::Broken { .. }) {
+                return Ok(ExitCode::from(3));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn incidents(engine: &Tocsin, cli: &Cli, cmd: &IncidentsCmd) -> anyhow::Result<ExitCode> {
+    let json = cli.json;
+    match cmd {
+        IncidentsCmd::List => {
+            let list = engine.incidents().await?;
+            print(json, &list, || {
+                list.iter()
+                    .map(|i| format!("{}  {}  {:<10}  {}", i.reference, i.id, i.state, i.title))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        IncidentsCmd::Show { id } => {
+            let view = engine.view(id).await?;
+            print(json, &view, || crate::demo::describe(&view));
+        }
+        IncidentsCmd::Confirm { id, facts } => {
+            let incident = engine
+                .confirm(id, &read_json(facts)?, &actor(&cli.actor, None)?)
+                .await?;
+            print(json, &incident, || {
+                format!("{} confirmed", incident.reference)
+            });
+        }
+        IncidentsCmd::Dismiss { id, reason } => {
+            engine
+                .dismiss(id, reason, &actor(&cli.actor, None)?)
+                .await?;
+            print(json, &serde_json::json!({ "dismissed": id }), || {
+                format!("{id} dismissed")
+            });
+        }
+        IncidentsCmd::Scope { id, args } => {
+            let summary = engine
+                .scope(
+                    id,
+                    &scope_rule(args)?,
+                    &actor(&cli.actor, None)?,
+                    args.dry_run,
+                )
+                .await?;
+            print(json, &summary, || {
+                format!(
+                    "{}{} merchants affected\n  by risk: {:?}\n  by first channel: {:?}\n  by locale: {:?}\n  without any channel: {}",
+                    if args.dry_run { "dry run: " } else { "" },
+                    summary.affected,
+                    summary.by_risk,
+                    summary.by_first_channel,
+                    summary.by_locale,
+                    summary.unreachable
+                )
+            });
+        }
+        IncidentsCmd::Draft { id } => {
+            let out = engine.draft(id, &actor(&cli.actor, None)?).await?;
+            print(json, &out, || {
+                format!(
+                    "notice version {} {} ({} notices, content hash {})",
+                    out.draft.version,
+                    if out.created { "drafted" } else { "unchanged" },
+                    out.notices,
+                    out.draft.content_hash
+                )
+            });
+        }
+        IncidentsCmd::Approve { id } => {
+            let draft = engine.approve(id, &actor(&cli.actor, None)?).await?;
+            print(json, &draft, || {
+                format!(
+                    "notice version {} approved (content hash {})",
+                    draft.version, draft.content_hash
+                )
+            });
+        }
+        IncidentsCmd::Dispatch {
+            id,
+            no_wait,
+            timeout,
+        } => {
+            let who = actor(&cli.actor, None)?;
+            let start = engine.dispatch(id, &who).await?;
+            if *no_wait {
+                print(json, &start, || {
+                    format!("{} deliveries queued", start.queued)
+                });
+            } else {
+                let report = engine
+                    .deliver(id, Duration::from_secs(*timeout), &who)
+                    .await?;
+                let view = engine.view(id).await?;
+                print(json, &view, || {
+                    format!(
+                        "{} queued; {:?}\n{}",
+                        start.queued,
+                        report,
+                        crate::demo::describe(&view)
+                    )
+                });
+            }
+        }
+        IncidentsCmd::Bulletin { id } => {
+            let b = engine
+                .publish_bulletin(id, &actor(&cli.actor, None)?, true)
+                .await?;
+            print(json, &b, || match &b {
+                Some(b) => format!(
+                    "bulletin version {} published under {}",
+                    b.version,
+                    engine.paths.bulletins.display()
+                ),
+                None => "no bulletin published".into(),
+            });
+        }
+        IncidentsCmd::File { id } => {
+            let f = engine.file_initial(id, &actor(&cli.actor, None)?).await?;
+            print(json, &f, || match &f {
+                Some(f) => format!(
+                    "{} {} report due {} -> {}",
+                    f.regulator,
+                    f.stage,
+                    crate::time::human(f.deadline_at),
+                    f.location.as_deref().unwrap_or("not submitted")
+                ),
+                None => "no regulator profile applies to this incident's grade".into(),
+            });
+        }
+        IncidentsCmd::Deliveries { id } => {
+            let list = engine.deliveries(id).await?;
+            print(json, &list, || {
+                list.iter()
+                    .map(|d| {
+                        format!(
+                            "{}  {}  {:<5}  {:<7}  attempts {}  {}",
+                            d.id,
+                            d.merchant_id,
+                            d.channel,
+                            d.status,
+                            d.attempts,
+                            d.last_error.as_deref().unwrap_or("")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,371 @@
+//! Settings: built-in defaults (`config/default.toml`, embedded), an optional file given with
+//! `--config`, then environment variables `TOCSIN_SECTION__KEY` (double underscore between
+//! levels). Unknown keys are rejected so a typo cannot silently fall back to a default.
+//! Secrets live in [`Secret`], whose `Debug` and `Display` print nothing.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::domain::{Channel, EmailAddress, OperatorClass};
+
+/// The embedded defaults, so the binary runs from any directory.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("configuration: {field}: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// A secret value (password, signing key). Never printed, not even in debug output.
+#[derive(Clone, Default, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "Secret(empty)"
+        } else {
+            "Secret(***)"
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub operator: OperatorSettings,
+    pub contact: ContactSettings,
+    pub server: ServerSettings,
+    pub delivery: DeliverySettings,
+    pub email: EmailSettings,
+    pub sms: WebhookChannelSettings,
+    pub push: WebhookChannelSettings,
+    pub bulletin: BulletinSettings,
+    pub filing: FilingSettings,
+    #[serde(default)]
+    pub paths: PathSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorSettings {
+    /// The platform's operating company, as named in notices and filings.
+    pub name: String,
+    /// The affected platform or system as named in notices.
+    pub platform: String,
+    /// `ordinary` (CAC 4 hours) or `critical_infrastructure` (1 hour).
+    pub class: String,
+    /// Public base URL under which bulletins are reachable; notices link there.
+    pub public_base_url: String,
+    /// Incident reference prefix (`INC` gives `INC-2026-0001`).
+    pub reference_prefix: String,
+}
+
+impl OperatorSettings {
+    pub fn operator_class(&self) -> Result<OperatorClass, ConfigError> {
+        self.class
+            .parse()
+            .map_err(|e: crate::domain::FieldError| invalid("operator.class", e.reason))
+    }
+}
+
+/// The personal-information protection contact every notice names (GB/T 35273 10.2).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContactSettings {
+    pub officer_en: String,
+    pub officer_zh: String,
+    pub email: String,
+    pub phone: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Address `tocsin serve` listens on. Only loopback until token authentication exists.
+    pub listen: String,
+    /// Largest request body accepted, in bytes.
+    pub body_limit_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliverySettings {
+    /// Attempts per delivery before a transient failure is treated as final.
+    pub max_attempts: u32,
+    /// First retry delay; doubles each attempt, capped by `backoff_max_ms`, with full jitter.
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
+    /// Rows a worker claims at once.
+    pub batch_size: u32,
+    /// How long a claim holds before another worker may take the row (crash recovery).
+    pub lease_seconds: u64,
+    /// Deliveries sent concurrently by one worker.
+    pub concurrency: usize,
+    /// Channel order of a merchant's plan; channels the merchant has no address for are left out.
+    pub channel_order: Vec<String>,
+    /// How often `tocsin serve` sweeps the outbox (cron expression, seconds first).
+    pub sweep_schedule: String,
+}
+
+impl DeliverySettings {
+    pub fn channel_order(&self) -> Result<Vec<Channel>, ConfigError> {
+        self.channel_order
+            .iter()
+            .map(|c| {
+                c.parse().map_err(|e: crate::domain::FieldError| {
+                    invalid("delivery.channel_order", e.reason)
+                })
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmailSettings {
+    /// `file` (writes .eml files under the data directory) or `smtp`.
+    pub transport: String,
+    pub from: String,
+    pub reply_to: Option<String>,
+    pub smtp: SmtpSettings,
+}
+
+impl EmailSettings {
+    pub fn from_address(&self) -> Result<EmailAddress, ConfigError> {
+        let addr = self
+            .from
+            .rsplit_once('<')
+            .map(|(_, a)| a.trim_end_matches('>'))
+            .unwrap_or(&self.from);
+        addr.parse()
+            .map_err(|e: crate::domain::FieldError| invalid("email.from", e.reason))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmtpSettings {
+    pub host: String,
+    pub port: u16,
+    /// `none` (plain, for a local relay), `starttls` or `tls` (implicit TLS).
+    pub tls: String,
+    #[serde(default)]
+    pub username: String,
+    #[serde(default)]
+    pub password: Secret,
+    pub pool_size: u32,
+    pub timeout_seconds: u64,
+}
+
+/// SMS and push: a file transport (embedded default) or a generic HMAC-signed JSON webhook.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookChannelSettings {
+    /// `file` or `webhook`.
+    pub transport: String,
+    #[serde(default)]
+    pub url: String,
+    /// Key for the `X-Tocsin-Signature` HMAC-SHA256 header.
+    #[serde(default)]
+    pub signing_secret: Secret,
+    pub timeout_seconds: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BulletinSettings {
+    /// Publish a bulletin when at least this many affected merchants are unreachable.
+    pub unreachable_threshold: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilingSettings {
+    /// `file` (JSON and HTML under the data directory) or `email`.
+    pub transport: String,
+    /// The regulator's address when filing by email.
+    #[serde(default)]
+    pub regulator_email: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathSettings {
+    /// Templates directory overriding the embedded templates (for operators who edit wording).
+    pub templates: Option<PathBuf>,
+}
+
+impl Settings {
+    /// Defaults, then `file`, then `TOCSIN_*` variables from `env`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ));
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        let vars: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("TOCSIN_") && k.contains("__"))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("TOCSIN")
+                .separator("__")
+                .prefix_separator("_")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("delivery.channel_order")
+                .source(Some(vars)),
+        );
+        let settings: Settings = builder.build()?.try_deserialize()?;
+        settings.check()?;
+        Ok(settings)
+    }
+
+    /// Settings from the embedded defaults only (tests and embedding hosts start here).
+    pub fn defaults() -> Result<Self, ConfigError> {
+        Self::load(None, std::iter::empty())
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        self.operator.operator_class()?;
+        self.delivery.channel_order()?;
+        self.email.from_address()?;
+        if !matches!(self.email.transport.as_str(), "file" | "smtp") {
+            return Err(invalid("email.transport", "must be 'file' or 'smtp'"));
+        }
+        if !matches!(self.email.smtp.tls.as_str(), "none" | "starttls" | "tls") {
+            return Err(invalid(
+                "email.smtp.tls",
+                "must be 'none', 'starttls' or 'tls'",
+            ));
+        }
+        for (name, ch) in [("sms", &self.sms), ("push", &self.push)] {
+            match ch.transport.as_str() {
+                "file" => {}
+                "webhook" if ch.url.starts_with("http://") || ch.url.starts_with("https://") => {}
+                "webhook" => {
+                    return Err(invalid(
+                        &format!("{name}.url"),
+                        "must be an http(s) URL for the webhook transport",
+                    ));
+                }
+                _ => {
+                    return Err(invalid(
+                        &format!("{name}.transport"),
+                        "must be 'file' or 'webhook'",
+                    ));
+                }
+            }
+        }
+        match self.filing.transport.as_str() {
+            "file" => {}
+            "email" => {
+                self.filing
+                    .regulator_email
+                    .parse::<EmailAddress>()
+                    .map_err(|e| invalid("filing.regulator_email", e.reason))?;
+            }
+            _ => return Err(invalid("filing.transport", "must be 'file' or 'email'")),
+        }
+        if self.delivery.max_attempts == 0
+            || self.delivery.batch_size == 0
+            || self.delivery.concurrency == 0
+        {
+            return Err(invalid(
+                "delivery",
+                "max_attempts, batch_size and concurrency must be at least 1",
+            ));
+        }
+        crate::scheduler::Schedule::parse(&self.delivery.sweep_schedule)
+            .map_err(|e| invalid("delivery.sweep_schedule", e.to_string()))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_load_and_use_embedded_transports() {
+        let s = Settings::defaults().expect("defaults load");
+        assert_eq!(s.email.transport, "file");
+        assert_eq!(s.sms.transport, "file");
+        assert!(s.server.listen.starts_with("127.0.0.1"));
+    }
+
+    #[test]
+    fn environment_overrides_nested_keys() {
+        let s = Settings::load(
+            None,
+            env(&[
+                ("TOCSIN_EMAIL__TRANSPORT", "smtp"),
+                ("TOCSIN_EMAIL__SMTP__PORT", "2525"),
+                ("TOCSIN_EMAIL__SMTP__PASSWORD", "hunter2"),
+            ]),
+        )
+        .expect("loads");
+        assert_eq!(s.email.transport, "smtp");
+        assert_eq!(s.email.smtp.port, 2525);
+        assert_eq!(s.email.smtp.password.expose(), "hunter2");
+        assert!(
+            !format!("{s:?}").contains("hunter2"),
+            "secret leaked into Debug"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let err =
+            Settings::load(None, env(&[("TOCSIN_SMS__TRANSPORT", "pigeon")])).expect_err("rejects");
+        assert!(err.to_string().contains("sms.transport"), "{err}");
+        let err =
+            Settings::load(None, env(&[("TOCSIN_SMS__TRANSPORT", "webhook")])).expect_err("no url");
+        assert!(err.to_string().contains("sms.url"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err =
+            Settings::load(None, env(&[("TOCSIN_EMAIL__SMPT__HOST", "x")])).expect_err("typo");
+        assert!(err.to_string().contains("smpt"), "{err}");
+    }
+}

@@ -1,0 +1,258 @@
+//! `tocsin demo`: the whole flow on the demo data (`config/demo/`, embedded), on the embedded
+//! default. Each step is skipped when it already happened, so a second run duplicates nothing.
+//! The demo incident's times are moved so it was contained a few minutes ago, which keeps the
+//! regulator clock meaningful whenever the demo runs.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::directory;
+use crate::domain::{Actor, IncidentState};
+use crate::engine::{EngineError, IncidentView, Tocsin};
+use crate::model::ScopeRule;
+use crate::store::IngestOutcome;
+use crate::time::{fmt_ts, human, parse_ts};
+
+pub const MERCHANTS: &str = include_str!("../config/demo/merchants.jsonl");
+pub const EVENTS: &str = include_str!("../config/demo/events.jsonl");
+pub const FACTS: &str = include_str!("../config/demo/incident.json");
+pub const SCOPE: &str = include_str!("../config/demo/scope.json");
+
+#[derive(Debug, Serialize)]
+pub struct DemoSummary {
+    pub merchants_imported: u64,
+    pub merchants_updated: u64,
+    pub events_new: usize,
+    pub events_duplicate: usize,
+    pub incident: IncidentView,
+    pub notices_drafted_now: usize,
+    pub outputs: crate::engine::OutputPaths,
+    pub bulletin_pages: Vec<String>,
+    pub filing_files: Vec<String>,
+}
+
+fn demo_err(reason: impl Into<String>) -> EngineError {
+    EngineError::Invalid(crate::domain::FieldError::new("demo", reason))
+}
+
+/// The demo facts, with every time moved by the same amount so that containment was five
+/// minutes ago.
+fn shifted_facts() -> Result<Value, EngineError> {
+    let mut facts: Value = serde_json::from_str(FACTS).map_err(|e| demo_err(e.to_string()))?;
+    let contained = facts["contained_at"]
+        .as_str()
+        .and_then(|s| parse_ts(s).ok())
+        .ok_or_else(|| demo_err("contained_at"))?;
+    let shift = Utc::now() - chrono::Duration::minutes(5) - contained;
+    for key in ["occurred_at", "aware_at", "contained_at"] {
+        if let Some(t) = facts[key].as_str().and_then(|s| parse_ts(s).ok()) {
+            facts[key] = Value::String(fmt_ts(t + shift));
+        }
+    }
+    Ok(facts)
+}
+
+pub async fn run(engine: &Tocsin) -> Result<DemoSummary, EngineError> {
+    let alice: Actor = "alice@security".parse()?;
+    let bob: Actor = "bob@security".parse()?;
+    let ingest: Actor = "siem-connector".parse()?;
+
+    let (merchants, rejected) = directory::parse_jsonl(MERCHANTS, &engine.taxonomy);
+    let import = directory::import(engine.store.as_ref(), &merchants, rejected).await?;
+
+    let outcomes = engine.ingest_text(EVENTS, &ingest).await?;
+    let incident_id = outcomes
+        .iter()
+        .map(|o| match o {
+            IngestOutcome::Opened { incident_id, .. }
+            | IngestOutcome::Joined { incident_id, .. }
+            | IngestOutcome::Duplicate { incident_id, .. } => incident_id.clone(),
+        })
+        .next()
+        .ok_or_else(|| demo_err("the demo events opened no incident"))?;
+    let id = incident_id.as_str();
+
+    let state = |v: &IncidentView| v.incident.state;
+    let mut view = engine.view(id).await?;
+    if state(&view) == IncidentState::Triage {
+        engine.confirm(id, &shifted_facts()?, &alice).await?;
+    }
+    engine.file_initial(id, &alice).await?;
+    view = engine.view(id).await?;
+    if state(&view) == IncidentState::Confirmed {
+        let rule: ScopeRule = serde_json::from_str(SCOPE).map_err(|e| demo_err(e.to_string()))?;
+        engine.scope(id, &rule, &alice, false).await?;
+    }
+    let drafted = engine.draft(id, &alice).await?;
+    engine.approve(id, &bob).await?;
+    engine.dispatch(id, &alice).await?;
+    engine.deliver(id, Duration::from_secs(120), &alice).await?;
+
+    let incident = engine.view(id).await?;
+    let reference = incident.incident.reference.clone();
+    let list = |dir: std::path::PathBuf| -> Vec<String> {
+        let mut files: Vec<String> = std::fs::read_dir(&dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.path().display().to_string())
+                    .filter(|p| !p.contains("/."))
+                    .collect()
+            })
+            .unwrap_or_default();
+        files.sort();
+        files
+    };
+    Ok(DemoSummary {
+        merchants_imported: import.counts.inserted,
+        merchants_updated: import.counts.updated,
+        events_new: outcomes
+            .iter()
+            .filter(|o| !matches!(o, IngestOutcome::Duplicate { .. }))
+            .count(),
+        events_duplicate: outcomes
+            .iter()
+            .filter(|o| matches!(o, IngestOutcome::Duplicate { .. }))
+            .count(),
+        notices_drafted_now: if drafted.created { drafted.notices } else { 0 },
+        bulletin_pages: list(engine.paths.bulletins.join(&reference)),
+        filing_files: list(engine.paths.filings.join(&reference)),
+        outputs: engine.paths.clone(),
+        incident,
+    })
+}
+
+/// A readable account of an incident's state.
+pub fn describe(v: &IncidentView) -> String {
+    let i = &v.incident;
+    let mut out = format!(
+        "incident {} ({}) - {}\n  state: {}\n",
+        i.reference, i.id, i.title, i.state
+    );
+    if let Some(f) = &i.facts {
+        out.push_str(&format!(
+            "  grade: {}, kind: {}, aware at {}\n",
+            f.grade,
+            f.kind,
+            human(f.aware_at)
+        ));
+    }
+    out.push_str(&format!(
+        "  merchants affected: {} (risk {:?}; locale {:?})\n  reached: {}, unreachable: {}\n",
+        v.scope.affected,
+        v.scope.by_risk,
+        v.scope.by_locale,
+        v.reached,
+        v.unreachable.len()
+    ));
+    for d in &v.drafts {
+        out.push_str(&format!(
+            "  notice version {}: drafted by {}, approved by {}\n",
+            d.version,
+            d.drafted_by,
+            d.approved_by
+                .as_ref()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "(awaiting approval)".into())
+        ));
+    }
+    for t in &v.deliveries {
+        out.push_str(&format!(
+            "  {:<5}: {} delivered, {} failed, {} pending\n",
+            t.channel, t.sent, t.failed, t.pending
+        ));
+    }
+    for b in &v.bulletins {
+        out.push_str(&format!(
+            "  bulletin v{}: covers {} unreachable merchants ({})\n",
+            b.version, b.covered, b.reason
+        ));
+    }
+    for f in &v.filings {
+        let clock = if f.minutes_left >= 0 {
+            format!("{}h{:02}m left", f.minutes_left / 60, f.minutes_left % 60)
+        } else {
+            format!(
+                "overdue by {}h{:02}m",
+                -f.minutes_left / 60,
+                -f.minutes_left % 60
+            )
+        };
+        out.push_str(&format!(
+            "  filing {} {}: deadline {} ({clock}); {}\n",
+            f.regulator,
+            f.stage,
+            human(f.deadline_at),
+            match (&f.submitted_at, &f.location) {
+                (Some(at), Some(loc)) => format!("submitted {} -> {loc}", human(*at)),
+                _ => "not submitted".into(),
+            }
+        ));
+    }
+    out.push_str("  timeline:\n");
+    for t in &v.transitions {
+        out.push_str(&format!(
+            "    {}  {} -> {}  by {}: {}\n",
+            human(t.at),
+            t.from_state
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "-".into()),
+            t.to_state,
+            t.actor,
+            t.reason
+        ));
+    }
+    out
+}
+
+impl DemoSummary {
+    pub fn to_text(&self) -> String {
+        let mut out = String::from("Tocsin demo\n\n");
+        out.push_str(&format!(
+            "directory: {} merchants new, {} updated\nevents: {} new, {} already seen\n\n",
+            self.merchants_imported, self.merchants_updated, self.events_new, self.events_duplicate
+        ));
+        out.push_str(&describe(&self.incident));
+        if !self.incident.unreachable.is_empty() {
+            let ids: Vec<String> = self
+                .incident
+                .unreachable
+                .iter()
+                .map(|m| m.to_string())
+                .collect();
+            out.push_str(&format!(
+                "  unreachable merchants covered by the bulletin: {}\n",
+                ids.join(", ")
+            ));
+        }
+        out.push_str(&format!(
+            "  notices drafted in this run: {}\n\noutputs:\n",
+            self.notices_drafted_now
+        ));
+        let o = &self.outputs;
+        for (what, path) in [
+            ("database", &o.database),
+            ("email (.eml files)", &o.email_outbox),
+            ("sms (JSON files)", &o.sms_outbox),
+            ("push (JSON files)", &o.push_outbox),
+            ("public bulletins", &o.bulletins),
+            ("regulator filings", &o.filings),
+        ] {
+            if path.is_dir() {
+                let count = std::fs::read_dir(path).map(|d| d.count()).unwrap_or(0);
+                out.push_str(&format!(
+                    "  {what:<20} {} ({count} files)\n",
+                    path.display()
+                ));
+            } else {
+                out.push_str(&format!("  {what:<20} {}\n", path.display()));
+            }
+        }
+        for p in self.bulletin_pages.iter().chain(&self.filing_files) {
+            out.push_str(&format!("    {p}\n"));
+        }
+        out
+    }
+}

@@ -1,0 +1,433 @@
+//! The HTTP layer: the API under `/api/v1`, the public bulletins under `/bulletins`, and the
+//! delivery worker that `tocsin serve` runs beside them. Handlers only translate between HTTP
+//! and the engine; errors are RFC 9457 problem documents naming the field and the reason.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use chrono::Utc;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tower_http::services::ServeDir;
+
+use crate::domain::{Actor, FieldError, IncidentState};
+use crate::engine::{EngineError, Tocsin};
+use crate::incident::IncidentError;
+use crate::model::ScopeRule;
+use crate::scheduler::Schedule;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(
+        "refusing to listen on {0}: until token authentication exists Tocsin only listens on loopback (127.0.0.1 or ::1)"
+    )]
+    NotLoopback(String),
+    #[error("server.listen: '{0}' is not an address such as 127.0.0.1:8080")]
+    BadAddress(String),
+    #[error("listening on {addr}: {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("server: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Schedule(#[from] crate::scheduler::ScheduleError),
+}
+
+/// An API error as `application/problem+json`.
+pub struct Problem {
+    status: StatusCode,
+    title: &'static str,
+    detail: String,
+    field: Option<String>,
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let mut body = json!({
+            "type": "about:blank",
+            "title": self.title,
+            "status": self.status.as_u16(),
+            "detail": self.detail,
+        });
+        if let Some(field) = self.field {
+            body["field"] = field.into();
+        }
+        (
+            self.status,
+            [(header::CONTENT_TYPE, "application/problem+json")],
+            body.to_string(),
+        )
+            .into_response()
+    }
+}
+
+fn bad_request(field: &str, reason: impl Into<String>) -> Problem {
+    Problem {
+        status: StatusCode::BAD_REQUEST,
+        title: "invalid input",
+        detail: format!("{field}: {}", reason.into()),
+        field: Some(field.to_owned()),
+    }
+}
+
+impl From<EngineError> for Problem {
+    fn from(e: EngineError) -> Self {
+        use crate::ingest::IngestError;
+        let detail = e.to_string();
+        match &e {
+            EngineError::Ingest(IngestError::Invalid { error, .. })
+            | EngineError::Invalid(error) => Problem {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                title: "invalid input",
+                detail,
+                field: Some(error.field.clone()),
+            },
+            EngineError::Incident(IncidentError::Facts(error)) => Problem {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                title: "invalid input",
+                detail,
+                field: Some(error.field.clone()),
+            },
+            EngineError::Ingest(IngestError::Syntax(_)) => bad_request("body", detail),
+            EngineError::NotFound { .. } => Problem {
+                status: StatusCode::NOT_FOUND,
+                title: "not found",
+                detail,
+                field: None,
+            },
+            EngineError::Incident(IncidentError::WrongState { .. })
+            | EngineError::Store(crate::store::StoreError::Conflict { .. }) => Problem {
+                status: StatusCode::CONFLICT,
+                title: "conflict with the incident's state",
+                detail,
+                field: None,
+            },
+            EngineError::SameActor { .. } => Problem {
+                status: StatusCode::FORBIDDEN,
+                title: "four-eyes rule",
+                detail,
+                field: Some("actor".into()),
+            },
+            EngineError::Draft(crate::draft::DraftError::Incomplete { .. })
+            | EngineError::Filing(crate::filing::FilingError::Incomplete { .. }) => Problem {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                title: "incomplete",
+                detail,
+                field: None,
+            },
+            _ => {
+                tracing::error!(error = %e, "request failed");
+                Problem {
+                    status: StatusCode::INTERNAL_SERVER_ERROR,
+                    title: "internal error",
+                    detail: "the request could not be completed; see the server log".into(),
+                    field: None,
+                }
+            }
+        }
+    }
+}
+
+type ApiResult = Result<Response, Problem>;
+
+fn ok(value: impl serde::Serialize) -> ApiResult {
+    Ok((StatusCode::OK, axum::Json(value)).into_response())
+}
+
+#[derive(Clone)]
+struct AppState {
+    engine: Arc<Tocsin>,
+    wake_worker: Arc<tokio::sync::Notify>,
+}
+
+/// Parses a JSON body once, at the edge.
+fn body_json(bytes: &Bytes) -> Result<Value, Problem> {
+    serde_json::from_slice(bytes).map_err(|e| bad_request("body", format!("not valid JSON: {e}")))
+}
+
+fn actor_of(body: &Value) -> Result<Actor, Problem> {
+    let raw = body
+        .get("actor")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad_request("actor", "is required: who is acting"))?;
+    raw.parse()
+        .map_err(|e: FieldError| bad_request("actor", e.reason))
+}
+
+/// The router: API and public bulletins (no worker; see [`serve`]).
+pub fn router(engine: Arc<Tocsin>) -> Router {
+    router_with(AppState {
+        engine,
+        wake_worker: Arc::new(tokio::sync::Notify::new()),
+    })
+}
+
+fn router_with(state: AppState) -> Router {
+    let limit = state.engine.settings.server.body_limit_bytes;
+    let bulletins =
+        ServeDir::new(state.engine.paths.bulletins.clone()).append_index_html_on_directories(true);
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/api/v1/events", post(post_events))
+        .route("/api/v1/incidents", get(list_incidents))
+        .route("/api/v1/incidents/{id}", get(get_incident))
+        .route("/api/v1/incidents/{id}/confirm", post(confirm))
+        .route("/api/v1/incidents/{id}/dismiss", post(dismiss))
+        .route("/api/v1/incidents/{id}/scope", post(scope))
+        .route("/api/v1/incidents/{id}/draft", post(draft))
+        .route("/api/v1/incidents/{id}/approve", post(approve))
+        .route("/api/v1/incidents/{id}/dispatch", post(dispatch))
+        .route("/api/v1/incidents/{id}/bulletin", post(bulletin))
+        .route("/api/v1/incidents/{id}/filings", post(file))
+        .route("/api/v1/incidents/{id}/notices", get(list_notices))
+        .route("/api/v1/incidents/{id}/deliveries", get(list_deliveries))
+        .route("/api/v1/notices/{id}", get(get_notice))
+        .nest_service("/bulletins", bulletins)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+async fn post_events(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> ApiResult {
+    let actor_header = headers
+        .get("x-tocsin-actor")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("webhook");
+    let actor: Actor = actor_header
+        .parse()
+        .map_err(|e: FieldError| bad_request("X-Tocsin-Actor", e.reason))?;
+    let text = std::str::from_utf8(&body).map_err(|_| bad_request("body", "is not UTF-8"))?;
+    let outcomes = s.engine.ingest_text(text, &actor).await?;
+    Ok((StatusCode::ACCEPTED, axum::Json(outcomes)).into_response())
+}
+
+async fn list_incidents(State(s): State<AppState>) -> ApiResult {
+    ok(s.engine.incidents().await?)
+}
+
+async fn get_incident(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    ok(s.engine.view(&id).await?)
+}
+
+async fn confirm(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+    let body = body_json(&body)?;
+    let facts = body
+        .get("facts")
+        .ok_or_else(|| bad_request("facts", "is required"))?;
+    ok(s.engine.confirm(&id, facts, &actor_of(&body)?).await?)
+}
+
+async fn dismiss(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+    let body = body_json(&body)?;
+    let reason = body
+        .get("reason")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad_request("reason", "is required"))?;
+    s.engine.dismiss(&id, reason, &actor_of(&body)?).await?;
+    ok(json!({ "dismissed": id }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScopeBody {
+    actor: String,
+    rule: ScopeRule,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+async fn scope(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+    let body: ScopeBody =
+        serde_json::from_slice(&body).map_err(|e| bad_request("body", e.to_string()))?;
+    let actor: Actor = body
+        .actor
+        .parse()
+        .map_err(|e: FieldError| bad_request("actor", e.reason))?;
+    ok(s.engine
+        .scope(&id, &body.rule, &actor, body.dry_run)
+        .await?)
+}
+
+async fn draft(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+    ok(s.engine.draft(&id, &actor_of(&body_json(&body)?)?).await?)
+}
+
+async fn approve(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+    ok(s.engine
+        .approve(&id, &actor_of(&body_json(&body)?)?)
+        .await?)
+}
+
+async fn dispatch(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+    let started = s
+        .engine
+        .dispatch(&id, &actor_of(&body_json(&body)?)?)
+        .await?;
+    s.wake_worker.notify_one();
+    Ok((StatusCode::ACCEPTED, axum::Json(started)).into_response())
+}
+
+async fn bulletin(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+    ok(s.engine
+        .publish_bulletin(&id, &actor_of(&body_json(&body)?)?, true)
+        .await?)
+}
+
+async fn file(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+    ok(s.engine
+        .file_initial(&id, &actor_of(&body_json(&body)?)?)
+        .await?)
+}
+
+async fn list_notices(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    let notices = s.engine.notices(&id).await?;
+    let rows: Vec<Value> = notices
+        .iter()
+        .map(|n| json!({ "id": n.id, "merchant_id": n.merchant_id, "locale": n.locale, "content_hash": n.content_hash }))
+        .collect();
+    ok(rows)
+}
+
+async fn list_deliveries(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    ok(s.engine.deliveries(&id).await?)
+}
+
+async fn get_notice(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    ok(s.engine.notice(&id).await?)
+}
+
+/// The delivery worker of `serve`: on every tick of the sweep schedule, or at once when a
+/// dispatch is requested, deliver what is due and settle incidents whose outbox emptied.
+async fn worker(state: AppState, schedule: Schedule, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let engine = state.engine.clone();
+    let dispatcher = engine.dispatcher();
+    let system = Actor::system();
+    loop {
+        loop {
+            match dispatcher.step(Utc::now()).await {
+                Ok(r) if r.claimed > 0 => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, "delivery step failed");
+                    break;
+                }
+            }
+        }
+        if let Ok(incidents) = engine.incidents().await {
+            for i in incidents
+                .iter()
+                .filter(|i| i.state == IncidentState::Notifying)
+            {
+                if let Err(e) = engine.settle(&i.id, &system).await {
+                    tracing::error!(incident = %i.id, error = %e, "settling an incident failed");
+                }
+            }
+        }
+        let now = Utc::now();
+        let next_tick = schedule
+            .next_after(now)
+            .map(|t| (t - now).to_std().unwrap_or_default())
+            .unwrap_or(Duration::from_secs(10));
+        let next_due = match engine.store.next_due().await {
+            Ok(Some(due)) => (due - now).to_std().unwrap_or_default(),
+            _ => next_tick,
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(next_tick.min(next_due).max(Duration::from_millis(10))) => {}
+            _ = state.wake_worker.notified() => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Checks that `listen` is a loopback address.
+pub fn loopback_addr(listen: &str) -> Result<SocketAddr, ServeError> {
+    let addr: SocketAddr = listen
+        .parse()
+        .map_err(|_| ServeError::BadAddress(listen.to_owned()))?;
+    if addr.ip().is_loopback() {
+        Ok(addr)
+    } else {
+        Err(ServeError::NotLoopback(listen.to_owned()))
+    }
+}
+
+/// Serves the API, the bulletins and the worker until `shutdown` resolves.
+pub async fn serve(
+    engine: Arc<Tocsin>,
+    listen: &str,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let addr = loopback_addr(listen)?;
+    let schedule = Schedule::parse(&engine.settings.delivery.sweep_schedule)?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: listen.to_owned(),
+            source,
+        })?;
+    let local = listener.local_addr()?;
+    // Printed (not only logged) so a supervisor or test harness can find a port-0 server.
+    println!("tocsin listening on http://{local}");
+    tracing::info!(%local, "listening");
+    let state = AppState {
+        engine,
+        wake_worker: Arc::new(tokio::sync::Notify::new()),
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let worker_task = tokio::spawn(worker(state.clone(), schedule, stop_rx));
+    let app = router_with(state);
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    let _ = stop_tx.send(true);
+    let _ = worker_task.await;
+    Ok(result?)
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_addresses_are_accepted() {
+        assert!(loopback_addr("127.0.0.1:8080").is_ok());
+        assert!(loopback_addr("[::1]:0").is_ok());
+        assert!(matches!(
+            loopback_addr("0.0.0.0:8080"),
+            Err(ServeError::NotLoopback(_))
+        ));
+        assert!(matches!(
+            loopback_addr("localhost"),
+            Err(ServeError::BadAddress(_))
+        ));
+    }
+}

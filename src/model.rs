@@ -1,0 +1,333 @@
+//! The entities of the flow as the stages see them. Storage maps rows to these and back;
+//! nothing here knows about SQL.
+
+use std::collections::BTreeSet;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::domain::*;
+
+/// A merchant of the platform's directory, with the contacts notices go to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Merchant {
+    pub id: MerchantId,
+    pub name: String,
+    pub kind: MerchantKind,
+    pub locale: Locale,
+    pub region: String,
+    pub email: Option<EmailAddress>,
+    pub phone: Option<PhoneNumber>,
+    pub push_token: Option<PushToken>,
+    pub postal_address: Option<String>,
+    /// Data categories the platform holds about this merchant.
+    pub holdings: BTreeSet<CategoryId>,
+    pub created_at: Option<DateTime<Utc>>,
+    pub marketing_opt_out: bool,
+}
+
+impl Merchant {
+    /// The address of this merchant on `channel`, if it has one.
+    pub fn address(&self, channel: Channel) -> Option<String> {
+        match channel {
+            Channel::Email => self.email.as_ref().map(|e| e.as_str().to_owned()),
+            Channel::Sms => self.phone.as_ref().map(|p| p.as_str().to_owned()),
+            Channel::Push => self.push_token.as_ref().map(|t| t.as_str().to_owned()),
+        }
+    }
+}
+
+/// A security event as parsed at the edge.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SecurityEvent {
+    pub source: String,
+    pub external_id: String,
+    pub kind: IncidentKind,
+    pub severity: Severity,
+    pub title: String,
+    pub description: Option<String>,
+    pub detected_at: DateTime<Utc>,
+    pub occurred_at: Option<DateTime<Utc>>,
+    pub correlation_key: Option<String>,
+    pub categories: Vec<CategoryId>,
+    pub merchant_ids: Vec<MerchantId>,
+    pub attributes: serde_json::Value,
+}
+
+/// What a responder knows and confirms about an incident: the facts every notice and filing
+/// is drafted from. Text fields are written in each notice language.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IncidentFacts {
+    pub grade: Grade,
+    #[serde(default)]
+    pub grade_reason: LocalizedText,
+    pub kind: IncidentKind,
+    pub categories: Vec<CategoryId>,
+    pub occurred_at: Option<DateTime<Utc>>,
+    pub aware_at: DateTime<Utc>,
+    pub contained_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub affected_system: LocalizedText,
+    #[serde(default)]
+    pub location: LocalizedText,
+    #[serde(default)]
+    pub what_happened: LocalizedText,
+    #[serde(default)]
+    pub impact: LocalizedText,
+    #[serde(default)]
+    pub cause: LocalizedText,
+    #[serde(default)]
+    pub measures_taken: LocalizedText,
+    #[serde(default)]
+    pub measures_planned: LocalizedText,
+    #[serde(default)]
+    pub remedies: LocalizedText,
+    #[serde(default)]
+    pub harm_so_far: LocalizedText,
+    #[serde(default)]
+    pub trend: LocalizedText,
+    #[serde(default)]
+    pub attacker_leads: LocalizedText,
+    #[serde(default)]
+    pub evidence_preservation: LocalizedText,
+    #[serde(default)]
+    pub support_requested: LocalizedText,
+    #[serde(default)]
+    pub ransom: LocalizedText,
+    #[serde(default)]
+    pub other: LocalizedText,
+}
+
+/// Which merchants an incident affects. Every given criterion must hold (AND); a merchant is
+/// affected only if it also holds at least one of the incident's exposed categories.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScopeRule {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub merchant_ids: Vec<MerchantId>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub any_categories: Vec<CategoryId>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub regions: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_after: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_before: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Incident {
+    pub id: IncidentId,
+    pub reference: String,
+    pub state: IncidentState,
+    pub title: String,
+    pub kind: IncidentKind,
+    pub severity: Severity,
+    pub correlation_key: Option<String>,
+    pub facts: Option<IncidentFacts>,
+    pub scope_rule: Option<ScopeRule>,
+    pub opened_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// One step of an incident's life, with who took it and when.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Transition {
+    pub from_state: Option<IncidentState>,
+    pub to_state: IncidentState,
+    pub actor: Actor,
+    pub reason: String,
+    pub at: DateTime<Utc>,
+}
+
+/// The classification of one affected merchant.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AffectedMerchant {
+    pub incident_id: IncidentId,
+    pub merchant_id: MerchantId,
+    pub exposed: Vec<CategoryId>,
+    pub risk: RiskLevel,
+    pub risk_reasons: Vec<String>,
+    pub notice_required: bool,
+    pub notice_reason: String,
+    pub channel_plan: Vec<Channel>,
+    pub locale: Locale,
+    pub reachability: Reachability,
+    pub reached_channel: Option<Channel>,
+}
+
+/// Where a notice version stands in the four-eyes process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DraftState {
+    Drafted,
+    Approved,
+}
+
+/// One version of an incident's notice, covering every affected merchant.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Draft {
+    pub id: DraftId,
+    pub incident_id: IncidentId,
+    pub version: i64,
+    pub state: DraftState,
+    /// SHA-256 over every notice's content hash in merchant order: what the approver approved.
+    pub content_hash: String,
+    pub drafted_by: Actor,
+    pub drafted_at: DateTime<Utc>,
+    pub approved_by: Option<Actor>,
+    pub approved_at: Option<DateTime<Utc>>,
+}
+
+/// The five required elements of a notice, as rendered text.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NoticeSections {
+    pub impact: String,
+    pub measures: String,
+    pub advice: String,
+    pub remedies: String,
+    pub contact: String,
+}
+
+/// The rendered notice for one merchant in one draft version, for every channel.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Notice {
+    pub id: NoticeId,
+    pub draft_id: DraftId,
+    pub merchant_id: MerchantId,
+    pub locale: Locale,
+    pub sections: NoticeSections,
+    pub email_subject: String,
+    pub email_text: String,
+    pub email_html: String,
+    pub sms_text: String,
+    pub push_title: String,
+    pub push_body: String,
+    pub content_hash: String,
+}
+
+/// How a failed attempt should be treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorClass {
+    Transient,
+    Permanent,
+}
+
+impl ErrorClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::Transient => "transient",
+            ErrorClass::Permanent => "permanent",
+        }
+    }
+}
+
+/// One outbox row: a notice version to one merchant on one channel at one address.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Delivery {
+    pub id: DeliveryId,
+    pub idempotency_key: String,
+    pub incident_id: IncidentId,
+    pub draft_id: DraftId,
+    pub notice_id: NoticeId,
+    pub merchant_id: MerchantId,
+    pub channel: Channel,
+    pub address: String,
+    pub plan_position: i64,
+    pub status: DeliveryStatus,
+    pub attempts: i64,
+    pub next_attempt_at: DateTime<Utc>,
+    pub last_error: Option<String>,
+    pub error_class: Option<ErrorClass>,
+    pub provider_message_id: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub sent_at: Option<DateTime<Utc>>,
+}
+
+impl Delivery {
+    /// The key that makes a send idempotent: one per notice version, merchant and channel.
+    pub fn key_for(draft: &DraftId, merchant: &MerchantId, channel: Channel) -> String {
+        format!("{draft}:{merchant}:{channel}")
+    }
+}
+
+/// Delivery counts of an incident for one channel.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ChannelTally {
+    pub channel: String,
+    pub sent: i64,
+    pub failed: i64,
+    pub pending: i64,
+}
+
+/// A published version of an incident's public bulletin.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Bulletin {
+    pub id: BulletinId,
+    pub incident_id: IncidentId,
+    pub version: i64,
+    pub reason: String,
+    pub summary: String,
+    pub content_hash: String,
+    pub published_at: DateTime<Utc>,
+    pub covered: i64,
+}
+
+/// A regulator filing of one stage for one incident.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Filing {
+    pub id: FilingId,
+    pub incident_id: IncidentId,
+    pub regulator: String,
+    pub stage: String,
+    pub content: serde_json::Value,
+    pub content_hash: String,
+    pub deadline_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub submitted_at: Option<DateTime<Utc>>,
+    pub transport: String,
+    pub location: Option<String>,
+}
+
+/// An audit ledger entry before it is chained.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NewLedgerEntry {
+    pub at: DateTime<Utc>,
+    pub actor: Actor,
+    pub action: String,
+    pub incident_id: Option<IncidentId>,
+    /// Facts about the action: ids, counts, hashes. Never personal data.
+    pub detail: serde_json::Value,
+}
+
+impl NewLedgerEntry {
+    pub fn new(
+        actor: &Actor,
+        action: &str,
+        incident: Option<&IncidentId>,
+        detail: serde_json::Value,
+    ) -> Self {
+        Self {
+            at: Utc::now(),
+            actor: actor.clone(),
+            action: action.to_owned(),
+            incident_id: incident.cloned(),
+            detail,
+        }
+    }
+}
+
+/// A chained audit ledger entry.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LedgerEntry {
+    pub seq: i64,
+    pub at: DateTime<Utc>,
+    pub actor: String,
+    pub action: String,
+    pub incident_id: Option<String>,
+    pub detail: serde_json::Value,
+    pub prev_hash: String,
+    pub hash: String,
+}

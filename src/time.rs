@@ -1,0 +1,33 @@
+//! One fixed text form for instants in storage and the ledger: UTC, microseconds, `Z`.
+//! Fixed width means text order is time order, so SQL can compare them as strings.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+
+/// `2026-11-28T03:45:00.000000Z`
+pub fn fmt_ts(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+/// Parses any RFC 3339 instant into UTC.
+pub fn parse_ts(s: &str) -> Result<DateTime<Utc>, chrono::ParseError> {
+    DateTime::parse_from_rfc3339(s).map(|t| t.with_timezone(&Utc))
+}
+
+/// A human form for notices: `2026-11-28 03:45 UTC`.
+pub fn human(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M UTC").to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_form_round_trips_and_sorts_as_text() {
+        let a = parse_ts("2026-11-28T03:45:00+08:00").expect("valid");
+        let b = parse_ts("2026-11-28T03:45:00.5Z").expect("valid");
+        assert_eq!(fmt_ts(a), "2026-11-27T19:45:00.000000Z");
+        assert_eq!(parse_ts(&fmt_ts(b)).expect("round trip"), b);
+        assert!(fmt_ts(a) < fmt_ts(b));
+    }
+}
