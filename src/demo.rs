@@ -97,8 +97,8 @@ pub async fn run(engine: &Tocsin) -> Result<DemoSummary, EngineError> {
         let mut files: Vec<String> = std::fs::read_dir(&dir)
             .map(|rd| {
                 rd.filter_map(|e| e.ok())
+                    .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
                     .map(|e| e.path().display().to_string())
-                    .filter(|p| !p.contains("/."))
                     .collect()
             })
             .unwrap_or_default();

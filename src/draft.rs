@@ -3,7 +3,7 @@
 //! sections first; a notice lacking any of them fails with the list of what is missing, and
 //! no draft is stored. A draft version's content hash covers every notice in it.
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -162,17 +162,29 @@ pub fn missing_elements(
     missing
 }
 
+/// What rendering needs besides the incident: the operator's settings, the taxonomy and
+/// the templates.
+#[derive(Clone, Copy)]
+pub struct Renderer<'a> {
+    pub settings: &'a NoticeSettings,
+    pub taxonomy: &'a Taxonomy,
+    pub templates: &'a Templates,
+}
+
 /// Renders one merchant's notice. Fails with every missing element if any is absent.
 pub fn render_notice(
+    r: Renderer<'_>,
     draft_id: &DraftId,
     incident: &Incident,
     facts: &IncidentFacts,
     merchant: &Merchant,
     affected: &AffectedMerchant,
-    settings: &NoticeSettings,
-    taxonomy: &Taxonomy,
-    templates: &Templates,
 ) -> Result<Notice, DraftError> {
+    let Renderer {
+        settings,
+        taxonomy,
+        templates,
+    } = r;
     let locale = affected.locale;
     let mut missing = missing_elements(facts, settings, locale);
     let mut context = json!({
@@ -280,16 +292,13 @@ pub fn draft_hash(notices: &[Notice]) -> String {
 
 /// Renders every required notice of an incident as a new draft version.
 pub fn draft_all(
+    r: Renderer<'_>,
     incident: &Incident,
     facts: &IncidentFacts,
     affected: &[AffectedMerchant],
     merchants: &[Merchant],
     version: i64,
     actor: &Actor,
-    at: DateTime<Utc>,
-    settings: &NoticeSettings,
-    taxonomy: &Taxonomy,
-    templates: &Templates,
 ) -> Result<(Draft, Vec<Notice>), DraftError> {
     let draft_id = DraftId::generate();
     let by_id: std::collections::HashMap<&MerchantId, &Merchant> =
@@ -304,9 +313,7 @@ pub fn draft_all(
             ));
             continue;
         };
-        match render_notice(
-            &draft_id, incident, facts, merchant, a, settings, taxonomy, templates,
-        ) {
+        match render_notice(r, &draft_id, incident, facts, merchant, a) {
             Ok(n) => notices.push(n),
             Err(DraftError::Incomplete { missing: m }) => {
                 for item in m {
@@ -328,7 +335,7 @@ pub fn draft_all(
         state: DraftState::Drafted,
         content_hash: draft_hash(&notices),
         drafted_by: actor.clone(),
-        drafted_at: at,
+        drafted_at: Utc::now(),
         approved_by: None,
         approved_at: None,
     };
@@ -402,15 +409,19 @@ mod tests {
         let taxonomy = Taxonomy::builtin().expect("taxonomy");
         for locale in [Locale::En, Locale::ZhCn] {
             let (incident, facts, merchant, affected) = fixture(locale);
+            let settings = settings();
+            let r = Renderer {
+                settings: &settings,
+                taxonomy: &taxonomy,
+                templates: &templates,
+            };
             let n = render_notice(
+                r,
                 &DraftId::generate(),
                 &incident,
                 &facts,
                 &merchant,
                 &affected,
-                &settings(),
-                &taxonomy,
-                &templates,
             )
             .expect("renders");
             let creds = taxonomy.label(&"account_credentials".parse().expect("c"), locale);
@@ -447,17 +458,20 @@ mod tests {
         let (incident, mut facts, merchant, affected) = fixture(Locale::ZhCn);
         facts.remedies = LocalizedText::default();
         facts.measures_planned.zh_cn = None;
+        let settings = settings();
+        let r = Renderer {
+            settings: &settings,
+            taxonomy: &taxonomy,
+            templates: &templates,
+        };
         let err = draft_all(
+            r,
             &incident,
             &facts,
             &[affected],
             &[merchant],
             1,
             &"alice".parse().expect("actor"),
-            Utc::now(),
-            &settings(),
-            &taxonomy,
-            &templates,
         )
         .expect_err("incomplete");
         let DraftError::Incomplete { missing } = err else {

@@ -276,14 +276,16 @@ impl Tocsin {
             .transition(
                 &incident.id,
                 IncidentState::Triage,
-                IncidentState::Confirmed,
-                actor,
-                &reason,
+                store::Step {
+                    to: IncidentState::Confirmed,
+                    actor,
+                    reason: &reason,
+                    detail,
+                },
                 store::IncidentChanges {
                     facts: Some(facts),
                     ..Default::default()
                 },
-                detail,
             )
             .await?;
         self.incident(incident.id.as_str()).await
@@ -303,11 +305,13 @@ impl Tocsin {
             .transition(
                 &incident.id,
                 incident.state,
-                IncidentState::Dismissed,
-                actor,
-                reason,
+                store::Step {
+                    to: IncidentState::Dismissed,
+                    actor,
+                    reason,
+                    detail: json!({}),
+                },
                 Default::default(),
-                json!({}),
             )
             .await?;
         Ok(())
@@ -350,15 +354,17 @@ impl Tocsin {
             .transition(
                 &incident.id,
                 incident.state,
-                IncidentState::Scoped,
-                actor,
-                &format!("{} merchants affected", summary.affected),
+                store::Step {
+                    to: IncidentState::Scoped,
+                    actor,
+                    reason: &format!("{} merchants affected", summary.affected),
+                    detail,
+                },
                 store::IncidentChanges {
                     scope_rule: Some(rule.clone()),
                     affected: Some(affected),
                     ..Default::default()
                 },
-                detail,
             )
             .await?;
         Ok(summary)
@@ -389,17 +395,14 @@ impl Tocsin {
         let affected = self.store.affected(&incident.id).await?;
         let merchants = self.store.merchants().await?;
         let version = latest.as_ref().map(|d| d.version + 1).unwrap_or(1);
+        let settings = self.notice_settings();
+        let renderer = draft::Renderer {
+            settings: &settings,
+            taxonomy: &self.taxonomy,
+            templates: &self.templates,
+        };
         let (new_draft, notices) = draft::draft_all(
-            &incident,
-            facts,
-            &affected,
-            &merchants,
-            version,
-            actor,
-            Utc::now(),
-            &self.notice_settings(),
-            &self.taxonomy,
-            &self.templates,
+            renderer, &incident, facts, &affected, &merchants, version, actor,
         )?;
         if let Some(d) = latest.filter(|d| {
             d.content_hash == new_draft.content_hash && incident.state == IncidentState::Drafted
@@ -501,10 +504,12 @@ impl Tocsin {
             .count();
         if incident.state == IncidentState::Approved {
             self.store
-                .transition(&incident.id, IncidentState::Approved, IncidentState::Notifying, actor,
-                            &format!("{queued} deliveries queued"),
-                            Default::default(),
-                            json!({ "draft_id": draft.id.as_str(), "queued": queued, "without_channel": without_channel }))
+                .transition(
+                &incident.id,
+                IncidentState::Approved,
+                store::Step { to: IncidentState::Notifying, actor, reason: &format!("{queued} deliveries queued"), detail: json!({ "draft_id": draft.id.as_str(), "queued": queued, "without_channel": without_channel }) },
+                Default::default(),
+            )
                 .await?;
         }
         Ok(DispatchStart {
@@ -544,11 +549,13 @@ impl Tocsin {
                 .transition(
                     id,
                     IncidentState::Notifying,
-                    IncidentState::Monitoring,
-                    actor,
-                    "every delivery reached a final state",
+                    store::Step {
+                        to: IncidentState::Monitoring,
+                        actor,
+                        reason: "every delivery reached a final state",
+                        detail: json!({ "tally": tally }),
+                    },
                     Default::default(),
-                    json!({ "tally": tally }),
                 )
                 .await?;
         }

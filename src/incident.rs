@@ -63,8 +63,10 @@ pub fn parse_facts(value: &Value, taxonomy: &Taxonomy) -> Result<IncidentFacts, 
             .parse_category(c.as_str(), &format!("categories[{i}]"))
             .map_err(IncidentError::Facts)?;
     }
-    if let (Some(occurred), Some(contained)) = (facts.occurred_at, facts.contained_at) {
-        if contained < occurred {
+    if let (Some(occurred), Some(contained)) = (facts.occurred_at, facts.contained_at)
+        && contained < occurred
+    {
+        {
             return Err(IncidentError::Facts(FieldError::new(
                 "contained_at",
                 "is before occurred_at",

@@ -113,7 +113,7 @@ mod tests {
         assert_eq!(t.all().count(), 22);
         let creds: CategoryId = "account_credentials".parse().expect("id");
         assert!(t.is_sensitive(&creds));
-        assert_eq!(t.label(&creds, Locale::ZhCn).is_empty(), false);
+        assert!(!t.label(&creds, Locale::ZhCn).is_empty());
         let err = t
             .parse_category("favourite_colour", "categories[0]")
             .expect_err("unknown");

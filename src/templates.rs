@@ -114,13 +114,13 @@ fn collect_dir(
         let path = entry.map_err(err)?.path();
         if path.is_dir() {
             collect_dir(root, &path, out)?;
-        } else if let Some(rel) = path.strip_prefix(root).ok().and_then(|p| p.to_str()) {
-            if let Some(name) = rel.replace('\\', "/").strip_suffix(".hbs") {
-                out.push((
-                    name.to_owned(),
-                    std::fs::read_to_string(&path).map_err(err)?,
-                ));
-            }
+        } else if let Some(rel) = path.strip_prefix(root).ok().and_then(|p| p.to_str())
+            && let Some(name) = rel.replace('\\', "/").strip_suffix(".hbs")
+        {
+            out.push((
+                name.to_owned(),
+                std::fs::read_to_string(&path).map_err(err)?,
+            ));
         }
     }
     Ok(())

@@ -88,6 +88,16 @@ pub enum IngestOutcome {
     },
 }
 
+/// One state change of an incident, as recorded in its timeline and in the ledger.
+#[derive(Debug, Clone)]
+pub struct Step<'a> {
+    pub to: IncidentState,
+    pub actor: &'a Actor,
+    pub reason: &'a str,
+    /// Facts for the ledger: ids, counts, hashes; never personal data.
+    pub detail: serde_json::Value,
+}
+
 /// Changes that accompany an incident transition.
 #[derive(Debug, Clone, Default)]
 pub struct IncidentChanges {
@@ -155,11 +165,8 @@ pub trait Store: Send + Sync {
         &self,
         id: &IncidentId,
         from: IncidentState,
-        to: IncidentState,
-        actor: &Actor,
-        reason: &str,
+        step: Step<'_>,
         changes: IncidentChanges,
-        detail: serde_json::Value,
     ) -> Result<(), StoreError>;
 
     // Scope

@@ -333,12 +333,11 @@ async fn record_transition_in(
     conn: &mut SqliteConnection,
     id: &IncidentId,
     from: Option<IncidentState>,
-    to: IncidentState,
-    actor: &Actor,
-    reason: &str,
+    step: &Step<'_>,
     at: DateTime<Utc>,
-    detail: serde_json::Value,
 ) -> Result<(), StoreError> {
+    let (to, actor, reason) = (step.to, step.actor, step.reason);
+    let mut detail = step.detail.clone();
     sqlx::query(
         "INSERT INTO incident_transitions (incident_id, from_state, to_state, actor, reason, at)
          VALUES ($1, $2, $3, $4, $5, $6)",
@@ -352,7 +351,6 @@ async fn record_transition_in(
     .execute(&mut *conn)
     .await
     .doing("recording an incident transition")?;
-    let mut detail = detail;
     if let serde_json::Value::Object(map) = &mut detail {
         map.insert("from".into(), from.map(|s| s.as_str()).into());
         map.insert("to".into(), to.as_str().into());
@@ -576,17 +574,13 @@ impl Store for SqliteStore {
                 .execute(&mut *tx)
                 .await
                 .doing("opening an incident")?;
-                record_transition_in(
-                    &mut tx,
-                    &incident_id,
-                    None,
-                    IncidentState::Triage,
+                let step = Step {
+                    to: IncidentState::Triage,
                     actor,
-                    "opened by a security event",
-                    now,
-                    serde_json::json!({ "event_id": event_id.as_str(), "source": event.source }),
-                )
-                .await?;
+                    reason: "opened by a security event",
+                    detail: serde_json::json!({ "event_id": event_id.as_str(), "source": event.source }),
+                };
+                record_transition_in(&mut tx, &incident_id, None, &step, now).await?;
                 IngestOutcome::Opened {
                     event_id: event_id.clone(),
                     incident_id,
@@ -686,15 +680,12 @@ impl Store for SqliteStore {
         &self,
         id: &IncidentId,
         from: IncidentState,
-        to: IncidentState,
-        actor: &Actor,
-        reason: &str,
+        step: Step<'_>,
         changes: IncidentChanges,
-        detail: serde_json::Value,
     ) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
         let now = Utc::now();
-        set_state_in(&mut tx, id, from, to, now).await?;
+        set_state_in(&mut tx, id, from, step.to, now).await?;
         if let Some(facts) = &changes.facts {
             sqlx::query("UPDATE incidents SET facts = $1, kind = $2 WHERE id = $3")
                 .bind(to_json(facts))
@@ -740,7 +731,7 @@ impl Store for SqliteStore {
                 .doing("storing an affected merchant")?;
             }
         }
-        record_transition_in(&mut tx, id, Some(from), to, actor, reason, now, detail).await?;
+        record_transition_in(&mut tx, id, Some(from), &step, now).await?;
         tx.commit().await.doing("committing an incident transition")
     }
 
@@ -842,16 +833,20 @@ impl Store for SqliteStore {
             .await
             .doing("storing a notice")?;
         }
+        let reason = format!("notice version {} drafted", draft.version);
+        let step = Step {
+            to: IncidentState::Drafted,
+            actor: &draft.drafted_by,
+            reason: &reason,
+            detail: serde_json::json!({ "draft_id": draft.id.as_str(), "version": draft.version,
+                                        "notices": notices.len(), "content_hash": draft.content_hash }),
+        };
         record_transition_in(
             &mut tx,
             &draft.incident_id,
             Some(from),
-            IncidentState::Drafted,
-            &draft.drafted_by,
-            &format!("notice version {} drafted", draft.version),
+            &step,
             draft.drafted_at,
-            serde_json::json!({ "draft_id": draft.id.as_str(), "version": draft.version,
-                                "notices": notices.len(), "content_hash": draft.content_hash }),
         )
         .await?;
         tx.commit().await.doing("committing a draft")
@@ -942,16 +937,20 @@ impl Store for SqliteStore {
             at,
         )
         .await?;
+        let reason = format!("notice version {} approved", draft.version);
+        let step = Step {
+            to: IncidentState::Approved,
+            actor: approver,
+            reason: &reason,
+            detail: serde_json::json!({ "draft_id": draft_id.as_str(), "version": draft.version,
+                                        "content_hash": draft.content_hash, "drafted_by": draft.drafted_by.as_str() }),
+        };
         record_transition_in(
             &mut tx,
             &draft.incident_id,
             Some(IncidentState::Drafted),
-            IncidentState::Approved,
-            approver,
-            &format!("notice version {} approved", draft.version),
+            &step,
             at,
-            serde_json::json!({ "draft_id": draft_id.as_str(), "version": draft.version,
-                                "content_hash": draft.content_hash, "drafted_by": draft.drafted_by.as_str() }),
         )
         .await?;
         tx.commit().await.doing("committing an approval")
