@@ -63,9 +63,9 @@ pub fn content_key(incident: &Incident, covered: &[MerchantId]) -> String {
 pub fn update_text(version: i64, covered: usize, locale: Locale) -> String {
     match (locale, version) {
         (Locale::En, 1) => "First publication of this notice.".into(),
-        (Locale::En, _) => format!(
-            "Notice updated; it now covers {covered} merchants we could not reach individually."
-        ),
+        (Locale::En, _) => {
+            format!("Notice updated; it now covers {covered} merchants we could not reach individually.")
+        }
         (Locale::ZhCn, 1) => "首次发布本公告。".into(),
         (Locale::ZhCn, _) => format!("公告已更新，目前覆盖 {covered} 个无法单独联系到的商家。"),
     }
@@ -88,14 +88,8 @@ pub fn render_files(
 ) -> Result<Vec<(String, String)>, BulletinError> {
     let facts = incident.facts.as_ref().ok_or(BulletinError::NoFacts)?;
     let base_url = settings.notice_url(&incident.reference);
-    let published_at = versions
-        .first()
-        .map(|b| b.published_at)
-        .unwrap_or_else(Utc::now);
-    let updated_at = versions
-        .last()
-        .map(|b| b.published_at)
-        .unwrap_or(published_at);
+    let published_at = versions.first().map(|b| b.published_at).unwrap_or_else(Utc::now);
+    let updated_at = versions.last().map(|b| b.published_at).unwrap_or(published_at);
     let mut files = Vec::new();
     for locale in [Locale::ZhCn, Locale::En] {
         let other = if locale == Locale::ZhCn {
@@ -106,7 +100,9 @@ pub fn render_files(
         let updates: Vec<Value> = versions
             .iter()
             .rev()
-            .map(|b| json!({ "at": fmt_ts(b.published_at), "text": update_text(b.version, b.covered as usize, locale) }))
+            .map(
+                |b| json!({ "at": fmt_ts(b.published_at), "text": update_text(b.version, b.covered as usize, locale) }),
+            )
             .collect();
         let base = json!({
             "locale": locale.as_str(),
@@ -163,10 +159,7 @@ pub fn render_files(
         "operator": { "name": settings.operator_name },
         "entries": entries,
     });
-    files.push((
-        "feed.atom".into(),
-        templates.render("bulletin/feed.atom", &feed)?,
-    ));
+    files.push(("feed.atom".into(), templates.render("bulletin/feed.atom", &feed)?));
     let texts: serde_json::Map<String, Value> = [Locale::ZhCn, Locale::En]
         .iter()
         .map(|l| {
@@ -208,11 +201,7 @@ pub fn render_files(
 
 /// Writes the files under `<publish>/<reference>/`, each atomically (write then rename), so a
 /// web server never serves half a page.
-pub fn write(
-    publish_dir: &Path,
-    reference: &str,
-    files: &[(String, String)],
-) -> Result<PathBuf, BulletinError> {
+pub fn write(publish_dir: &Path, reference: &str, files: &[(String, String)]) -> Result<PathBuf, BulletinError> {
     let folder = publish_dir.join(reference);
     let err = |p: &Path, e: std::io::Error| BulletinError::Write {
         path: p.display().to_string(),
@@ -229,10 +218,7 @@ pub fn write(
 }
 
 /// Writes `<publish>/index.html`, the list of every published bulletin.
-pub fn write_index(
-    publish_dir: &Path,
-    entries: &[(String, String, String)],
-) -> Result<(), BulletinError> {
+pub fn write_index(publish_dir: &Path, entries: &[(String, String, String)]) -> Result<(), BulletinError> {
     let mut items = String::new();
     for (reference, title, updated) in entries {
         let esc = |s: &str| {

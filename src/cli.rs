@@ -164,39 +164,33 @@ fn actor(cli_actor: &Option<String>, fallback: Option<&str>) -> anyhow::Result<A
         (Some(a), _) | (None, Some(a)) => a
             .parse()
             .map_err(|e: FieldError| anyhow::anyhow!("--actor: {}", e.reason)),
-        (None, None) => bail!(
-            "--actor (or TOCSIN_ACTOR) is required: every change is recorded with who made it"
-        ),
+        (None, None) => bail!("--actor (or TOCSIN_ACTOR) is required: every change is recorded with who made it"),
     }
 }
 
 fn print<T: Serialize>(json: bool, value: &T, text: impl FnOnce() -> String) {
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(value).unwrap_or_default()
-        );
+        println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
     } else {
         println!("{}", text());
     }
 }
 
 fn read_json(path: &Path) -> anyhow::Result<serde_json::Value> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
 }
 
 fn scope_rule(args: &ScopeArgs) -> anyhow::Result<ScopeRule> {
     let mut rule: ScopeRule = match &args.rule {
-        Some(path) => serde_json::from_value(read_json(path)?)
-            .with_context(|| format!("scope rule {}", path.display()))?,
+        Some(path) => {
+            serde_json::from_value(read_json(path)?).with_context(|| format!("scope rule {}", path.display()))?
+        }
         None => ScopeRule::default(),
     };
     let mut ids = args.merchants.clone();
     if let Some(path) = &args.merchants_file {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         ids.extend(
             text.lines()
                 .map(str::trim)
@@ -248,15 +242,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print(json, &summary, || summary.to_text());
         }
         Command::Serve { listen } => {
-            let listen = listen
-                .clone()
-                .unwrap_or_else(|| engine.settings.server.listen.clone());
-            crate::http::serve(
-                std::sync::Arc::new(engine),
-                &listen,
-                crate::http::shutdown_signal(),
-            )
-            .await?;
+            let listen = listen.clone().unwrap_or_else(|| engine.settings.server.listen.clone());
+            crate::http::serve(std::sync::Arc::new(engine), &listen, crate::http::shutdown_signal()).await?;
         }
         Command::Merchants(MerchantsCmd::Import { file }) => {
             let report = engine.import_merchants(file).await?;
@@ -281,12 +268,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let text = if file.as_os_str() == "-" {
                 std::io::read_to_string(std::io::stdin()).context("reading events from stdin")?
             } else {
-                std::fs::read_to_string(file)
-                    .with_context(|| format!("reading {}", file.display()))?
+                std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
             };
-            let outcomes = engine
-                .ingest_text(&text, &actor(&cli.actor, Some("cli"))?)
-                .await?;
+            let outcomes = engine.ingest_text(&text, &actor(&cli.actor, Some("cli"))?).await?;
             print(json, &outcomes, || {
                 outcomes
                     .iter()
@@ -300,13 +284,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let notices = engine.notices(incident).await?;
             let rows: Vec<_> = notices
                 .iter()
-                .map(|n| {
-                    (
-                        n.id.to_string(),
-                        n.merchant_id.to_string(),
-                        n.locale.to_string(),
-                    )
-                })
+                .map(|n| (n.id.to_string(), n.merchant_id.to_string(), n.locale.to_string()))
                 .collect();
             print(json, &rows, || {
                 rows.iter()
@@ -372,26 +350,17 @@ async fn incidents(engine: &Tocsin, cli: &Cli, cmd: &IncidentsCmd) -> anyhow::Re
             let incident = engine
                 .confirm(id, &read_json(facts)?, &actor(&cli.actor, None)?)
                 .await?;
-            print(json, &incident, || {
-                format!("{} confirmed", incident.reference)
-            });
+            print(json, &incident, || format!("{} confirmed", incident.reference));
         }
         IncidentsCmd::Dismiss { id, reason } => {
-            engine
-                .dismiss(id, reason, &actor(&cli.actor, None)?)
-                .await?;
+            engine.dismiss(id, reason, &actor(&cli.actor, None)?).await?;
             print(json, &serde_json::json!({ "dismissed": id }), || {
                 format!("{id} dismissed")
             });
         }
         IncidentsCmd::Scope { id, args } => {
             let summary = engine
-                .scope(
-                    id,
-                    &scope_rule(args)?,
-                    &actor(&cli.actor, None)?,
-                    args.dry_run,
-                )
+                .scope(id, &scope_rule(args)?, &actor(&cli.actor, None)?, args.dry_run)
                 .await?;
             print(json, &summary, || {
                 format!(
@@ -426,21 +395,13 @@ async fn incidents(engine: &Tocsin, cli: &Cli, cmd: &IncidentsCmd) -> anyhow::Re
                 )
             });
         }
-        IncidentsCmd::Dispatch {
-            id,
-            no_wait,
-            timeout,
-        } => {
+        IncidentsCmd::Dispatch { id, no_wait, timeout } => {
             let who = actor(&cli.actor, None)?;
             let start = engine.dispatch(id, &who).await?;
             if *no_wait {
-                print(json, &start, || {
-                    format!("{} deliveries queued", start.queued)
-                });
+                print(json, &start, || format!("{} deliveries queued", start.queued));
             } else {
-                let report = engine
-                    .deliver(id, Duration::from_secs(*timeout), &who)
-                    .await?;
+                let report = engine.deliver(id, Duration::from_secs(*timeout), &who).await?;
                 let view = engine.view(id).await?;
                 print(json, &view, || {
                     format!(
@@ -453,9 +414,7 @@ async fn incidents(engine: &Tocsin, cli: &Cli, cmd: &IncidentsCmd) -> anyhow::Re
             }
         }
         IncidentsCmd::Bulletin { id } => {
-            let b = engine
-                .publish_bulletin(id, &actor(&cli.actor, None)?, true)
-                .await?;
+            let b = engine.publish_bulletin(id, &actor(&cli.actor, None)?, true).await?;
             print(json, &b, || match &b {
                 Some(b) => format!(
                     "bulletin version {} published under {}",

@@ -138,9 +138,8 @@ impl DeliverySettings {
         self.channel_order
             .iter()
             .map(|c| {
-                c.parse().map_err(|e: crate::domain::FieldError| {
-                    invalid("delivery.channel_order", e.reason)
-                })
+                c.parse()
+                    .map_err(|e: crate::domain::FieldError| invalid("delivery.channel_order", e.reason))
             })
             .collect()
     }
@@ -223,14 +222,9 @@ pub struct PathSettings {
 
 impl Settings {
     /// Defaults, then `file`, then `TOCSIN_*` variables from `env`.
-    pub fn load(
-        file: Option<&Path>,
-        env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Self, ConfigError> {
-        let mut builder = config::Config::builder().add_source(config::File::from_str(
-            DEFAULT_TOML,
-            config::FileFormat::Toml,
-        ));
+    pub fn load(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        let mut builder =
+            config::Config::builder().add_source(config::File::from_str(DEFAULT_TOML, config::FileFormat::Toml));
         if let Some(path) = file {
             builder = builder.add_source(config::File::from(path).required(true));
         }
@@ -265,10 +259,7 @@ impl Settings {
             return Err(invalid("email.transport", "must be 'file' or 'smtp'"));
         }
         if !matches!(self.email.smtp.tls.as_str(), "none" | "starttls" | "tls") {
-            return Err(invalid(
-                "email.smtp.tls",
-                "must be 'none', 'starttls' or 'tls'",
-            ));
+            return Err(invalid("email.smtp.tls", "must be 'none', 'starttls' or 'tls'"));
         }
         for (name, ch) in [("sms", &self.sms), ("push", &self.push)] {
             match ch.transport.as_str() {
@@ -281,10 +272,7 @@ impl Settings {
                     ));
                 }
                 _ => {
-                    return Err(invalid(
-                        &format!("{name}.transport"),
-                        "must be 'file' or 'webhook'",
-                    ));
+                    return Err(invalid(&format!("{name}.transport"), "must be 'file' or 'webhook'"));
                 }
             }
         }
@@ -298,10 +286,7 @@ impl Settings {
             }
             _ => return Err(invalid("filing.transport", "must be 'file' or 'email'")),
         }
-        if self.delivery.max_attempts == 0
-            || self.delivery.batch_size == 0
-            || self.delivery.concurrency == 0
-        {
+        if self.delivery.max_attempts == 0 || self.delivery.batch_size == 0 || self.delivery.concurrency == 0 {
             return Err(invalid(
                 "delivery",
                 "max_attempts, batch_size and concurrency must be at least 1",
@@ -318,10 +303,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
@@ -346,26 +328,20 @@ mod tests {
         assert_eq!(s.email.transport, "smtp");
         assert_eq!(s.email.smtp.port, 2525);
         assert_eq!(s.email.smtp.password.expose(), "hunter2");
-        assert!(
-            !format!("{s:?}").contains("hunter2"),
-            "secret leaked into Debug"
-        );
+        assert!(!format!("{s:?}").contains("hunter2"), "secret leaked into Debug");
     }
 
     #[test]
     fn bad_values_name_the_field() {
-        let err =
-            Settings::load(None, env(&[("TOCSIN_SMS__TRANSPORT", "pigeon")])).expect_err("rejects");
+        let err = Settings::load(None, env(&[("TOCSIN_SMS__TRANSPORT", "pigeon")])).expect_err("rejects");
         assert!(err.to_string().contains("sms.transport"), "{err}");
-        let err =
-            Settings::load(None, env(&[("TOCSIN_SMS__TRANSPORT", "webhook")])).expect_err("no url");
+        let err = Settings::load(None, env(&[("TOCSIN_SMS__TRANSPORT", "webhook")])).expect_err("no url");
         assert!(err.to_string().contains("sms.url"), "{err}");
     }
 
     #[test]
     fn unknown_keys_are_rejected() {
-        let err =
-            Settings::load(None, env(&[("TOCSIN_EMAIL__SMPT__HOST", "x")])).expect_err("typo");
+        let err = Settings::load(None, env(&[("TOCSIN_EMAIL__SMPT__HOST", "x")])).expect_err("typo");
         assert!(err.to_string().contains("smpt"), "{err}");
     }
 }

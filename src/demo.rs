@@ -174,11 +174,7 @@ pub fn describe(v: &IncidentView) -> String {
         let clock = if f.minutes_left >= 0 {
             format!("{}h{:02}m left", f.minutes_left / 60, f.minutes_left % 60)
         } else {
-            format!(
-                "overdue by {}h{:02}m",
-                -f.minutes_left / 60,
-                -f.minutes_left % 60
-            )
+            format!("overdue by {}h{:02}m", -f.minutes_left / 60, -f.minutes_left % 60)
         };
         out.push_str(&format!(
             "  filing {} {}: deadline {} ({clock}); {}\n",
@@ -196,9 +192,7 @@ pub fn describe(v: &IncidentView) -> String {
         out.push_str(&format!(
             "    {}  {} -> {}  by {}: {}\n",
             human(t.at),
-            t.from_state
-                .map(|s| s.to_string())
-                .unwrap_or_else(|| "-".into()),
+            t.from_state.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
             t.to_state,
             t.actor,
             t.reason
@@ -216,12 +210,7 @@ impl DemoSummary {
         ));
         out.push_str(&describe(&self.incident));
         if !self.incident.unreachable.is_empty() {
-            let ids: Vec<String> = self
-                .incident
-                .unreachable
-                .iter()
-                .map(|m| m.to_string())
-                .collect();
+            let ids: Vec<String> = self.incident.unreachable.iter().map(|m| m.to_string()).collect();
             out.push_str(&format!(
                 "  unreachable merchants covered by the bulletin: {}\n",
                 ids.join(", ")
@@ -242,10 +231,7 @@ impl DemoSummary {
         ] {
             if path.is_dir() {
                 let count = std::fs::read_dir(path).map(|d| d.count()).unwrap_or(0);
-                out.push_str(&format!(
-                    "  {what:<20} {} ({count} files)\n",
-                    path.display()
-                ));
+                out.push_str(&format!("  {what:<20} {} ({count} files)\n", path.display()));
             } else {
                 out.push_str(&format!("  {what:<20} {}\n", path.display()));
             }

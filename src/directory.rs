@@ -61,10 +61,7 @@ pub fn parse_merchant(value: &Value, taxonomy: &Taxonomy) -> Result<Merchant, Fi
         country.len() == 2
             && country.chars().all(|c| c.is_ascii_uppercase())
             && (region.len() == 2
-                || (1..=3).contains(&sub.len())
-                    && sub
-                        .chars()
-                        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit()))
+                || (1..=3).contains(&sub.len()) && sub.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit()))
     };
     if !region_ok {
         return Err(FieldError::new(
@@ -139,13 +136,8 @@ const CSV_COLUMNS: &[&str] = &[
 ];
 
 /// Parses CSV with a header row; `holdings` is `;`-separated and an empty cell means absent.
-pub fn parse_csv(
-    text: &str,
-    taxonomy: &Taxonomy,
-) -> Result<(Vec<Merchant>, Vec<RowError>), DirectoryError> {
-    let mut reader = csv::ReaderBuilder::new()
-        .flexible(true)
-        .from_reader(text.as_bytes());
+pub fn parse_csv(text: &str, taxonomy: &Taxonomy) -> Result<(Vec<Merchant>, Vec<RowError>), DirectoryError> {
+    let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(text.as_bytes());
     let header = reader
         .headers()
         .map_err(|e| DirectoryError::Header(e.to_string()))?
@@ -178,11 +170,7 @@ pub fn parse_csv(
             bad.push(RowError {
                 line,
                 field: "(row)".into(),
-                reason: format!(
-                    "has {} cells, the header has {}",
-                    record.len(),
-                    header.len()
-                ),
+                reason: format!("has {} cells, the header has {}", record.len(), header.len()),
             });
             continue;
         }
@@ -209,8 +197,7 @@ pub fn parse_csv(
             };
             obj.insert(name.to_owned(), value);
         }
-        obj.entry("holdings")
-            .or_insert_with(|| Value::Array(Vec::new()));
+        obj.entry("holdings").or_insert_with(|| Value::Array(Vec::new()));
         match parse_merchant(&Value::Object(obj), taxonomy) {
             Ok(m) => good.push(m),
             Err(e) => bad.push(row_error(line, e)),
@@ -220,11 +207,7 @@ pub fn parse_csv(
 }
 
 /// Imports a `.jsonl`/`.json` or `.csv` file into the directory.
-pub async fn import_file(
-    store: &dyn Store,
-    path: &Path,
-    taxonomy: &Taxonomy,
-) -> Result<ImportReport, DirectoryError> {
+pub async fn import_file(store: &dyn Store, path: &Path, taxonomy: &Taxonomy) -> Result<ImportReport, DirectoryError> {
     let text = std::fs::read_to_string(path).map_err(|source| DirectoryError::Read {
         path: path.display().to_string(),
         source,

@@ -36,8 +36,7 @@ pub fn first_deliveries(
     notices: &[Notice],
     merchants: &HashMap<MerchantId, Merchant>,
 ) -> Vec<NewDelivery> {
-    let notice_of: HashMap<&MerchantId, &Notice> =
-        notices.iter().map(|n| (&n.merchant_id, n)).collect();
+    let notice_of: HashMap<&MerchantId, &Notice> = notices.iter().map(|n| (&n.merchant_id, n)).collect();
     affected
         .iter()
         .filter(|a| a.notice_required)
@@ -78,11 +77,7 @@ pub fn next_delivery(
 
 /// Full-jitter exponential backoff: uniform in [0, min(max, base * 2^(attempt-1))], but never
 /// sooner than the provider asked for.
-pub fn backoff(
-    settings: &DeliverySettings,
-    attempt: i64,
-    retry_after: Option<Duration>,
-) -> Duration {
+pub fn backoff(settings: &DeliverySettings, attempt: i64, retry_after: Option<Duration>) -> Duration {
     let exp = (attempt.max(1) - 1).min(30) as u32;
     let ceiling = settings
         .backoff_base_ms
@@ -125,12 +120,7 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     /// `public_base_url` is where bulletins are published; notices link to `<it>/<reference>/`.
-    pub fn new(
-        store: Arc<dyn Store>,
-        channels: ChannelSet,
-        settings: DeliverySettings,
-        public_base_url: &str,
-    ) -> Self {
+    pub fn new(store: Arc<dyn Store>, channels: ChannelSet, settings: DeliverySettings, public_base_url: &str) -> Self {
         Self {
             store,
             channels,
@@ -142,10 +132,7 @@ impl Dispatcher {
     /// Claims the due deliveries (one batch), sends them concurrently, stores every outcome.
     pub async fn step(&self, now: DateTime<Utc>) -> Result<StepReport, DispatchError> {
         let lease_until = now + chrono::Duration::seconds(self.settings.lease_seconds as i64);
-        let claimed = self
-            .store
-            .claim_due(now, lease_until, self.settings.batch_size)
-            .await?;
+        let claimed = self.store.claim_due(now, lease_until, self.settings.batch_size).await?;
         let mut report = StepReport {
             claimed: claimed.len() as u64,
             ..Default::default()
@@ -202,12 +189,7 @@ impl Dispatcher {
             Ok(provider_message_id) => {
                 report.sent = 1;
                 tracing::info!(delivery = %delivery.id, channel = %delivery.channel, "notice sent");
-                (
-                    AttemptOutcome::Sent {
-                        provider_message_id,
-                    },
-                    Followup::Reached,
-                )
+                (AttemptOutcome::Sent { provider_message_id }, Followup::Reached)
             }
             Err(SendError {
                 class: ErrorClass::Transient,
@@ -216,17 +198,10 @@ impl Dispatcher {
             }) if delivery.attempts < self.settings.max_attempts as i64 => {
                 report.retried = 1;
                 let at = Utc::now()
-                    + chrono::Duration::from_std(backoff(
-                        &self.settings,
-                        delivery.attempts,
-                        retry_after,
-                    ))
-                    .unwrap_or_default();
+                    + chrono::Duration::from_std(backoff(&self.settings, delivery.attempts, retry_after))
+                        .unwrap_or_default();
                 tracing::warn!(delivery = %delivery.id, channel = %delivery.channel, attempt = delivery.attempts, error = %message, "send failed; will retry");
-                (
-                    AttemptOutcome::Retry { error: message, at },
-                    Followup::Nothing,
-                )
+                (AttemptOutcome::Retry { error: message, at }, Followup::Nothing)
             }
             Err(SendError { class, message, .. }) => {
                 report.failed = 1;
@@ -237,18 +212,10 @@ impl Dispatcher {
                     Followup::Unreachable => report.unreachable = 1,
                     _ => {}
                 }
-                (
-                    AttemptOutcome::Failed {
-                        error: message,
-                        class,
-                    },
-                    followup,
-                )
+                (AttemptOutcome::Failed { error: message, class }, followup)
             }
         };
-        self.store
-            .record_attempt(&delivery, &outcome, &followup)
-            .await?;
+        self.store.record_attempt(&delivery, &outcome, &followup).await?;
         Ok(report)
     }
 
@@ -277,11 +244,7 @@ impl Dispatcher {
 
     /// Steps until no delivery of `incident` (or of any incident) is open, sleeping until the
     /// next one is due in between. For the CLI and the demo; `serve` runs steps on a schedule.
-    pub async fn drain(
-        &self,
-        incident: Option<&IncidentId>,
-        limit: Duration,
-    ) -> Result<StepReport, DispatchError> {
+    pub async fn drain(&self, incident: Option<&IncidentId>, limit: Duration) -> Result<StepReport, DispatchError> {
         let started = tokio::time::Instant::now();
         let mut total = StepReport::default();
         loop {
@@ -311,9 +274,7 @@ mod tests {
     use super::*;
 
     fn settings() -> DeliverySettings {
-        crate::config::Settings::defaults()
-            .expect("defaults")
-            .delivery
+        crate::config::Settings::defaults().expect("defaults").delivery
     }
 
     #[test]
@@ -321,10 +282,7 @@ mod tests {
         let s = settings();
         for attempt in 1..40 {
             let d = backoff(&s, attempt, None);
-            assert!(
-                d <= Duration::from_millis(s.backoff_max_ms),
-                "attempt {attempt}: {d:?}"
-            );
+            assert!(d <= Duration::from_millis(s.backoff_max_ms), "attempt {attempt}: {d:?}");
         }
         assert!(backoff(&s, 1, Some(Duration::from_secs(90))) >= Duration::from_secs(90));
     }
@@ -360,15 +318,10 @@ mod tests {
             reached_channel: None,
         };
         let (draft, notice) = (DraftId::generate(), NoticeId::generate());
-        let first =
-            next_delivery(&incident, &draft, &notice, &affected, &merchant, -1).expect("email");
+        let first = next_delivery(&incident, &draft, &notice, &affected, &merchant, -1).expect("email");
         assert_eq!((first.channel, first.plan_position), (Channel::Email, 0));
-        let second =
-            next_delivery(&incident, &draft, &notice, &affected, &merchant, 0).expect("sms");
-        assert_eq!(
-            (second.channel, second.address.as_str()),
-            (Channel::Sms, "+6590000000")
-        );
+        let second = next_delivery(&incident, &draft, &notice, &affected, &merchant, 0).expect("sms");
+        assert_eq!((second.channel, second.address.as_str()), (Channel::Sms, "+6590000000"));
         assert!(next_delivery(&incident, &draft, &notice, &affected, &merchant, 1).is_none());
     }
 }

@@ -109,9 +109,9 @@ macro_rules! prefixed_id {
         impl FromStr for $name {
             type Err = FieldError;
             fn from_str(s: &str) -> Result<Self, FieldError> {
-                let rest = s.strip_prefix(concat!($prefix, "_")).ok_or_else(|| {
-                    FieldError::new("id", concat!("must start with '", $prefix, "_'"))
-                })?;
+                let rest = s
+                    .strip_prefix(concat!($prefix, "_"))
+                    .ok_or_else(|| FieldError::new("id", concat!("must start with '", $prefix, "_'")))?;
                 if rest.len() == 32 && rest.chars().all(|c| c.is_ascii_hexdigit()) {
                     Ok(Self(s.to_owned()))
                 } else {
@@ -150,10 +150,7 @@ impl FromStr for Actor {
     fn from_str(s: &str) -> Result<Self, FieldError> {
         let s = s.trim();
         if s.is_empty() || s.chars().count() > 100 || s.chars().any(char::is_control) {
-            return Err(FieldError::new(
-                "actor",
-                "must be 1-100 printable characters",
-            ));
+            return Err(FieldError::new("actor", "must be 1-100 printable characters"));
         }
         Ok(Self(s.to_owned()))
     }
@@ -199,9 +196,9 @@ impl FromStr for EmailAddress {
         if !labels_ok {
             return bad("has a malformed domain");
         }
-        if s.chars().any(|c| {
-            c.is_whitespace() || c.is_control() || matches!(c, '<' | '>' | ',' | ';' | '"')
-        }) {
+        if s.chars()
+            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '<' | '>' | ',' | ';' | '"'))
+        {
             return bad("contains spaces or characters not allowed in an address");
         }
         Ok(Self(s.to_owned()))
@@ -227,9 +224,8 @@ impl FromStr for PhoneNumber {
     type Err = FieldError;
     fn from_str(s: &str) -> Result<Self, FieldError> {
         let digits = s.strip_prefix('+').unwrap_or("");
-        let ok = (7..=15).contains(&digits.len())
-            && digits.chars().all(|c| c.is_ascii_digit())
-            && !digits.starts_with('0');
+        let ok =
+            (7..=15).contains(&digits.len()) && digits.chars().all(|c| c.is_ascii_digit()) && !digits.starts_with('0');
         if ok {
             Ok(Self(s.to_owned()))
         } else {
@@ -499,9 +495,7 @@ mod tests {
     #[test]
     fn email_addresses_need_a_local_part_and_a_dotted_domain() {
         assert_eq!(
-            "a.b@example.com"
-                .parse::<EmailAddress>()
-                .map(|e| e.domain().to_owned()),
+            "a.b@example.com".parse::<EmailAddress>().map(|e| e.domain().to_owned()),
             Ok("example.com".to_owned())
         );
         for bad in [
@@ -521,13 +515,7 @@ mod tests {
     #[test]
     fn phone_numbers_must_be_e164() {
         assert!("+8613800138000".parse::<PhoneNumber>().is_ok());
-        for bad in [
-            "13800138000",
-            "+0123456789",
-            "+86 138",
-            "+1234",
-            "+1234567890123456",
-        ] {
+        for bad in ["13800138000", "+0123456789", "+86 138", "+1234", "+1234567890123456"] {
             assert!(bad.parse::<PhoneNumber>().is_err(), "{bad:?} accepted");
         }
         let p: PhoneNumber = "+8613800138000".parse().expect("valid");

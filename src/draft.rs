@@ -37,10 +37,7 @@ pub struct NoticeSettings {
 
 impl NoticeSettings {
     pub fn notice_url(&self, reference: &str) -> String {
-        format!(
-            "{}/{reference}/",
-            self.public_base_url.trim_end_matches('/')
-        )
+        format!("{}/{reference}/", self.public_base_url.trim_end_matches('/'))
     }
 
     fn officer(&self, locale: Locale) -> &str {
@@ -141,11 +138,7 @@ pub fn categories_context(
 }
 
 /// Facts and settings a notice in `locale` needs, by element.
-pub fn missing_elements(
-    facts: &IncidentFacts,
-    settings: &NoticeSettings,
-    locale: Locale,
-) -> Vec<String> {
+pub fn missing_elements(facts: &IncidentFacts, settings: &NoticeSettings, locale: Locale) -> Vec<String> {
     let mut missing: Vec<String> = crate::incident::notice_texts(facts)
         .iter()
         .filter(|(_, _, text)| text.get(locale).is_none())
@@ -301,16 +294,12 @@ pub fn draft_all(
     actor: &Actor,
 ) -> Result<(Draft, Vec<Notice>), DraftError> {
     let draft_id = DraftId::generate();
-    let by_id: std::collections::HashMap<&MerchantId, &Merchant> =
-        merchants.iter().map(|m| (&m.id, m)).collect();
+    let by_id: std::collections::HashMap<&MerchantId, &Merchant> = merchants.iter().map(|m| (&m.id, m)).collect();
     let mut notices = Vec::with_capacity(affected.len());
     let mut missing = Vec::new();
     for a in affected.iter().filter(|a| a.notice_required) {
         let Some(merchant) = by_id.get(&a.merchant_id) else {
-            missing.push(format!(
-                "merchant {} is no longer in the directory",
-                a.merchant_id
-            ));
+            missing.push(format!("merchant {} is no longer in the directory", a.merchant_id));
             continue;
         };
         match render_notice(r, &draft_id, incident, facts, merchant, a) {
@@ -359,8 +348,7 @@ mod tests {
     }
 
     fn fixture(locale: Locale) -> (Incident, IncidentFacts, Merchant, AffectedMerchant) {
-        let facts: IncidentFacts =
-            serde_json::from_str(include_str!("../config/demo/incident.json")).expect("facts");
+        let facts: IncidentFacts = serde_json::from_str(include_str!("../config/demo/incident.json")).expect("facts");
         let incident = Incident {
             id: IncidentId::generate(),
             reference: "INC-2026-0001".into(),
@@ -392,14 +380,8 @@ mod tests {
             marketing_opt_out: false,
         };
         let taxonomy = Taxonomy::builtin().expect("taxonomy");
-        let affected = crate::scope::classify(
-            &incident.id,
-            &facts,
-            &merchant,
-            &taxonomy,
-            &[Channel::Email],
-        )
-        .expect("affected");
+        let affected =
+            crate::scope::classify(&incident.id, &facts, &merchant, &taxonomy, &[Channel::Email]).expect("affected");
         (incident, facts, merchant, affected)
     }
 
@@ -415,15 +397,7 @@ mod tests {
                 taxonomy: &taxonomy,
                 templates: &templates,
             };
-            let n = render_notice(
-                r,
-                &DraftId::generate(),
-                &incident,
-                &facts,
-                &merchant,
-                &affected,
-            )
-            .expect("renders");
+            let n = render_notice(r, &DraftId::generate(), &incident, &facts, &merchant, &affected).expect("renders");
             let creds = taxonomy.label(&"account_credentials".parse().expect("c"), locale);
             let media = taxonomy.label(&"media".parse().expect("c"), locale);
             assert!(
@@ -439,10 +413,7 @@ mod tests {
                 n.email_html.contains("Lin &lt;Tea&gt; &amp; Co"),
                 "HTML must escape the merchant's name"
             );
-            assert!(
-                n.email_text.contains("Lin <Tea> & Co"),
-                "plain text must not escape"
-            );
+            assert!(n.email_text.contains("Lin <Tea> & Co"), "plain text must not escape");
             assert!(
                 n.sms_text
                     .contains("https://status.example.com/bulletins/INC-2026-0001/")
@@ -477,10 +448,7 @@ mod tests {
         let DraftError::Incomplete { missing } = err else {
             panic!("wrong error")
         };
-        assert!(
-            missing.iter().any(|m| m.starts_with("remedies (zh-CN)")),
-            "{missing:?}"
-        );
+        assert!(missing.iter().any(|m| m.starts_with("remedies (zh-CN)")), "{missing:?}");
         assert!(
             missing
                 .iter()

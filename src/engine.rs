@@ -167,11 +167,7 @@ impl Tocsin {
     }
 
     /// Builds the engine on a store the host already opened.
-    pub fn with_store(
-        settings: Settings,
-        data_dir: &Path,
-        store: Arc<dyn Store>,
-    ) -> Result<Self, EngineError> {
+    pub fn with_store(settings: Settings, data_dir: &Path, store: Arc<dyn Store>) -> Result<Self, EngineError> {
         let templates = match &settings.paths.templates {
             Some(dir) => Templates::from_dir(dir)?,
             None => Templates::embedded()?,
@@ -234,11 +230,7 @@ impl Tocsin {
     }
 
     /// Parses and stores a document of events (one object, an array, or JSON Lines).
-    pub async fn ingest_text(
-        &self,
-        text: &str,
-        actor: &Actor,
-    ) -> Result<Vec<IngestOutcome>, EngineError> {
+    pub async fn ingest_text(&self, text: &str, actor: &Actor) -> Result<Vec<IngestOutcome>, EngineError> {
         let events = ingest::parse_events(text, &self.taxonomy)?;
         Ok(ingest::ingest(
             self.store.as_ref(),
@@ -252,26 +244,15 @@ impl Tocsin {
     // ---- lifecycle
 
     /// Confirms an incident in triage with the responder's facts.
-    pub async fn confirm(
-        &self,
-        id: &str,
-        facts: &Value,
-        actor: &Actor,
-    ) -> Result<Incident, EngineError> {
+    pub async fn confirm(&self, id: &str, facts: &Value, actor: &Actor) -> Result<Incident, EngineError> {
         let incident = self.incident(id).await?;
         let facts = incident::parse_facts(facts, &self.taxonomy)?;
         if incident.state != IncidentState::Triage {
-            return Err(EngineError::wrong_state(
-                &incident,
-                "in triage",
-                "confirm it",
-            ));
+            return Err(EngineError::wrong_state(&incident, "in triage", "confirm it"));
         }
-        let detail = json!({ "grade": facts.grade.as_str(), "kind": facts.kind.as_str(), "categories": facts.categories });
-        let reason = format!(
-            "confirmed as a {} incident of grade {}",
-            facts.kind, facts.grade
-        );
+        let detail =
+            json!({ "grade": facts.grade.as_str(), "kind": facts.kind.as_str(), "categories": facts.categories });
+        let reason = format!("confirmed as a {} incident of grade {}", facts.kind, facts.grade);
         self.store
             .transition(
                 &incident.id,
@@ -329,22 +310,11 @@ impl Tocsin {
         let incident = self.incident(id).await?;
         let facts = Self::facts(&incident)?;
         if !incident::can_transition(incident.state, IncidentState::Scoped) {
-            return Err(EngineError::wrong_state(
-                &incident,
-                "confirmed or scoped",
-                "scope it",
-            ));
+            return Err(EngineError::wrong_state(&incident, "confirmed or scoped", "scope it"));
         }
         let merchants = self.store.merchants().await?;
         let order = self.settings.delivery.channel_order()?;
-        let affected = scope::scope(
-            &incident.id,
-            facts,
-            rule,
-            &merchants,
-            &self.taxonomy,
-            &order,
-        );
+        let affected = scope::scope(&incident.id, facts, rule, &merchants, &self.taxonomy, &order);
         let summary = scope::summarize(&affected);
         if dry_run {
             return Ok(summary);
@@ -401,12 +371,10 @@ impl Tocsin {
             taxonomy: &self.taxonomy,
             templates: &self.templates,
         };
-        let (new_draft, notices) = draft::draft_all(
-            renderer, &incident, facts, &affected, &merchants, version, actor,
-        )?;
-        if let Some(d) = latest.filter(|d| {
-            d.content_hash == new_draft.content_hash && incident.state == IncidentState::Drafted
-        }) {
+        let (new_draft, notices) = draft::draft_all(renderer, &incident, facts, &affected, &merchants, version, actor)?;
+        if let Some(d) =
+            latest.filter(|d| d.content_hash == new_draft.content_hash && incident.state == IncidentState::Drafted)
+        {
             let count = self.store.notices(&d.id).await?.len();
             return Ok(DraftOutcome {
                 draft: d,
@@ -414,9 +382,7 @@ impl Tocsin {
                 created: false,
             });
         }
-        self.store
-            .insert_draft(&new_draft, &notices, incident.state)
-            .await?;
+        self.store.insert_draft(&new_draft, &notices, incident.state).await?;
         Ok(DraftOutcome {
             notices: notices.len(),
             draft: new_draft,
@@ -429,21 +395,13 @@ impl Tocsin {
         let incident = self.incident(id).await?;
         let latest = self.store.drafts(&incident.id).await?.pop();
         let Some(draft) = latest else {
-            return Err(EngineError::wrong_state(
-                &incident,
-                "drafted",
-                "approve its notices",
-            ));
+            return Err(EngineError::wrong_state(&incident, "drafted", "approve its notices"));
         };
         if draft.state == DraftState::Approved {
             return Ok(draft);
         }
         if incident.state != IncidentState::Drafted {
-            return Err(EngineError::wrong_state(
-                &incident,
-                "drafted",
-                "approve its notices",
-            ));
+            return Err(EngineError::wrong_state(&incident, "drafted", "approve its notices"));
         }
         if &draft.drafted_by == approver {
             return Err(EngineError::SameActor {
@@ -451,16 +409,11 @@ impl Tocsin {
                 version: draft.version,
             });
         }
-        self.store
-            .approve_draft(&draft.id, approver, Utc::now())
-            .await?;
-        self.store
-            .draft(&draft.id)
-            .await?
-            .ok_or_else(|| EngineError::NotFound {
-                what: "draft",
-                id: draft.id.to_string(),
-            })
+        self.store.approve_draft(&draft.id, approver, Utc::now()).await?;
+        self.store.draft(&draft.id).await?.ok_or_else(|| EngineError::NotFound {
+            what: "draft",
+            id: draft.id.to_string(),
+        })
     }
 
     /// Puts the approved notices in the outbox and moves the incident to `notifying`.
@@ -470,11 +423,7 @@ impl Tocsin {
             incident.state,
             IncidentState::Approved | IncidentState::Notifying | IncidentState::Monitoring
         ) {
-            return Err(EngineError::wrong_state(
-                &incident,
-                "approved",
-                "dispatch its notices",
-            ));
+            return Err(EngineError::wrong_state(&incident, "approved", "dispatch its notices"));
         }
         let draft = self
             .store
@@ -483,9 +432,7 @@ impl Tocsin {
             .into_iter()
             .rev()
             .find(|d| d.state == DraftState::Approved)
-            .ok_or_else(|| {
-                EngineError::wrong_state(&incident, "approved", "dispatch its notices")
-            })?;
+            .ok_or_else(|| EngineError::wrong_state(&incident, "approved", "dispatch its notices"))?;
         let affected = self.store.affected(&incident.id).await?;
         let notices = self.store.notices(&draft.id).await?;
         let merchants: HashMap<MerchantId, Merchant> = self
@@ -495,13 +442,9 @@ impl Tocsin {
             .into_iter()
             .map(|m| (m.id.clone(), m))
             .collect();
-        let first =
-            dispatch::first_deliveries(&incident.id, &draft.id, &affected, &notices, &merchants);
+        let first = dispatch::first_deliveries(&incident.id, &draft.id, &affected, &notices, &merchants);
         let queued = self.store.enqueue(&first).await?;
-        let without_channel = affected
-            .iter()
-            .filter(|a| a.channel_plan.is_empty())
-            .count();
+        let without_channel = affected.iter().filter(|a| a.channel_plan.is_empty()).count();
         if incident.state == IncidentState::Approved {
             self.store
                 .transition(
@@ -521,12 +464,7 @@ impl Tocsin {
 
     /// Runs delivery until the incident's outbox is empty (or `limit` passes), then settles
     /// it: `notifying -> monitoring` and a bulletin if merchants stayed unreachable.
-    pub async fn deliver(
-        &self,
-        id: &str,
-        limit: Duration,
-        actor: &Actor,
-    ) -> Result<StepReport, EngineError> {
+    pub async fn deliver(&self, id: &str, limit: Duration, actor: &Actor) -> Result<StepReport, EngineError> {
         let incident = self.incident(id).await?;
         let report = self.dispatcher().drain(Some(&incident.id), limit).await?;
         self.settle(&incident.id, actor).await?;
@@ -534,11 +472,7 @@ impl Tocsin {
     }
 
     /// Once an incident's outbox holds nothing open: move to monitoring, publish if needed.
-    pub async fn settle(
-        &self,
-        id: &IncidentId,
-        actor: &Actor,
-    ) -> Result<Option<Bulletin>, EngineError> {
+    pub async fn settle(&self, id: &IncidentId, actor: &Actor) -> Result<Option<Bulletin>, EngineError> {
         if self.store.open_deliveries(Some(id)).await? > 0 {
             return Ok(None);
         }
@@ -598,11 +532,7 @@ impl Tocsin {
                 id: BulletinId::generate(),
                 incident_id: incident.id.clone(),
                 version: versions.last().map(|b| b.version + 1).unwrap_or(1),
-                summary: bulletin::update_text(
-                    versions.len() as i64 + 1,
-                    unreachable.len(),
-                    Locale::En,
-                ),
+                summary: bulletin::update_text(versions.len() as i64 + 1, unreachable.len(), Locale::En),
                 reason,
                 content_hash: key,
                 published_at: Utc::now(),
@@ -641,11 +571,7 @@ impl Tocsin {
 
     /// Drafts, stores and submits the CAC initial report if the incident's grade requires it.
     /// Returns `None` when the profile does not apply. Submitting twice changes nothing.
-    pub async fn file_initial(
-        &self,
-        id: &str,
-        actor: &Actor,
-    ) -> Result<Option<Filing>, EngineError> {
+    pub async fn file_initial(&self, id: &str, actor: &Actor) -> Result<Option<Filing>, EngineError> {
         let incident = self.incident(id).await?;
         let facts = Self::facts(&incident)?;
         if !self.cac.applies(facts) {
@@ -677,10 +603,7 @@ impl Tocsin {
                     })
                     .count();
                 let figures = filing::Figures {
-                    reporting_unit: format!(
-                        "{} ({})",
-                        self.settings.operator.name, self.settings.operator.platform
-                    ),
+                    reporting_unit: format!("{} ({})", self.settings.operator.name, self.settings.operator.platform),
                     affected_merchants: (!affected.is_empty()).then_some(affected.len()),
                     natural_persons: (!affected.is_empty()).then_some(natural),
                 };
@@ -701,16 +624,12 @@ impl Tocsin {
         let html = filing::render_html(
             &filing,
             &self.cac,
-            (
-                &self.settings.operator.name,
-                &self.settings.operator.platform,
-            ),
+            (&self.settings.operator.name, &self.settings.operator.platform),
             &self.templates,
         )?;
         let location = match self.settings.filing.transport.as_str() {
             "email" => {
-                let mailer =
-                    EmailTransport::from_settings(&self.settings.email, &self.paths.email_outbox)?;
+                let mailer = EmailTransport::from_settings(&self.settings.email, &self.paths.email_outbox)?;
                 let subject = format!(
                     "网络安全事件报告（初报）{} / Incident report (initial)",
                     incident.reference
@@ -731,10 +650,7 @@ impl Tocsin {
                         path: "regulator email".into(),
                         reason: e.message,
                     })?;
-                format!(
-                    "email to the configured regulator address ({})",
-                    self.cac.id
-                )
+                format!("email to the configured regulator address ({})", self.cac.id)
             }
             _ => filing::write_files(&self.paths.filings, &incident.reference, &filing, &html)?
                 .display()
@@ -803,11 +719,7 @@ impl Tocsin {
         };
         let notice_id: NoticeId = id.parse().map_err(|_| not_found())?;
         let notice = self.store.notice(&notice_id).await?.ok_or_else(not_found)?;
-        let draft = self
-            .store
-            .draft(&notice.draft_id)
-            .await?
-            .ok_or_else(not_found)?;
+        let draft = self.store.draft(&notice.draft_id).await?.ok_or_else(not_found)?;
         let incident = self.incident(draft.incident_id.as_str()).await?;
         Ok(NoticeView {
             notice,

@@ -123,29 +123,29 @@ fn grade_label(g: Grade, locale: Locale) -> &'static str {
 }
 
 /// One field's text in `locale`, with a short lead-in; `None` if there is nothing to say.
-fn field_text(
-    name: &str,
-    facts: &IncidentFacts,
-    figures: &Figures,
-    locale: Locale,
-) -> Option<String> {
+fn field_text(name: &str, facts: &IncidentFacts, figures: &Figures, locale: Locale) -> Option<String> {
     let zh = locale == Locale::ZhCn;
     let label = |en: &str, zh_label: &str| {
-        if zh {
-            zh_label.to_owned()
-        } else {
-            en.to_owned()
-        }
+        if zh { zh_label.to_owned() } else { en.to_owned() }
     };
     let text = |t: &LocalizedText| t.get(locale).map(str::to_owned);
     let (lead, value) = match name {
-        "reporting_unit" => (label("Reporting unit", "报告单位"), Some(figures.reporting_unit.clone()).filter(|s| !s.is_empty())),
+        "reporting_unit" => (
+            label("Reporting unit", "报告单位"),
+            Some(figures.reporting_unit.clone()).filter(|s| !s.is_empty()),
+        ),
         "affected_system" => (label("Affected system", "受影响系统"), text(&facts.affected_system)),
         "occurred_at" => (label("Occurred", "发生时间"), facts.occurred_at.map(human)),
         "aware_at" => (label("Discovered (aware)", "发现时间"), Some(human(facts.aware_at))),
         "location" => (label("Where", "地点"), text(&facts.location)),
-        "kind" => (label("Type", "事件类型"), Some(kind_label(facts.kind, locale).to_owned())),
-        "grade" => (label("Grade", "事件级别"), Some(grade_label(facts.grade, locale).to_owned())),
+        "kind" => (
+            label("Type", "事件类型"),
+            Some(kind_label(facts.kind, locale).to_owned()),
+        ),
+        "grade" => (
+            label("Grade", "事件级别"),
+            Some(grade_label(facts.grade, locale).to_owned()),
+        ),
         "grade_reason" => (label("Grading basis", "定级依据"), text(&facts.grade_reason)),
         "affected_counts" => (
             label("Affected", "影响范围"),
@@ -159,7 +159,10 @@ fn field_text(
             }),
         ),
         "harm_so_far" => (label("Harm so far", "已造成的危害"), text(&facts.harm_so_far)),
-        "measures_taken" => (label("Measures taken and their effect", "已采取的措施及效果"), text(&facts.measures_taken)),
+        "measures_taken" => (
+            label("Measures taken and their effect", "已采取的措施及效果"),
+            text(&facts.measures_taken),
+        ),
         "ransom" => (label("Ransom", "勒索情况"), text(&facts.ransom)),
         "trend" => (String::new(), text(&facts.trend)),
         "impact" => (label("Possible impact", "可能的影响"), text(&facts.impact)),
@@ -206,11 +209,7 @@ pub fn initial_items(
         } else {
             &item.title_en
         };
-        let none = if locale == Locale::ZhCn {
-            "无"
-        } else {
-            "none"
-        };
+        let none = if locale == Locale::ZhCn { "无" } else { "none" };
         items.push(json!({
             "number": item.number,
             "title": title,
@@ -285,12 +284,7 @@ pub fn render_html(
 }
 
 /// Writes `<dir>/<reference>/<regulator>-<stage>.json` and `.html`; returns the JSON path.
-pub fn write_files(
-    dir: &Path,
-    reference: &str,
-    filing: &Filing,
-    html: &str,
-) -> Result<PathBuf, FilingError> {
+pub fn write_files(dir: &Path, reference: &str, filing: &Filing, html: &str) -> Result<PathBuf, FilingError> {
     let folder = dir.join(reference);
     let err = |e: std::io::Error| FilingError::Write {
         path: folder.display().to_string(),
@@ -301,11 +295,7 @@ pub fn write_files(
     let json_path = folder.join(format!("{stem}.json"));
     let mut doc = filing.content.clone();
     doc["content_hash"] = filing.content_hash.clone().into();
-    std::fs::write(
-        &json_path,
-        serde_json::to_vec_pretty(&doc).unwrap_or_default(),
-    )
-    .map_err(err)?;
+    std::fs::write(&json_path, serde_json::to_vec_pretty(&doc).unwrap_or_default()).map_err(err)?;
     std::fs::write(folder.join(format!("{stem}.html")), html).map_err(err)?;
     Ok(json_path)
 }
@@ -352,11 +342,7 @@ mod tests {
                 .as_str()
                 .is_some_and(|v| v.contains("Example Marketplace"))
         );
-        assert!(
-            items[1]["value"]
-                .as_str()
-                .is_some_and(|v| v.contains("较大"))
-        );
+        assert!(items[1]["value"].as_str().is_some_and(|v| v.contains("较大")));
 
         let mut f = facts();
         f.cause = LocalizedText::default();

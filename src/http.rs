@@ -85,8 +85,7 @@ impl From<EngineError> for Problem {
         use crate::ingest::IngestError;
         let detail = e.to_string();
         match &e {
-            EngineError::Ingest(IngestError::Invalid { error, .. })
-            | EngineError::Invalid(error) => Problem {
+            EngineError::Ingest(IngestError::Invalid { error, .. }) | EngineError::Invalid(error) => Problem {
                 status: StatusCode::UNPROCESSABLE_ENTITY,
                 title: "invalid input",
                 detail,
@@ -160,8 +159,7 @@ fn actor_of(body: &Value) -> Result<Actor, Problem> {
         .get("actor")
         .and_then(Value::as_str)
         .ok_or_else(|| bad_request("actor", "is required: who is acting"))?;
-    raw.parse()
-        .map_err(|e: FieldError| bad_request("actor", e.reason))
+    raw.parse().map_err(|e: FieldError| bad_request("actor", e.reason))
 }
 
 /// The router: API and public bulletins (no worker; see [`serve`]).
@@ -174,8 +172,7 @@ pub fn router(engine: Arc<Tocsin>) -> Router {
 
 fn router_with(state: AppState) -> Router {
     let limit = state.engine.settings.server.body_limit_bytes;
-    let bulletins =
-        ServeDir::new(state.engine.paths.bulletins.clone()).append_index_html_on_directories(true);
+    let bulletins = ServeDir::new(state.engine.paths.bulletins.clone()).append_index_html_on_directories(true);
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/api/v1/events", post(post_events))
@@ -220,9 +217,7 @@ async fn get_incident(State(s): State<AppState>, Path(id): Path<String>) -> ApiR
 
 async fn confirm(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
     let body = body_json(&body)?;
-    let facts = body
-        .get("facts")
-        .ok_or_else(|| bad_request("facts", "is required"))?;
+    let facts = body.get("facts").ok_or_else(|| bad_request("facts", "is required"))?;
     ok(s.engine.confirm(&id, facts, &actor_of(&body)?).await?)
 }
 
@@ -246,15 +241,12 @@ struct ScopeBody {
 }
 
 async fn scope(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
-    let body: ScopeBody =
-        serde_json::from_slice(&body).map_err(|e| bad_request("body", e.to_string()))?;
+    let body: ScopeBody = serde_json::from_slice(&body).map_err(|e| bad_request("body", e.to_string()))?;
     let actor: Actor = body
         .actor
         .parse()
         .map_err(|e: FieldError| bad_request("actor", e.reason))?;
-    ok(s.engine
-        .scope(&id, &body.rule, &actor, body.dry_run)
-        .await?)
+    ok(s.engine.scope(&id, &body.rule, &actor, body.dry_run).await?)
 }
 
 async fn draft(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
@@ -262,16 +254,11 @@ async fn draft(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -
 }
 
 async fn approve(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
-    ok(s.engine
-        .approve(&id, &actor_of(&body_json(&body)?)?)
-        .await?)
+    ok(s.engine.approve(&id, &actor_of(&body_json(&body)?)?).await?)
 }
 
 async fn dispatch(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
-    let started = s
-        .engine
-        .dispatch(&id, &actor_of(&body_json(&body)?)?)
-        .await?;
+    let started = s.engine.dispatch(&id, &actor_of(&body_json(&body)?)?).await?;
     s.wake_worker.notify_one();
     Ok((StatusCode::ACCEPTED, axum::Json(started)).into_response())
 }
@@ -283,16 +270,16 @@ async fn bulletin(State(s): State<AppState>, Path(id): Path<String>, body: Bytes
 }
 
 async fn file(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
-    ok(s.engine
-        .file_initial(&id, &actor_of(&body_json(&body)?)?)
-        .await?)
+    ok(s.engine.file_initial(&id, &actor_of(&body_json(&body)?)?).await?)
 }
 
 async fn list_notices(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
     let notices = s.engine.notices(&id).await?;
     let rows: Vec<Value> = notices
         .iter()
-        .map(|n| json!({ "id": n.id, "merchant_id": n.merchant_id, "locale": n.locale, "content_hash": n.content_hash }))
+        .map(
+            |n| json!({ "id": n.id, "merchant_id": n.merchant_id, "locale": n.locale, "content_hash": n.content_hash }),
+        )
         .collect();
     ok(rows)
 }
@@ -323,10 +310,7 @@ async fn worker(state: AppState, schedule: Schedule, mut stop: tokio::sync::watc
             }
         }
         if let Ok(incidents) = engine.incidents().await {
-            for i in incidents
-                .iter()
-                .filter(|i| i.state == IncidentState::Notifying)
-            {
+            for i in incidents.iter().filter(|i| i.state == IncidentState::Notifying) {
                 if let Err(e) = engine.settle(&i.id, &system).await {
                     tracing::error!(incident = %i.id, error = %e, "settling an incident failed");
                 }
@@ -351,9 +335,7 @@ async fn worker(state: AppState, schedule: Schedule, mut stop: tokio::sync::watc
 
 /// Checks that `listen` is a loopback address.
 pub fn loopback_addr(listen: &str) -> Result<SocketAddr, ServeError> {
-    let addr: SocketAddr = listen
-        .parse()
-        .map_err(|_| ServeError::BadAddress(listen.to_owned()))?;
+    let addr: SocketAddr = listen.parse().map_err(|_| ServeError::BadAddress(listen.to_owned()))?;
     if addr.ip().is_loopback() {
         Ok(addr)
     } else {
@@ -386,9 +368,7 @@ pub async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let worker_task = tokio::spawn(worker(state.clone(), schedule, stop_rx));
     let app = router_with(state);
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
     let _ = stop_tx.send(true);
     let _ = worker_task.await;
     Ok(result?)
@@ -421,13 +401,7 @@ mod tests {
     fn only_loopback_addresses_are_accepted() {
         assert!(loopback_addr("127.0.0.1:8080").is_ok());
         assert!(loopback_addr("[::1]:0").is_ok());
-        assert!(matches!(
-            loopback_addr("0.0.0.0:8080"),
-            Err(ServeError::NotLoopback(_))
-        ));
-        assert!(matches!(
-            loopback_addr("localhost"),
-            Err(ServeError::BadAddress(_))
-        ));
+        assert!(matches!(loopback_addr("0.0.0.0:8080"), Err(ServeError::NotLoopback(_))));
+        assert!(matches!(loopback_addr("localhost"), Err(ServeError::BadAddress(_))));
     }
 }

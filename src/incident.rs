@@ -45,11 +45,7 @@ pub enum IncidentError {
 pub fn parse_facts(value: &Value, taxonomy: &Taxonomy) -> Result<IncidentFacts, IncidentError> {
     let facts: IncidentFacts = serde_path_to_error::deserialize(value.clone()).map_err(|e| {
         let path = e.path().to_string();
-        let field = if path == "." {
-            "(facts)".to_owned()
-        } else {
-            path
-        };
+        let field = if path == "." { "(facts)".to_owned() } else { path };
         IncidentError::Facts(FieldError::new(field, e.into_inner().to_string()))
     })?;
     if facts.categories.is_empty() {
@@ -125,8 +121,7 @@ mod tests {
     #[test]
     fn demo_facts_parse_and_bad_facts_are_named() {
         let t = Taxonomy::builtin().expect("taxonomy");
-        let demo: Value =
-            serde_json::from_str(include_str!("../config/demo/incident.json")).expect("json");
+        let demo: Value = serde_json::from_str(include_str!("../config/demo/incident.json")).expect("json");
         let facts = parse_facts(&demo, &t).expect("demo facts valid");
         assert_eq!(facts.grade, crate::domain::Grade::Significant);
 
@@ -137,11 +132,6 @@ mod tests {
 
         let mut bad = demo.clone();
         bad["grade"] = serde_json::json!("apocalyptic");
-        assert!(
-            parse_facts(&bad, &t)
-                .expect_err("grade")
-                .to_string()
-                .contains("grade")
-        );
+        assert!(parse_facts(&bad, &t).expect_err("grade").to_string().contains("grade"));
     }
 }

@@ -51,8 +51,7 @@ pub fn parse_event(value: &Value, taxonomy: &Taxonomy) -> Result<SecurityEvent, 
         correlation_key: f.opt_string("correlation_key", 1, 200)?,
         categories: f.list("categories", |s, field| taxonomy.parse_category(s, field))?,
         merchant_ids: f.list("merchant_ids", |s, field| {
-            s.parse()
-                .map_err(|e: FieldError| FieldError::new(field, e.reason))
+            s.parse().map_err(|e: FieldError| FieldError::new(field, e.reason))
         })?,
         attributes: f.opt_object("attributes")?,
     };
@@ -78,12 +77,7 @@ pub fn parse_events(text: &str, taxonomy: &Taxonomy) -> Result<Vec<SecurityEvent
     values
         .iter()
         .enumerate()
-        .map(|(i, v)| {
-            parse_event(v, taxonomy).map_err(|error| IngestError::Invalid {
-                record: i + 1,
-                error,
-            })
-        })
+        .map(|(i, v)| parse_event(v, taxonomy).map_err(|error| IngestError::Invalid { record: i + 1, error }))
         .collect()
 }
 
@@ -99,9 +93,7 @@ pub async fn ingest(
         let outcome = store.ingest_event(event, reference_prefix, actor).await?;
         match &outcome {
             IngestOutcome::Opened {
-                incident_id,
-                reference,
-                ..
+                incident_id, reference, ..
             } => {
                 tracing::info!(%incident_id, %reference, source = %event.source, "event opened an incident")
             }
@@ -164,16 +156,10 @@ mod tests {
         );
         let mut v = valid();
         v["colour"] = json!("red");
-        assert_eq!(
-            parse_event(&v, &taxonomy()).expect_err("unknown").field,
-            "colour"
-        );
+        assert_eq!(parse_event(&v, &taxonomy()).expect_err("unknown").field, "colour");
         let mut v = valid();
         v.as_object_mut().map(|m| m.remove("external_id"));
-        assert_eq!(
-            parse_event(&v, &taxonomy()).expect_err("missing").reason,
-            "is required"
-        );
+        assert_eq!(parse_event(&v, &taxonomy()).expect_err("missing").reason, "is required");
     }
 
     #[test]

@@ -15,10 +15,7 @@ pub struct Fields<'a> {
 impl<'a> Fields<'a> {
     pub fn of(value: &'a Value) -> Result<Self, FieldError> {
         match value {
-            Value::Object(map) => Ok(Self {
-                map,
-                seen: Vec::new(),
-            }),
+            Value::Object(map) => Ok(Self { map, seen: Vec::new() }),
             _ => Err(FieldError::new("(record)", "must be a JSON object")),
         }
     }
@@ -29,22 +26,12 @@ impl<'a> Fields<'a> {
     }
 
     /// A required string of `min..=max` characters (trimmed).
-    pub fn string(
-        &mut self,
-        name: &'static str,
-        min: usize,
-        max: usize,
-    ) -> Result<String, FieldError> {
+    pub fn string(&mut self, name: &'static str, min: usize, max: usize) -> Result<String, FieldError> {
         self.opt_string(name, min, max)?
             .ok_or_else(|| FieldError::new(name, "is required"))
     }
 
-    pub fn opt_string(
-        &mut self,
-        name: &'static str,
-        min: usize,
-        max: usize,
-    ) -> Result<Option<String>, FieldError> {
+    pub fn opt_string(&mut self, name: &'static str, min: usize, max: usize) -> Result<Option<String>, FieldError> {
         match self.raw(name) {
             None => Ok(None),
             Some(Value::String(s)) => {
@@ -55,15 +42,9 @@ impl<'a> Fields<'a> {
                 } else if n == 0 {
                     Err(FieldError::new(name, "must not be empty"))
                 } else if n < min {
-                    Err(FieldError::new(
-                        name,
-                        format!("must be at least {min} characters"),
-                    ))
+                    Err(FieldError::new(name, format!("must be at least {min} characters")))
                 } else if n > max {
-                    Err(FieldError::new(
-                        name,
-                        format!("must be at most {max} characters"),
-                    ))
+                    Err(FieldError::new(name, format!("must be at most {max} characters")))
                 } else {
                     Ok(Some(s.to_owned()))
                 }
@@ -73,13 +54,9 @@ impl<'a> Fields<'a> {
     }
 
     /// A required value parsed by `FromStr`, errors reported under `name`.
-    pub fn parsed<T: std::str::FromStr<Err = FieldError>>(
-        &mut self,
-        name: &'static str,
-    ) -> Result<T, FieldError> {
+    pub fn parsed<T: std::str::FromStr<Err = FieldError>>(&mut self, name: &'static str) -> Result<T, FieldError> {
         let raw = self.string(name, 1, 10_000)?;
-        raw.parse()
-            .map_err(|e: FieldError| FieldError::new(name, e.reason))
+        raw.parse().map_err(|e: FieldError| FieldError::new(name, e.reason))
     }
 
     pub fn opt_parsed<T: std::str::FromStr<Err = FieldError>>(
@@ -87,27 +64,19 @@ impl<'a> Fields<'a> {
         name: &'static str,
     ) -> Result<Option<T>, FieldError> {
         self.opt_string(name, 0, 10_000)?
-            .map(|raw| {
-                raw.parse()
-                    .map_err(|e: FieldError| FieldError::new(name, e.reason))
-            })
+            .map(|raw| raw.parse().map_err(|e: FieldError| FieldError::new(name, e.reason)))
             .transpose()
     }
 
     pub fn time(&mut self, name: &'static str) -> Result<DateTime<Utc>, FieldError> {
-        self.opt_time(name)?
-            .ok_or_else(|| FieldError::new(name, "is required"))
+        self.opt_time(name)?.ok_or_else(|| FieldError::new(name, "is required"))
     }
 
     pub fn opt_time(&mut self, name: &'static str) -> Result<Option<DateTime<Utc>>, FieldError> {
         self.opt_string(name, 0, 64)?
             .map(|raw| {
-                parse_ts(&raw).map_err(|_| {
-                    FieldError::new(
-                        name,
-                        "must be an RFC 3339 date-time such as 2026-11-28T03:45:00Z",
-                    )
-                })
+                parse_ts(&raw)
+                    .map_err(|_| FieldError::new(name, "must be an RFC 3339 date-time such as 2026-11-28T03:45:00Z"))
             })
             .transpose()
     }

@@ -69,9 +69,7 @@ pub fn verify_entries(entries: &[LedgerEntry]) -> Verification {
         if e.seq != expected_seq {
             return Verification::Broken {
                 seq: e.seq,
-                reason: format!(
-                    "expected entry {expected_seq} here: an entry was removed or moved"
-                ),
+                reason: format!("expected entry {expected_seq} here: an entry was removed or moved"),
             };
         }
         if e.prev_hash != prev {
@@ -159,10 +157,7 @@ mod tests {
 
         let mut deleted = chain(5);
         deleted.remove(1);
-        assert!(matches!(
-            verify_entries(&deleted),
-            Verification::Broken { seq: 3, .. }
-        ));
+        assert!(matches!(verify_entries(&deleted), Verification::Broken { seq: 3, .. }));
 
         let mut reordered = chain(5);
         reordered.swap(1, 2);

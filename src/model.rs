@@ -303,12 +303,7 @@ pub struct NewLedgerEntry {
 }
 
 impl NewLedgerEntry {
-    pub fn new(
-        actor: &Actor,
-        action: &str,
-        incident: Option<&IncidentId>,
-        detail: serde_json::Value,
-    ) -> Self {
+    pub fn new(actor: &Actor, action: &str, incident: Option<&IncidentId>, detail: serde_json::Value) -> Self {
         Self {
             at: Utc::now(),
             actor: actor.clone(),

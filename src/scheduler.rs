@@ -8,9 +8,7 @@ use chrono::{DateTime, Utc};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScheduleError {
-    #[error(
-        "'{0}' has 5 fields; Tocsin schedules have seconds first (6 or 7 fields), e.g. '0 */5 * * * *'"
-    )]
+    #[error("'{0}' has 5 fields; Tocsin schedules have seconds first (6 or 7 fields), e.g. '0 */5 * * * *'")]
     UnixForm(String),
     #[error("'{expr}' is not a valid schedule: {reason}")]
     Invalid { expr: String, reason: String },

@@ -13,11 +13,7 @@ use crate::taxonomy::Taxonomy;
 /// Whether `merchant` falls under `rule` (every given criterion must hold).
 pub fn rule_matches(rule: &ScopeRule, merchant: &Merchant) -> bool {
     (rule.merchant_ids.is_empty() || rule.merchant_ids.contains(&merchant.id))
-        && (rule.any_categories.is_empty()
-            || rule
-                .any_categories
-                .iter()
-                .any(|c| merchant.holdings.contains(c)))
+        && (rule.any_categories.is_empty() || rule.any_categories.iter().any(|c| merchant.holdings.contains(c)))
         && (rule.regions.is_empty()
             || rule
                 .regions
@@ -68,10 +64,7 @@ pub fn classify_risk(exposed: &[CategoryId], taxonomy: &Taxonomy) -> (RiskLevel,
     if !personal.is_empty() {
         return (
             RiskLevel::Medium,
-            vec![format!(
-                "personal information exposed: {}",
-                personal.join(", ")
-            )],
+            vec![format!("personal information exposed: {}", personal.join(", "))],
         );
     }
     (
@@ -116,9 +109,8 @@ pub fn classify(
         risk_reasons,
         notice_required: true,
         // Mandatory: marketing opt-outs do not apply to a security notice.
-        notice_reason:
-            "required: personal information held about the merchant may have leaked (PIPL Art. 57)"
-                .to_owned(),
+        notice_reason: "required: personal information held about the merchant may have leaked (PIPL Art. 57)"
+            .to_owned(),
         reachability: if plan.is_empty() {
             Reachability::Unreachable
         } else {
@@ -217,28 +209,18 @@ mod tests {
     #[test]
     fn risk_follows_sensitivity_and_combinations() {
         let t = Taxonomy::builtin().expect("taxonomy");
-        assert_eq!(
-            classify_risk(&cats(&["account_credentials"]), &t).0,
-            RiskLevel::High
-        );
+        assert_eq!(classify_risk(&cats(&["account_credentials"]), &t).0, RiskLevel::High);
         let (level, reasons) = classify_risk(&cats(&["real_name", "id_number"]), &t);
         assert_eq!(level, RiskLevel::High);
         assert!(reasons.iter().any(|r| r.contains("identity fraud")));
-        assert_eq!(
-            classify_risk(&cats(&["email_address"]), &t).0,
-            RiskLevel::Medium
-        );
-        assert_eq!(
-            classify_risk(&cats(&["business_license"]), &t).0,
-            RiskLevel::Low
-        );
+        assert_eq!(classify_risk(&cats(&["email_address"]), &t).0, RiskLevel::Medium);
+        assert_eq!(classify_risk(&cats(&["business_license"]), &t).0, RiskLevel::Low);
     }
 
     #[test]
     fn only_merchants_holding_exposed_data_are_affected_and_opt_outs_still_notified() {
         let t = Taxonomy::builtin().expect("taxonomy");
-        let facts: IncidentFacts =
-            serde_json::from_str(include_str!("../config/demo/incident.json")).expect("facts");
+        let facts: IncidentFacts = serde_json::from_str(include_str!("../config/demo/incident.json")).expect("facts");
         let merchants = vec![
             merchant("m-1", &["account_credentials"], true, true),
             merchant("m-2", &["media"], true, false),
@@ -249,14 +231,7 @@ mod tests {
             ..Default::default()
         };
         let order = [Channel::Email, Channel::Sms, Channel::Push];
-        let affected = scope(
-            &IncidentId::generate(),
-            &facts,
-            &rule,
-            &merchants,
-            &t,
-            &order,
-        );
+        let affected = scope(&IncidentId::generate(), &facts, &rule, &merchants, &t, &order);
         let ids: Vec<_> = affected.iter().map(|a| a.merchant_id.as_str()).collect();
         assert_eq!(ids, ["m-1", "m-3"]);
         assert_eq!(affected[0].channel_plan, vec![Channel::Email, Channel::Sms]);

@@ -78,9 +78,7 @@ impl Taxonomy {
 
     /// Parses a category id from input and checks that the taxonomy knows it.
     pub fn parse_category(&self, raw: &str, field: &str) -> Result<CategoryId, FieldError> {
-        let id: CategoryId = raw
-            .parse()
-            .map_err(|e: FieldError| FieldError::new(field, e.reason))?;
+        let id: CategoryId = raw.parse().map_err(|e: FieldError| FieldError::new(field, e.reason))?;
         if self.by_id.contains_key(&id) {
             Ok(id)
         } else {
@@ -92,8 +90,7 @@ impl Taxonomy {
     }
 
     pub fn is_sensitive(&self, id: &CategoryId) -> bool {
-        self.get(id)
-            .is_some_and(|c| c.sensitivity == Sensitivity::Sensitive)
+        self.get(id).is_some_and(|c| c.sensitivity == Sensitivity::Sensitive)
     }
 
     pub fn label(&self, id: &CategoryId, locale: Locale) -> String {

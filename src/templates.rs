@@ -53,11 +53,7 @@ impl Templates {
         let mut html = Handlebars::new();
         html.set_strict_mode(true);
         for (name, source) in sources {
-            let registry = if is_markup(&name) {
-                &mut html
-            } else {
-                &mut text
-            };
+            let registry = if is_markup(&name) { &mut html } else { &mut text };
             registry
                 .register_template_string(&name, source)
                 .map_err(|e| TemplateError::Load {
@@ -74,11 +70,7 @@ impl Templates {
 
     /// Renders `name` (without `.hbs`), choosing the registry by the name's extension.
     pub fn render<T: Serialize>(&self, name: &str, context: &T) -> Result<String, TemplateError> {
-        let registry = if is_markup(name) {
-            &self.html
-        } else {
-            &self.text
-        };
+        let registry = if is_markup(name) { &self.html } else { &self.text };
         registry
             .render(name, context)
             .map(|s| s.trim().to_owned())
@@ -101,11 +93,7 @@ fn collect_embedded(dir: &Dir<'static>, out: &mut Vec<(String, String)>) {
     }
 }
 
-fn collect_dir(
-    root: &Path,
-    dir: &Path,
-    out: &mut Vec<(String, String)>,
-) -> Result<(), TemplateError> {
+fn collect_dir(root: &Path, dir: &Path, out: &mut Vec<(String, String)>) -> Result<(), TemplateError> {
     let err = |e: std::io::Error| TemplateError::Dir {
         path: dir.display().to_string(),
         reason: e.to_string(),
@@ -117,10 +105,7 @@ fn collect_dir(
         } else if let Some(rel) = path.strip_prefix(root).ok().and_then(|p| p.to_str())
             && let Some(name) = rel.replace('\\', "/").strip_suffix(".hbs")
         {
-            out.push((
-                name.to_owned(),
-                std::fs::read_to_string(&path).map_err(err)?,
-            ));
+            out.push((name.to_owned(), std::fs::read_to_string(&path).map_err(err)?));
         }
     }
     Ok(())
@@ -133,11 +118,7 @@ mod tests {
     #[test]
     fn embedded_templates_load_and_strict_mode_refuses_missing_variables() {
         let t = Templates::embedded().expect("load");
-        assert!(
-            t.has("notice/en/impact")
-                && t.has("notice/zh-CN/email.html")
-                && t.has("bulletin/feed.atom")
-        );
+        assert!(t.has("notice/en/impact") && t.has("notice/zh-CN/email.html") && t.has("bulletin/feed.atom"));
         let err = t
             .render("notice/en/contact", &serde_json::json!({}))
             .expect_err("strict");

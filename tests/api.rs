@@ -49,15 +49,13 @@ async fn the_lifecycle_over_http_delivers_and_publishes() {
         merchant("api-3", "zh-CN", None, None, None, &["account_credentials"]),
     ]
     .join("\n");
-    t.run(&["merchants", "import", &t.file("m.jsonl", &merchants)])
-        .ok();
+    t.run(&["merchants", "import", &t.file("m.jsonl", &merchants)]).ok();
     let server = t.serve();
     let api = format!("{}/api/v1", server.base);
     let client = reqwest::Client::new();
 
     // Malformed events: 4xx problem documents naming the field; nothing stored.
-    let (status, problem, ctype) =
-        post(&client, &format!("{api}/events"), json!({"source": "siem"})).await;
+    let (status, problem, ctype) = post(&client, &format!("{api}/events"), json!({"source": "siem"})).await;
     assert_eq!(status, 422);
     assert_eq!(ctype, "application/problem+json");
     assert_eq!(problem["field"], "external_id");
@@ -86,10 +84,9 @@ async fn the_lifecycle_over_http_delivers_and_publishes() {
     assert_eq!(again[0]["outcome"], "duplicate");
     let id = outcome[0]["incident_id"].as_str().expect("id").to_owned();
 
-    let facts: Value = serde_json::from_str(
-        &std::fs::read_to_string(repo("config/demo/incident.json")).expect("facts"),
-    )
-    .expect("json");
+    let facts: Value =
+        serde_json::from_str(&std::fs::read_to_string(repo("config/demo/incident.json")).expect("facts"))
+            .expect("json");
     let mut bad_facts = facts.clone();
     bad_facts["grade"] = json!("apocalyptic");
     let (status, problem, _) = post(
@@ -108,8 +105,12 @@ async fn the_lifecycle_over_http_delivers_and_publishes() {
     )
     .await;
     assert_eq!(status, 200);
-    let (status, dry, _) = post(&client, &format!("{api}/incidents/{id}/scope"),
-        json!({"actor": "alice", "rule": {"any_categories": ["account_credentials"]}, "dry_run": true})).await;
+    let (status, dry, _) = post(
+        &client,
+        &format!("{api}/incidents/{id}/scope"),
+        json!({"actor": "alice", "rule": {"any_categories": ["account_credentials"]}, "dry_run": true}),
+    )
+    .await;
     assert_eq!((status, dry["affected"].as_u64()), (200, Some(3)));
     let view: Value = client
         .get(format!("{api}/incidents/{id}"))
@@ -119,10 +120,7 @@ async fn the_lifecycle_over_http_delivers_and_publishes() {
         .json()
         .await
         .expect("json");
-    assert_eq!(
-        view["incident"]["state"], "confirmed",
-        "a dry run stores nothing"
-    );
+    assert_eq!(view["incident"]["state"], "confirmed", "a dry run stores nothing");
     let (status, _, _) = post(
         &client,
         &format!("{api}/incidents/{id}/scope"),
@@ -216,18 +214,14 @@ async fn the_lifecycle_over_http_delivers_and_publishes() {
             .is_some_and(|s| s.contains("<html"))
     );
     let missing = client
-        .get(format!(
-            "{api}/notices/ntc_00000000000000000000000000000000"
-        ))
+        .get(format!("{api}/notices/ntc_00000000000000000000000000000000"))
         .send()
         .await
         .expect("get");
     assert_eq!(missing.status().as_u16(), 404);
 
     // The public bulletin is served, with its feed.
-    let reference = settled["incident"]["reference"]
-        .as_str()
-        .expect("reference");
+    let reference = settled["incident"]["reference"].as_str().expect("reference");
     let page = client
         .get(format!("{}/bulletins/{reference}/", server.base))
         .send()

@@ -63,18 +63,8 @@ fn the_demo_runs_the_whole_flow_and_a_second_run_duplicates_nothing() {
     assert_eq!(second["notices_drafted_now"], 0);
     let v2 = &second["incident"];
     let len = |v: &Value, k: &str| v[k].as_array().map(Vec::len);
-    for key in [
-        "drafts",
-        "bulletins",
-        "filings",
-        "deliveries",
-        "transitions",
-    ] {
-        assert_eq!(
-            len(v2, key),
-            len(view, key),
-            "{key} changed on the second run"
-        );
+    for key in ["drafts", "bulletins", "filings", "deliveries", "transitions"] {
+        assert_eq!(len(v2, key), len(view, key), "{key} changed on the second run");
     }
     assert_eq!(v2["deliveries"], view["deliveries"]);
     assert_eq!(counts(()), (30, 9, 2), "no message was sent twice");
@@ -107,10 +97,6 @@ fn the_demo_summary_names_every_output() {
         "index.html",
         "cn-cac-initial.json",
     ] {
-        assert!(
-            run.stdout.contains(needle),
-            "summary lacks '{needle}':\n{}",
-            run.stdout
-        );
+        assert!(run.stdout.contains(needle), "summary lacks '{needle}':\n{}", run.stdout);
     }
 }

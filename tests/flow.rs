@@ -14,14 +14,7 @@ const SECRET: &str = "test-signing-secret";
 fn directory() -> String {
     let all = ["account_credentials", "phone_number", "settlement_account"];
     [
-        merchant(
-            "a-ok",
-            "en",
-            Some("ok@example.com"),
-            Some("+8613800000001"),
-            None,
-            &all,
-        ),
+        merchant("a-ok", "en", Some("ok@example.com"), Some("+8613800000001"), None, &all),
         merchant(
             "b-bounce",
             "zh-CN",
@@ -41,22 +34,8 @@ fn directory() -> String {
             &all,
         ),
         merchant("f-none", "zh-CN", None, None, None, &all),
-        merchant(
-            "g-pushbad",
-            "en",
-            None,
-            None,
-            Some("push-token-g-0000"),
-            &all,
-        ),
-        merchant(
-            "h-unaffected",
-            "en",
-            Some("h@example.com"),
-            None,
-            None,
-            &["media"],
-        ),
+        merchant("g-pushbad", "en", None, None, Some("push-token-g-0000"), &all),
+        merchant("h-unaffected", "en", Some("h@example.com"), None, None, &["media"]),
     ]
     .join("\n")
 }
@@ -106,9 +85,7 @@ async fn notices_reach_each_merchant_on_the_right_channel_with_retries_and_fallb
         .await;
     Mock::given(method("POST"))
         .and(path("/push"))
-        .respond_with(
-            ResponseTemplate::new(200).set_body_json(json!({"message_id": "push-accepted"})),
-        )
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"message_id": "push-accepted"})))
         .with_priority(5)
         .mount(&push)
         .await;
@@ -122,10 +99,7 @@ async fn notices_reach_each_merchant_on_the_right_channel_with_retries_and_fallb
     t.run(&["merchants", "import", &merchants]).ok();
     let events = t.file("events.jsonl", &event("e-1", "k-1"));
     let ingested = t.run(&["--json", "events", "ingest", &events]).ok().json();
-    let incident = ingested[0]["incident_id"]
-        .as_str()
-        .expect("incident id")
-        .to_owned();
+    let incident = ingested[0]["incident_id"].as_str().expect("incident id").to_owned();
     let facts = repo("config/demo/incident.json");
     t.run(&[
         "--actor",
@@ -137,13 +111,9 @@ async fn notices_reach_each_merchant_on_the_right_channel_with_retries_and_fallb
         facts.to_str().expect("path"),
     ])
     .ok();
-    let filed = t
-        .run(&["--actor", "alice", "incidents", "file", &incident])
-        .ok();
+    let filed = t.run(&["--actor", "alice", "incidents", "file", &incident]).ok();
     assert!(
-        filed
-            .stdout
-            .contains("cn-cac initial report due 2026-11-28 07:45 UTC"),
+        filed.stdout.contains("cn-cac initial report due 2026-11-28 07:45 UTC"),
         "{}",
         filed.stdout
     );
@@ -160,18 +130,13 @@ async fn notices_reach_each_merchant_on_the_right_channel_with_retries_and_fallb
         ])
         .ok()
         .json();
-    assert_eq!(
-        scope["affected"], 7,
-        "h-unaffected holds none of the exposed data"
-    );
-    t.run(&["--actor", "alice", "incidents", "draft", &incident])
-        .ok();
+    assert_eq!(scope["affected"], 7, "h-unaffected holds none of the exposed data");
+    t.run(&["--actor", "alice", "incidents", "draft", &incident]).ok();
 
     let same = t.run(&["--actor", "alice", "incidents", "approve", &incident]);
     assert_ne!(same.code, 0);
     assert!(same.stderr.contains("four eyes"), "{}", same.stderr);
-    t.run(&["--actor", "bob", "incidents", "approve", &incident])
-        .ok();
+    t.run(&["--actor", "bob", "incidents", "approve", &incident]).ok();
     let view = t
         .run(&[
             "--json",
@@ -227,9 +192,7 @@ async fn notices_reach_each_merchant_on_the_right_channel_with_retries_and_fallb
     assert_eq!(b.len(), 1);
     assert_eq!(b[0]["locale"], "zh-CN");
     assert!(
-        b[0]["text"]
-            .as_str()
-            .is_some_and(|s| s.contains("/bulletins/INC-")),
+        b[0]["text"].as_str().is_some_and(|s| s.contains("/bulletins/INC-")),
         "SMS links to the full notice"
     );
     assert_eq!(
@@ -267,10 +230,7 @@ async fn notices_reach_each_merchant_on_the_right_channel_with_retries_and_fallb
     assert_eq!(unreachable, ["f-none", "g-pushbad"]);
     assert_eq!(view["bulletins"][0]["covered"], 2);
 
-    let deliveries = t
-        .run(&["--json", "incidents", "deliveries", &incident])
-        .ok()
-        .json();
+    let deliveries = t.run(&["--json", "incidents", "deliveries", &incident]).ok().json();
     let find = |m: &str, ch: &str| {
         deliveries
             .as_array()
@@ -284,10 +244,7 @@ async fn notices_reach_each_merchant_on_the_right_channel_with_retries_and_fallb
     assert_eq!(find("b-bounce", "email")["status"], "failed");
     assert_eq!(find("b-bounce", "email")["error_class"], "permanent");
     assert_eq!(find("b-bounce", "sms")["status"], "sent");
-    assert_eq!(
-        find("e-smsbad", "push")["provider_message_id"],
-        "push-accepted"
-    );
+    assert_eq!(find("e-smsbad", "push")["provider_message_id"], "push-accepted");
 
     // The bulletin is public: the five elements, and nobody's personal data.
     let reference = view["incident"]["reference"].as_str().expect("reference");
@@ -296,13 +253,7 @@ async fn notices_reach_each_merchant_on_the_right_channel_with_retries_and_fallb
     for needle in ["What happened", "privacy@example.com"] {
         assert!(page.contains(needle), "bulletin lacks {needle}");
     }
-    for personal in [
-        "f-none",
-        "g-pushbad",
-        "Merchant ",
-        "+86138",
-        "ok@example.com",
-    ] {
+    for personal in ["f-none", "g-pushbad", "Merchant ", "+86138", "ok@example.com"] {
         assert!(!page.contains(personal), "bulletin leaks {personal}");
     }
     assert!(
@@ -313,13 +264,8 @@ async fn notices_reach_each_merchant_on_the_right_channel_with_retries_and_fallb
 
     // The regulator filing: CAC initial report due 4 hours after awareness.
     let filing: Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            t.data_dir()
-                .join("filings")
-                .join(reference)
-                .join("cn-cac-initial.json"),
-        )
-        .expect("filing"),
+        &std::fs::read_to_string(t.data_dir().join("filings").join(reference).join("cn-cac-initial.json"))
+            .expect("filing"),
     )
     .expect("filing JSON");
     assert_eq!(filing["deadline_at"], "2026-11-28T07:45:00.000000Z");
@@ -362,32 +308,18 @@ async fn an_incomplete_notice_is_refused_with_the_list_of_what_is_missing() {
     );
     t.run(&["merchants", "import", &merchants]).ok();
     let ingested = t
-        .run(&[
-            "--json",
-            "events",
-            "ingest",
-            &t.file("e.json", &event("e-9", "k-9")),
-        ])
+        .run(&["--json", "events", "ingest", &t.file("e.json", &event("e-9", "k-9"))])
         .ok()
         .json();
     let incident = ingested[0]["incident_id"].as_str().expect("id").to_owned();
-    let mut facts: Value = serde_json::from_str(
-        &std::fs::read_to_string(repo("config/demo/incident.json")).expect("facts"),
-    )
-    .expect("json");
+    let mut facts: Value =
+        serde_json::from_str(&std::fs::read_to_string(repo("config/demo/incident.json")).expect("facts"))
+            .expect("json");
     facts["remedies"] = json!({ "en": "Free monitoring." });
     facts.as_object_mut().map(|f| f.remove("measures_planned"));
     let facts = t.file("facts.json", &facts.to_string());
-    t.run(&[
-        "--actor",
-        "alice",
-        "incidents",
-        "confirm",
-        &incident,
-        "--facts",
-        &facts,
-    ])
-    .ok();
+    t.run(&["--actor", "alice", "incidents", "confirm", &incident, "--facts", &facts])
+        .ok();
     t.run(&[
         "--actor",
         "alice",
@@ -400,20 +332,9 @@ async fn an_incomplete_notice_is_refused_with_the_list_of_what_is_missing() {
     .ok();
     let draft = t.run(&["--actor", "alice", "incidents", "draft", &incident]);
     assert_ne!(draft.code, 0);
-    assert!(
-        draft.stderr.contains("remedies (zh-CN)"),
-        "{}",
-        draft.stderr
-    );
-    assert!(
-        draft.stderr.contains("measures_planned"),
-        "{}",
-        draft.stderr
-    );
-    let view = t
-        .run(&["--json", "incidents", "show", &incident])
-        .ok()
-        .json();
+    assert!(draft.stderr.contains("remedies (zh-CN)"), "{}", draft.stderr);
+    assert!(draft.stderr.contains("measures_planned"), "{}", draft.stderr);
+    let view = t.run(&["--json", "incidents", "show", &incident]).ok().json();
     assert_eq!(view["incident"]["state"], "scoped", "nothing was drafted");
     assert_eq!(view["drafts"].as_array().map(Vec::len), Some(0));
 }
@@ -426,12 +347,30 @@ async fn a_filing_can_be_emailed_to_the_regulator_address() {
         .set("TOCSIN_FILING__TRANSPORT", "email")
         .set("TOCSIN_FILING__REGULATOR_EMAIL", "reports@cac.example.cn")
         .set("TOCSIN_OPERATOR__CLASS", "critical_infrastructure");
-    let ingested = t.run(&["--json", "events", "ingest", &t.file("e.json", &event("f-1", "kf"))]).ok().json();
+    let ingested = t
+        .run(&["--json", "events", "ingest", &t.file("e.json", &event("f-1", "kf"))])
+        .ok()
+        .json();
     let incident = ingested[0]["incident_id"].as_str().expect("id").to_owned();
     let facts = repo("config/demo/incident.json");
-    t.run(&["--actor", "alice", "incidents", "confirm", &incident, "--facts", facts.to_str().expect("path")]).ok();
-    let filed = t.run(&["--json", "--actor", "alice", "incidents", "file", &incident]).ok().json();
-    assert_eq!(filed["deadline_at"], "2026-11-28T04:45:00Z", "critical infrastructure: one hour");
+    t.run(&[
+        "--actor",
+        "alice",
+        "incidents",
+        "confirm",
+        &incident,
+        "--facts",
+        facts.to_str().expect("path"),
+    ])
+    .ok();
+    let filed = t
+        .run(&["--json", "--actor", "alice", "incidents", "file", &incident])
+        .ok()
+        .json();
+    assert_eq!(
+        filed["deadline_at"], "2026-11-28T04:45:00Z",
+        "critical infrastructure: one hour"
+    );
     let mails = smtp.messages_to("reports@cac.example.cn");
     assert_eq!(mails.len(), 1);
     assert!(mails[0].data.contains("Content-Type: text/html"));

@@ -47,17 +47,9 @@ fn a_malformed_event_names_its_field_and_stores_nothing() {
     // A batch with one bad record is refused whole.
     let batch = format!("{}\n{}\n", event("ok-1", "k"), json!({"source": "siem"}));
     let run = t.run_with_stdin(&["events", "ingest", "-"], &batch);
-    assert!(
-        run.code != 0 && run.stderr.contains("event 2"),
-        "{}",
-        run.stderr
-    );
+    assert!(run.code != 0 && run.stderr.contains("event 2"), "{}", run.stderr);
     let incidents = t.run(&["--json", "incidents", "list"]).ok().json();
-    assert_eq!(
-        incidents,
-        json!([]),
-        "nothing may be stored from rejected input"
-    );
+    assert_eq!(incidents, json!([]), "nothing may be stored from rejected input");
 }
 
 #[test]
@@ -94,14 +86,7 @@ fn the_same_event_twice_is_accepted_once_and_correlated_events_share_an_incident
 fn bad_merchant_rows_are_reported_by_line_and_field_and_good_rows_still_import() {
     let t = Tocsin::new();
     let text = [
-        merchant(
-            "m-1",
-            "en",
-            Some("a@example.com"),
-            None,
-            None,
-            &["email_address"],
-        ),
+        merchant("m-1", "en", Some("a@example.com"), None, None, &["email_address"]),
         merchant("m-2", "en", Some("not-an-address"), None, None, &[]),
         merchant("m-3", "fr", None, None, None, &[]),
         merchant("m-4", "en", None, Some("13800000000"), None, &[]),
@@ -137,49 +122,21 @@ fn reimporting_updates_and_never_duplicates() {
     let t = Tocsin::new();
     let demo = repo("config/demo/merchants.jsonl");
     let first = t
-        .run(&[
-            "--json",
-            "merchants",
-            "import",
-            demo.to_str().expect("path"),
-        ])
+        .run(&["--json", "merchants", "import", demo.to_str().expect("path")])
         .ok()
         .json();
     assert_eq!(first["counts"]["inserted"], 50);
     let second = t
-        .run(&[
-            "--json",
-            "merchants",
-            "import",
-            demo.to_str().expect("path"),
-        ])
+        .run(&["--json", "merchants", "import", demo.to_str().expect("path")])
         .ok()
         .json();
-    assert_eq!(
-        second["counts"],
-        json!({"inserted": 0, "updated": 0, "unchanged": 50})
-    );
-    let changed = merchant(
-        "m-0001",
-        "en",
-        Some("new@example.com"),
-        None,
-        None,
-        &["email_address"],
-    );
+    assert_eq!(second["counts"], json!({"inserted": 0, "updated": 0, "unchanged": 50}));
+    let changed = merchant("m-0001", "en", Some("new@example.com"), None, None, &["email_address"]);
     let third = t
-        .run(&[
-            "--json",
-            "merchants",
-            "import",
-            &t.file("one.jsonl", &changed),
-        ])
+        .run(&["--json", "merchants", "import", &t.file("one.jsonl", &changed)])
         .ok()
         .json();
-    assert_eq!(
-        third["counts"],
-        json!({"inserted": 0, "updated": 1, "unchanged": 0})
-    );
+    assert_eq!(third["counts"], json!({"inserted": 0, "updated": 1, "unchanged": 0}));
 }
 
 #[test]

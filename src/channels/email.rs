@@ -45,8 +45,9 @@ impl EmailTransport {
             "smtp" => {
                 let smtp = &s.smtp;
                 let mut builder = match smtp.tls.as_str() {
-                    "tls" => AsyncSmtpTransport::<Tokio1Executor>::relay(&smtp.host)
-                        .map_err(|e| setup_err("email", e))?,
+                    "tls" => {
+                        AsyncSmtpTransport::<Tokio1Executor>::relay(&smtp.host).map_err(|e| setup_err("email", e))?
+                    }
                     "starttls" => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&smtp.host)
                         .map_err(|e| setup_err("email", e))?,
                     _ => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&smtp.host),
@@ -66,10 +67,7 @@ impl EmailTransport {
             _ => {
                 std::fs::create_dir_all(file_dir)
                     .map_err(|e| setup_err("email", format!("{}: {e}", file_dir.display())))?;
-                Inner::File(
-                    AsyncFileTransport::<Tokio1Executor>::new(file_dir),
-                    file_dir.to_owned(),
-                )
+                Inner::File(AsyncFileTransport::<Tokio1Executor>::new(file_dir), file_dir.to_owned())
             }
         };
         let id_domain = from.email.domain().to_owned();
@@ -102,11 +100,7 @@ impl EmailTransport {
         let to: Mailbox = to
             .parse()
             .map_err(|_| SendError::permanent("the recipient address is not a valid mailbox"))?;
-        let message_id = format!(
-            "<{}@{}>",
-            &content_hash(key.as_bytes())[..32],
-            self.id_domain
-        );
+        let message_id = format!("<{}@{}>", &content_hash(key.as_bytes())[..32], self.id_domain);
         let mut builder = Message::builder()
             .from(self.from.clone())
             .to(to)
@@ -122,10 +116,7 @@ impl EmailTransport {
         }
         // A mandatory security notice: deliberately no List-Unsubscribe header.
         builder
-            .multipart(MultiPart::alternative_plain_html(
-                text.to_owned(),
-                html.to_owned(),
-            ))
+            .multipart(MultiPart::alternative_plain_html(text.to_owned(), html.to_owned()))
             .map_err(|e| SendError::permanent(format!("building the message: {e}")))
     }
 
@@ -194,9 +185,7 @@ impl Transport for EmailTransport {
 
 /// The SMTP status without the server's free text, which may echo the recipient's address.
 fn smtp_code(e: &lettre::transport::smtp::Error) -> String {
-    e.status()
-        .map(|c| c.to_string())
-        .unwrap_or_else(|| "no status".into())
+    e.status().map(|c| c.to_string()).unwrap_or_else(|| "no status".into())
 }
 
 #[cfg(test)]

@@ -56,10 +56,7 @@ impl SendError {
 #[derive(Debug, thiserror::Error)]
 pub enum ChannelSetupError {
     #[error("{channel} transport: {reason}")]
-    Setup {
-        channel: &'static str,
-        reason: String,
-    },
+    Setup { channel: &'static str, reason: String },
 }
 
 #[async_trait]
@@ -81,10 +78,7 @@ impl ChannelSet {
     pub fn from_settings(settings: &Settings, data_dir: &Path) -> Result<Self, ChannelSetupError> {
         let outbox = data_dir.join("outbox");
         Ok(Self {
-            email: Arc::new(EmailTransport::from_settings(
-                &settings.email,
-                &outbox.join("email"),
-            )?),
+            email: Arc::new(EmailTransport::from_settings(&settings.email, &outbox.join("email"))?),
             sms: Arc::new(WebhookTransport::from_settings(
                 Channel::Sms,
                 &settings.sms,

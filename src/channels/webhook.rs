@@ -99,9 +99,7 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
         return Some(Duration::from_secs(secs));
     }
     let when = chrono::DateTime::parse_from_rfc2822(raw.trim()).ok()?;
-    (when.with_timezone(&chrono::Utc) - chrono::Utc::now())
-        .to_std()
-        .ok()
+    (when.with_timezone(&chrono::Utc) - chrono::Utc::now()).to_std().ok()
 }
 
 #[async_trait]
@@ -111,50 +109,34 @@ impl Transport for WebhookTransport {
         match &self.inner {
             Inner::File(dir) => {
                 // Named by the idempotency key: a repeated send rewrites the same file.
-                let name = format!(
-                    "{}.json",
-                    &content_hash(m.delivery.idempotency_key.as_bytes())[..32]
-                );
+                let name = format!("{}.json", &content_hash(m.delivery.idempotency_key.as_bytes())[..32]);
                 let text = serde_json::to_vec_pretty(&payload).unwrap_or_default();
                 tokio::fs::write(dir.join(&name), text)
                     .await
                     .map_err(|e| SendError::transient(format!("writing {name}: {e}")))?;
                 Ok(Some(name))
             }
-            Inner::Http {
-                client,
-                url,
-                secret,
-            } => {
+            Inner::Http { client, url, secret } => {
                 let body = serde_json::to_vec(&payload).unwrap_or_default();
                 let timestamp = chrono::Utc::now().timestamp();
                 let response = client
                     .post(url)
                     .header(reqwest::header::CONTENT_TYPE, "application/json")
                     .header("X-Tocsin-Timestamp", timestamp.to_string())
-                    .header(
-                        "X-Tocsin-Signature",
-                        sign(secret.expose().as_bytes(), timestamp, &body),
-                    )
+                    .header("X-Tocsin-Signature", sign(secret.expose().as_bytes(), timestamp, &body))
                     .header("Idempotency-Key", &m.delivery.idempotency_key)
                     .body(body)
                     .send()
                     .await
-                    .map_err(|e| {
-                        SendError::transient(format!("webhook request failed: {}", without_url(&e)))
-                    })?;
+                    .map_err(|e| SendError::transient(format!("webhook request failed: {}", without_url(&e))))?;
                 let status = response.status();
                 if status.is_success() {
-                    let id = response
-                        .json::<serde_json::Value>()
-                        .await
-                        .ok()
-                        .and_then(|v| {
-                            v.get("id")
-                                .or_else(|| v.get("message_id"))
-                                .and_then(|i| i.as_str())
-                                .map(str::to_owned)
-                        });
+                    let id = response.json::<serde_json::Value>().await.ok().and_then(|v| {
+                        v.get("id")
+                            .or_else(|| v.get("message_id"))
+                            .and_then(|i| i.as_str())
+                            .map(str::to_owned)
+                    });
                     return Ok(id);
                 }
                 let retry_after = retry_after(response.headers());

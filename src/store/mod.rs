@@ -71,15 +71,9 @@ pub struct UpsertCounts {
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum IngestOutcome {
     /// The same (source, external id) was seen before; nothing changed.
-    Duplicate {
-        event_id: EventId,
-        incident_id: IncidentId,
-    },
+    Duplicate { event_id: EventId, incident_id: IncidentId },
     /// The event joined the open incident with its correlation key.
-    Joined {
-        event_id: EventId,
-        incident_id: IncidentId,
-    },
+    Joined { event_id: EventId, incident_id: IncidentId },
     /// The event opened a new incident in triage.
     Opened {
         event_id: EventId,
@@ -186,23 +180,13 @@ pub trait Store: Send + Sync {
 
     // Drafts and notices
     /// Stores a draft and its notices, moving the incident to `drafted`.
-    async fn insert_draft(
-        &self,
-        draft: &Draft,
-        notices: &[Notice],
-        from: IncidentState,
-    ) -> Result<(), StoreError>;
+    async fn insert_draft(&self, draft: &Draft, notices: &[Notice], from: IncidentState) -> Result<(), StoreError>;
     async fn drafts(&self, incident: &IncidentId) -> Result<Vec<Draft>, StoreError>;
     async fn draft(&self, id: &DraftId) -> Result<Option<Draft>, StoreError>;
     async fn notices(&self, draft: &DraftId) -> Result<Vec<Notice>, StoreError>;
     async fn notice(&self, id: &NoticeId) -> Result<Option<Notice>, StoreError>;
     /// Freezes a draft as approved and moves the incident to `approved`.
-    async fn approve_draft(
-        &self,
-        draft: &DraftId,
-        approver: &Actor,
-        at: DateTime<Utc>,
-    ) -> Result<(), StoreError>;
+    async fn approve_draft(&self, draft: &DraftId, approver: &Actor, at: DateTime<Utc>) -> Result<(), StoreError>;
 
     // Outbox
     /// Inserts deliveries whose idempotency key is new; returns how many were new.
@@ -237,8 +221,7 @@ pub trait Store: Send + Sync {
         covered: &[MerchantId],
         actor: &Actor,
     ) -> Result<(), StoreError>;
-    async fn bulletin_coverage(&self, bulletin: &BulletinId)
-    -> Result<Vec<MerchantId>, StoreError>;
+    async fn bulletin_coverage(&self, bulletin: &BulletinId) -> Result<Vec<MerchantId>, StoreError>;
 
     // Filings
     async fn filings(&self, incident: &IncidentId) -> Result<Vec<Filing>, StoreError>;
@@ -254,10 +237,7 @@ pub trait Store: Send + Sync {
     // Ledger
     async fn append_ledger(&self, entry: &NewLedgerEntry) -> Result<(), StoreError>;
     /// Entries in order, for one incident or the whole ledger.
-    async fn ledger_entries(
-        &self,
-        incident: Option<&IncidentId>,
-    ) -> Result<Vec<LedgerEntry>, StoreError>;
+    async fn ledger_entries(&self, incident: Option<&IncidentId>) -> Result<Vec<LedgerEntry>, StoreError>;
 }
 
 /// Opens the embedded store in `data_dir` (creating it), migrated and ready.

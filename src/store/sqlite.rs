@@ -9,9 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
 use super::*;
@@ -75,8 +73,7 @@ where
     T::Err: std::fmt::Display,
 {
     let raw: Option<String> = row.try_get(name).doing("reading a column")?;
-    raw.map(|r| r.parse().map_err(|e: T::Err| corrupt(name, e)))
-        .transpose()
+    raw.map(|r| r.parse().map_err(|e: T::Err| corrupt(name, e))).transpose()
 }
 
 fn ts_col(row: &SqliteRow, name: &'static str) -> Result<DateTime<Utc>, StoreError> {
@@ -86,22 +83,15 @@ fn ts_col(row: &SqliteRow, name: &'static str) -> Result<DateTime<Utc>, StoreErr
 
 fn opt_ts_col(row: &SqliteRow, name: &'static str) -> Result<Option<DateTime<Utc>>, StoreError> {
     let raw: Option<String> = row.try_get(name).doing("reading a time column")?;
-    raw.map(|r| parse_ts(&r).map_err(|e| corrupt(name, e)))
-        .transpose()
+    raw.map(|r| parse_ts(&r).map_err(|e| corrupt(name, e))).transpose()
 }
 
-fn json_col<T: serde::de::DeserializeOwned>(
-    row: &SqliteRow,
-    name: &'static str,
-) -> Result<T, StoreError> {
+fn json_col<T: serde::de::DeserializeOwned>(row: &SqliteRow, name: &'static str) -> Result<T, StoreError> {
     let raw: String = row.try_get(name).doing("reading a JSON column")?;
     serde_json::from_str(&raw).map_err(|e| corrupt(name, e))
 }
 
-fn opt_json_col<T: serde::de::DeserializeOwned>(
-    row: &SqliteRow,
-    name: &'static str,
-) -> Result<Option<T>, StoreError> {
+fn opt_json_col<T: serde::de::DeserializeOwned>(row: &SqliteRow, name: &'static str) -> Result<Option<T>, StoreError> {
     let raw: Option<String> = row.try_get(name).doing("reading a JSON column")?;
     raw.map(|r| serde_json::from_str(&r).map_err(|e| corrupt(name, e)))
         .transpose()
@@ -126,10 +116,7 @@ fn merchant_from(row: &SqliteRow) -> Result<Merchant, StoreError> {
         postal_address: row.try_get("postal_address").doing("reading a merchant")?,
         holdings,
         created_at: opt_ts_col(row, "created_at")?,
-        marketing_opt_out: row
-            .try_get::<i64, _>("marketing_opt_out")
-            .doing("reading a merchant")?
-            != 0,
+        marketing_opt_out: row.try_get::<i64, _>("marketing_opt_out").doing("reading a merchant")? != 0,
     })
 }
 
@@ -141,9 +128,7 @@ fn incident_from(row: &SqliteRow) -> Result<Incident, StoreError> {
         title: row.try_get("title").doing("reading an incident")?,
         kind: col(row, "kind")?,
         severity: col(row, "severity")?,
-        correlation_key: row
-            .try_get("correlation_key")
-            .doing("reading an incident")?,
+        correlation_key: row.try_get("correlation_key").doing("reading an incident")?,
         facts: opt_json_col(row, "facts")?,
         scope_rule: opt_json_col(row, "scope_rule")?,
         opened_at: ts_col(row, "opened_at")?,
@@ -158,10 +143,7 @@ fn affected_from(row: &SqliteRow) -> Result<AffectedMerchant, StoreError> {
         exposed: json_col(row, "exposed")?,
         risk: col(row, "risk")?,
         risk_reasons: json_col(row, "risk_reasons")?,
-        notice_required: row
-            .try_get::<i64, _>("notice_required")
-            .doing("reading a scope row")?
-            != 0,
+        notice_required: row.try_get::<i64, _>("notice_required").doing("reading a scope row")? != 0,
         notice_reason: row.try_get("notice_reason").doing("reading a scope row")?,
         channel_plan: json_col(row, "channel_plan")?,
         locale: col(row, "locale")?,
@@ -190,9 +172,7 @@ fn draft_from(row: &SqliteRow) -> Result<Draft, StoreError> {
 }
 
 fn notice_from(row: &SqliteRow) -> Result<Notice, StoreError> {
-    let text = |name: &'static str| -> Result<String, StoreError> {
-        row.try_get(name).doing("reading a notice")
-    };
+    let text = |name: &'static str| -> Result<String, StoreError> { row.try_get(name).doing("reading a notice") };
     Ok(Notice {
         id: col(row, "id")?,
         draft_id: col(row, "draft_id")?,
@@ -231,9 +211,7 @@ fn delivery_from(row: &SqliteRow) -> Result<Delivery, StoreError> {
             Some("permanent") => Some(ErrorClass::Permanent),
             Some(other) => return Err(corrupt("deliveries.error_class", other)),
         },
-        provider_message_id: row
-            .try_get("provider_message_id")
-            .doing("reading a delivery")?,
+        provider_message_id: row.try_get("provider_message_id").doing("reading a delivery")?,
         created_at: ts_col(row, "created_at")?,
         sent_at: opt_ts_col(row, "sent_at")?,
     })
@@ -253,9 +231,7 @@ fn bulletin_from(row: &SqliteRow) -> Result<Bulletin, StoreError> {
 }
 
 fn filing_from(row: &SqliteRow) -> Result<Filing, StoreError> {
-    let text = |name: &'static str| -> Result<String, StoreError> {
-        row.try_get(name).doing("reading a filing")
-    };
+    let text = |name: &'static str| -> Result<String, StoreError> { row.try_get(name).doing("reading a filing") };
     Ok(Filing {
         id: col(row, "id")?,
         incident_id: col(row, "incident_id")?,
@@ -272,9 +248,7 @@ fn filing_from(row: &SqliteRow) -> Result<Filing, StoreError> {
 }
 
 fn ledger_from(row: &SqliteRow) -> Result<LedgerEntry, StoreError> {
-    let text = |name: &'static str| -> Result<String, StoreError> {
-        row.try_get(name).doing("reading the ledger")
-    };
+    let text = |name: &'static str| -> Result<String, StoreError> { row.try_get(name).doing("reading the ledger") };
     Ok(LedgerEntry {
         seq: row.try_get("seq").doing("reading the ledger")?,
         at: ts_col(row, "at")?,
@@ -288,29 +262,15 @@ fn ledger_from(row: &SqliteRow) -> Result<LedgerEntry, StoreError> {
 }
 
 /// Appends one chained entry inside the caller's transaction.
-async fn append_ledger_in(
-    conn: &mut SqliteConnection,
-    e: &NewLedgerEntry,
-) -> Result<(), StoreError> {
-    let last: Option<(i64, String)> =
-        sqlx::query_as("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1")
-            .fetch_optional(&mut *conn)
-            .await
-            .doing("reading the ledger head")?;
-    let (seq, prev) = last
-        .map(|(s, h)| (s + 1, h))
-        .unwrap_or((1, GENESIS.to_owned()));
+async fn append_ledger_in(conn: &mut SqliteConnection, e: &NewLedgerEntry) -> Result<(), StoreError> {
+    let last: Option<(i64, String)> = sqlx::query_as("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1")
+        .fetch_optional(&mut *conn)
+        .await
+        .doing("reading the ledger head")?;
+    let (seq, prev) = last.map(|(s, h)| (s + 1, h)).unwrap_or((1, GENESIS.to_owned()));
     let at = fmt_ts(e.at);
     let incident = e.incident_id.as_ref().map(|i| i.as_str());
-    let hash = chain_hash(
-        seq,
-        &at,
-        e.actor.as_str(),
-        &e.action,
-        incident,
-        &e.detail,
-        &prev,
-    );
+    let hash = chain_hash(seq, &at, e.actor.as_str(), &e.action, incident, &e.detail, &prev);
     sqlx::query(
         "INSERT INTO ledger (seq, at, actor, action, incident_id, detail, prev_hash, hash)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -374,16 +334,14 @@ async fn set_state_in(
     to: IncidentState,
     at: DateTime<Utc>,
 ) -> Result<(), StoreError> {
-    let done = sqlx::query(
-        "UPDATE incidents SET state = $1, updated_at = $2 WHERE id = $3 AND state = $4",
-    )
-    .bind(to.as_str())
-    .bind(fmt_ts(at))
-    .bind(id.as_str())
-    .bind(from.as_str())
-    .execute(&mut *conn)
-    .await
-    .doing("changing an incident's state")?;
+    let done = sqlx::query("UPDATE incidents SET state = $1, updated_at = $2 WHERE id = $3 AND state = $4")
+        .bind(to.as_str())
+        .bind(fmt_ts(at))
+        .bind(id.as_str())
+        .bind(from.as_str())
+        .execute(&mut *conn)
+        .await
+        .doing("changing an incident's state")?;
     if done.rows_affected() == 1 {
         Ok(())
     } else {
@@ -396,11 +354,7 @@ async fn set_state_in(
 }
 
 /// Queues one delivery unless its idempotency key exists; returns 1 if it was new.
-async fn insert_delivery_in(
-    conn: &mut SqliteConnection,
-    d: &NewDelivery,
-    now: &str,
-) -> Result<u64, StoreError> {
+async fn insert_delivery_in(conn: &mut SqliteConnection, d: &NewDelivery, now: &str) -> Result<u64, StoreError> {
     let done = sqlx::query(
         "INSERT INTO deliveries (id, idempotency_key, incident_id, draft_id, notice_id, merchant_id, channel, address,
                                  plan_position, status, attempts, next_attempt_at, created_at, updated_at)
@@ -515,20 +469,17 @@ impl Store for SqliteStore {
         actor: &Actor,
     ) -> Result<IngestOutcome, StoreError> {
         let mut tx = self.begin().await?;
-        let seen: Option<(String, String)> = sqlx::query_as(
-            "SELECT id, incident_id FROM events WHERE source = $1 AND external_id = $2",
-        )
-        .bind(&event.source)
-        .bind(&event.external_id)
-        .fetch_optional(&mut *tx)
-        .await
-        .doing("checking for a duplicate event")?;
+        let seen: Option<(String, String)> =
+            sqlx::query_as("SELECT id, incident_id FROM events WHERE source = $1 AND external_id = $2")
+                .bind(&event.source)
+                .bind(&event.external_id)
+                .fetch_optional(&mut *tx)
+                .await
+                .doing("checking for a duplicate event")?;
         if let Some((event_id, incident_id)) = seen {
             return Ok(IngestOutcome::Duplicate {
                 event_id: event_id.parse().map_err(|e| corrupt("events.id", e))?,
-                incident_id: incident_id
-                    .parse()
-                    .map_err(|e| corrupt("events.incident_id", e))?,
+                incident_id: incident_id.parse().map_err(|e| corrupt("events.incident_id", e))?,
             });
         }
         let now = Utc::now();
@@ -552,13 +503,12 @@ impl Store for SqliteStore {
                 let incident_id = IncidentId::generate();
                 let year = now.format("%Y").to_string();
                 let stem = format!("{reference_prefix}-{year}-");
-                let count: i64 = sqlx::query_scalar(
-                    "SELECT COUNT(*) FROM incidents WHERE substr(reference, 1, length($1)) = $1",
-                )
-                .bind(&stem)
-                .fetch_one(&mut *tx)
-                .await
-                .doing("numbering an incident")?;
+                let count: i64 =
+                    sqlx::query_scalar("SELECT COUNT(*) FROM incidents WHERE substr(reference, 1, length($1)) = $1")
+                        .bind(&stem)
+                        .fetch_one(&mut *tx)
+                        .await
+                        .doing("numbering an incident")?;
                 let reference = format!("{stem}{:04}", count + 1);
                 sqlx::query(
                     "INSERT INTO incidents (id, reference, state, title, kind, severity, correlation_key, opened_at, updated_at)
@@ -589,8 +539,9 @@ impl Store for SqliteStore {
             }
         };
         let incident_id = match &outcome {
-            IngestOutcome::Joined { incident_id, .. }
-            | IngestOutcome::Opened { incident_id, .. } => incident_id.clone(),
+            IngestOutcome::Joined { incident_id, .. } | IngestOutcome::Opened { incident_id, .. } => {
+                incident_id.clone()
+            }
             IngestOutcome::Duplicate { incident_id, .. } => incident_id.clone(),
         };
         sqlx::query(
@@ -647,22 +598,20 @@ impl Store for SqliteStore {
     }
 
     async fn incident_events(&self, id: &IncidentId) -> Result<Vec<SecurityEvent>, StoreError> {
-        let rows =
-            sqlx::query("SELECT body FROM events WHERE incident_id = $1 ORDER BY detected_at")
-                .bind(id.as_str())
-                .fetch_all(&self.pool)
-                .await
-                .doing("listing an incident's events")?;
+        let rows = sqlx::query("SELECT body FROM events WHERE incident_id = $1 ORDER BY detected_at")
+            .bind(id.as_str())
+            .fetch_all(&self.pool)
+            .await
+            .doing("listing an incident's events")?;
         rows.iter().map(|row| json_col(row, "body")).collect()
     }
 
     async fn transitions(&self, id: &IncidentId) -> Result<Vec<Transition>, StoreError> {
-        let rows =
-            sqlx::query("SELECT * FROM incident_transitions WHERE incident_id = $1 ORDER BY seq")
-                .bind(id.as_str())
-                .fetch_all(&self.pool)
-                .await
-                .doing("listing an incident's transitions")?;
+        let rows = sqlx::query("SELECT * FROM incident_transitions WHERE incident_id = $1 ORDER BY seq")
+            .bind(id.as_str())
+            .fetch_all(&self.pool)
+            .await
+            .doing("listing an incident's transitions")?;
         rows.iter()
             .map(|row| {
                 Ok(Transition {
@@ -783,12 +732,7 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn insert_draft(
-        &self,
-        draft: &Draft,
-        notices: &[Notice],
-        from: IncidentState,
-    ) -> Result<(), StoreError> {
+    async fn insert_draft(&self, draft: &Draft, notices: &[Notice], from: IncidentState) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
         set_state_in(
             &mut tx,
@@ -841,14 +785,7 @@ impl Store for SqliteStore {
             detail: serde_json::json!({ "draft_id": draft.id.as_str(), "version": draft.version,
                                         "notices": notices.len(), "content_hash": draft.content_hash }),
         };
-        record_transition_in(
-            &mut tx,
-            &draft.incident_id,
-            Some(from),
-            &step,
-            draft.drafted_at,
-        )
-        .await?;
+        record_transition_in(&mut tx, &draft.incident_id, Some(from), &step, draft.drafted_at).await?;
         tx.commit().await.doing("committing a draft")
     }
 
@@ -896,12 +833,7 @@ impl Store for SqliteStore {
             .transpose()
     }
 
-    async fn approve_draft(
-        &self,
-        draft_id: &DraftId,
-        approver: &Actor,
-        at: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
+    async fn approve_draft(&self, draft_id: &DraftId, approver: &Actor, at: DateTime<Utc>) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
         let row = sqlx::query("SELECT * FROM drafts WHERE id = $1")
             .bind(draft_id.as_str())
@@ -945,14 +877,7 @@ impl Store for SqliteStore {
             detail: serde_json::json!({ "draft_id": draft_id.as_str(), "version": draft.version,
                                         "content_hash": draft.content_hash, "drafted_by": draft.drafted_by.as_str() }),
         };
-        record_transition_in(
-            &mut tx,
-            &draft.incident_id,
-            Some(IncidentState::Drafted),
-            &step,
-            at,
-        )
-        .await?;
+        record_transition_in(&mut tx, &draft.incident_id, Some(IncidentState::Drafted), &step, at).await?;
         tx.commit().await.doing("committing an approval")
     }
 
@@ -1031,10 +956,7 @@ impl Store for SqliteStore {
             .bind(class.as_str())
             .bind(id),
         };
-        query
-            .execute(&mut *tx)
-            .await
-            .doing("recording a delivery attempt")?;
+        query.execute(&mut *tx).await.doing("recording a delivery attempt")?;
         let reach = |r: Reachability, ch: Option<Channel>| {
             sqlx::query(
                 "UPDATE affected_merchants SET reachability = $1, reached_channel = $2
@@ -1059,9 +981,7 @@ impl Store for SqliteStore {
                     .await
                     .doing("recording that a merchant is unreachable")?;
             }
-            Followup::Fallback(next) => {
-                insert_delivery_in(&mut tx, next, &now).await.map(|_| ())?
-            }
+            Followup::Fallback(next) => insert_delivery_in(&mut tx, next, &now).await.map(|_| ())?,
         }
         tx.commit().await.doing("committing a delivery attempt")
     }
@@ -1141,12 +1061,7 @@ impl Store for SqliteStore {
         .collect()
     }
 
-    async fn insert_bulletin(
-        &self,
-        b: &Bulletin,
-        covered: &[MerchantId],
-        actor: &Actor,
-    ) -> Result<(), StoreError> {
+    async fn insert_bulletin(&self, b: &Bulletin, covered: &[MerchantId], actor: &Actor) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
         sqlx::query(
             "INSERT INTO bulletins (id, incident_id, version, reason, summary, content_hash, published_at)
@@ -1182,22 +1097,15 @@ impl Store for SqliteStore {
         tx.commit().await.doing("committing a bulletin")
     }
 
-    async fn bulletin_coverage(
-        &self,
-        bulletin: &BulletinId,
-    ) -> Result<Vec<MerchantId>, StoreError> {
-        let ids: Vec<String> = sqlx::query_scalar(
-            "SELECT merchant_id FROM bulletin_coverage WHERE bulletin_id = $1 ORDER BY merchant_id",
-        )
-        .bind(bulletin.as_str())
-        .fetch_all(&self.pool)
-        .await
-        .doing("listing bulletin coverage")?;
+    async fn bulletin_coverage(&self, bulletin: &BulletinId) -> Result<Vec<MerchantId>, StoreError> {
+        let ids: Vec<String> =
+            sqlx::query_scalar("SELECT merchant_id FROM bulletin_coverage WHERE bulletin_id = $1 ORDER BY merchant_id")
+                .bind(bulletin.as_str())
+                .fetch_all(&self.pool)
+                .await
+                .doing("listing bulletin coverage")?;
         ids.iter()
-            .map(|i| {
-                i.parse()
-                    .map_err(|e| corrupt("bulletin_coverage.merchant_id", e))
-            })
+            .map(|i| i.parse().map_err(|e| corrupt("bulletin_coverage.merchant_id", e)))
             .collect()
     }
 
@@ -1250,14 +1158,15 @@ impl Store for SqliteStore {
         actor: &Actor,
     ) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
-        let incident: Option<String> =
-            sqlx::query_scalar("UPDATE filings SET submitted_at = $1, location = $2 WHERE id = $3 RETURNING incident_id")
-                .bind(fmt_ts(at))
-                .bind(location)
-                .bind(id.as_str())
-                .fetch_optional(&mut *tx)
-                .await
-                .doing("recording a filing submission")?;
+        let incident: Option<String> = sqlx::query_scalar(
+            "UPDATE filings SET submitted_at = $1, location = $2 WHERE id = $3 RETURNING incident_id",
+        )
+        .bind(fmt_ts(at))
+        .bind(location)
+        .bind(id.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .doing("recording a filing submission")?;
         let incident = incident.ok_or_else(|| StoreError::NotFound {
             what: "filing",
             id: id.to_string(),
@@ -1266,11 +1175,7 @@ impl Store for SqliteStore {
             at,
             actor: actor.clone(),
             action: "filing.submitted".into(),
-            incident_id: Some(
-                incident
-                    .parse()
-                    .map_err(|e| corrupt("filings.incident_id", e))?,
-            ),
+            incident_id: Some(incident.parse().map_err(|e| corrupt("filings.incident_id", e))?),
             detail: serde_json::json!({ "filing_id": id.as_str(), "location": location }),
         };
         append_ledger_in(&mut tx, &entry).await?;
@@ -1283,10 +1188,7 @@ impl Store for SqliteStore {
         tx.commit().await.doing("committing a ledger entry")
     }
 
-    async fn ledger_entries(
-        &self,
-        incident: Option<&IncidentId>,
-    ) -> Result<Vec<LedgerEntry>, StoreError> {
+    async fn ledger_entries(&self, incident: Option<&IncidentId>) -> Result<Vec<LedgerEntry>, StoreError> {
         sqlx::query("SELECT * FROM ledger WHERE ($1 IS NULL OR incident_id = $1) ORDER BY seq")
             .bind(incident.map(|i| i.as_str()))
             .fetch_all(&self.pool)
@@ -1295,5 +1197,252 @@ impl Store for SqliteStore {
             .iter()
             .map(ledger_from)
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Duration as ChronoDuration;
+
+    async fn store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open(dir.path()).await.expect("open");
+        (dir, store)
+    }
+
+    fn event(external_id: &str, key: Option<&str>) -> SecurityEvent {
+        SecurityEvent {
+            source: "siem".into(),
+            external_id: external_id.into(),
+            kind: IncidentKind::Leak,
+            severity: Severity::High,
+            title: "t".into(),
+            description: None,
+            detected_at: Utc::now(),
+            occurred_at: None,
+            correlation_key: key.map(str::to_owned),
+            categories: vec![],
+            merchant_ids: vec![],
+            attributes: serde_json::json!({}),
+        }
+    }
+
+    /// An incident with one approved draft and one notice, ready for deliveries.
+    async fn ready(s: &SqliteStore) -> (IncidentId, DraftId, NoticeId) {
+        let alice: Actor = "alice".parse().expect("actor");
+        let IngestOutcome::Opened { incident_id, .. } = s
+            .ingest_event(&event("e-1", None), "INC", &alice)
+            .await
+            .expect("ingest")
+        else {
+            panic!("expected a new incident")
+        };
+        let draft = Draft {
+            id: DraftId::generate(),
+            incident_id: incident_id.clone(),
+            version: 1,
+            state: DraftState::Drafted,
+            content_hash: "h".into(),
+            drafted_by: alice.clone(),
+            drafted_at: Utc::now(),
+            approved_by: None,
+            approved_at: None,
+        };
+        let notice = Notice {
+            id: NoticeId::generate(),
+            draft_id: draft.id.clone(),
+            merchant_id: "m-1".parse().expect("id"),
+            locale: Locale::En,
+            sections: NoticeSections::default(),
+            email_subject: String::new(),
+            email_text: String::new(),
+            email_html: String::new(),
+            sms_text: String::new(),
+            push_title: String::new(),
+            push_body: String::new(),
+            content_hash: "n".into(),
+        };
+        // Walk the state machine the way the engine does.
+        for to in [IncidentState::Confirmed, IncidentState::Scoped] {
+            let from = s
+                .incident(incident_id.as_str())
+                .await
+                .expect("get")
+                .expect("exists")
+                .state;
+            let step = Step {
+                to,
+                actor: &alice,
+                reason: "test",
+                detail: serde_json::json!({}),
+            };
+            s.transition(&incident_id, from, step, IncidentChanges::default())
+                .await
+                .expect("transition");
+        }
+        s.insert_draft(&draft, std::slice::from_ref(&notice), IncidentState::Scoped)
+            .await
+            .expect("draft");
+        s.approve_draft(&draft.id, &"bob".parse().expect("actor"), Utc::now())
+            .await
+            .expect("approve");
+        (incident_id, draft.id, notice.id)
+    }
+
+    fn delivery(
+        incident: &IncidentId,
+        draft: &DraftId,
+        notice: &NoticeId,
+        channel: Channel,
+        position: i64,
+    ) -> NewDelivery {
+        NewDelivery {
+            incident_id: incident.clone(),
+            draft_id: draft.clone(),
+            notice_id: notice.clone(),
+            merchant_id: "m-1".parse().expect("id"),
+            channel,
+            address: "a@example.com".into(),
+            plan_position: position,
+        }
+    }
+
+    #[tokio::test]
+    async fn events_are_idempotent_and_correlate_into_one_open_incident() {
+        let (_dir, s) = store().await;
+        let actor: Actor = "siem".parse().expect("actor");
+        let first = s
+            .ingest_event(&event("a", Some("k")), "INC", &actor)
+            .await
+            .expect("ingest");
+        let IngestOutcome::Opened { reference, .. } = &first else {
+            panic!("{first:?}")
+        };
+        assert!(reference.starts_with("INC-") && reference.ends_with("-0001"));
+        assert!(matches!(
+            s.ingest_event(&event("a", Some("k")), "INC", &actor).await,
+            Ok(IngestOutcome::Duplicate { .. })
+        ));
+        assert!(matches!(
+            s.ingest_event(&event("b", Some("k")), "INC", &actor).await,
+            Ok(IngestOutcome::Joined { .. })
+        ));
+        let IngestOutcome::Opened { reference, .. } =
+            s.ingest_event(&event("c", None), "INC", &actor).await.expect("ingest")
+        else {
+            panic!("a new key opens a new incident")
+        };
+        assert!(reference.ends_with("-0002"));
+    }
+
+    #[tokio::test]
+    async fn a_stale_state_loses_the_compare_and_set() {
+        let (_dir, s) = store().await;
+        let alice: Actor = "alice".parse().expect("actor");
+        let IngestOutcome::Opened { incident_id, .. } =
+            s.ingest_event(&event("a", None), "INC", &alice).await.expect("ingest")
+        else {
+            panic!()
+        };
+        let step = || Step {
+            to: IncidentState::Confirmed,
+            actor: &alice,
+            reason: "r",
+            detail: serde_json::json!({}),
+        };
+        s.transition(&incident_id, IncidentState::Triage, step(), IncidentChanges::default())
+            .await
+            .expect("first wins");
+        let err = s
+            .transition(&incident_id, IncidentState::Triage, step(), IncidentChanges::default())
+            .await;
+        assert!(matches!(err, Err(StoreError::Conflict { .. })), "{err:?}");
+        assert_eq!(
+            s.transitions(&incident_id).await.expect("timeline").len(),
+            2,
+            "the loser recorded nothing"
+        );
+    }
+
+    #[tokio::test]
+    async fn queueing_is_idempotent_and_a_dead_workers_claim_is_taken_over_after_its_lease() {
+        let (_dir, s) = store().await;
+        let (incident, draft, notice) = ready(&s).await;
+        let d = delivery(&incident, &draft, &notice, Channel::Email, 0);
+        assert_eq!(s.enqueue(&[d.clone(), d.clone()]).await.expect("enqueue"), 1);
+        assert_eq!(s.enqueue(std::slice::from_ref(&d)).await.expect("enqueue"), 0);
+
+        let now = Utc::now();
+        let claimed = s
+            .claim_due(now, now + ChronoDuration::seconds(60), 10)
+            .await
+            .expect("claim");
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].attempts, 1);
+        // Another worker finds nothing while the lease holds...
+        assert!(
+            s.claim_due(now, now + ChronoDuration::seconds(60), 10)
+                .await
+                .expect("claim")
+                .is_empty()
+        );
+        // ...and takes the row over once it has run out (the first worker died mid-send).
+        let later = now + ChronoDuration::seconds(61);
+        let retaken = s
+            .claim_due(later, later + ChronoDuration::seconds(60), 10)
+            .await
+            .expect("claim");
+        assert_eq!((retaken.len(), retaken[0].attempts), (1, 2));
+    }
+
+    #[tokio::test]
+    async fn a_final_failure_and_its_fallback_are_stored_together() {
+        let (_dir, s) = store().await;
+        let (incident, draft, notice) = ready(&s).await;
+        s.enqueue(&[delivery(&incident, &draft, &notice, Channel::Email, 0)])
+            .await
+            .expect("enqueue");
+        let now = Utc::now();
+        let claimed = s
+            .claim_due(now, now + ChronoDuration::seconds(60), 10)
+            .await
+            .expect("claim");
+        let next = delivery(&incident, &draft, &notice, Channel::Sms, 1);
+        let failed = AttemptOutcome::Failed {
+            error: "550".into(),
+            class: ErrorClass::Permanent,
+        };
+        s.record_attempt(&claimed[0], &failed, &Followup::Fallback(next))
+            .await
+            .expect("record");
+        let all = s.deliveries(&incident).await.expect("list");
+        let states: Vec<(Channel, DeliveryStatus)> = all.iter().map(|d| (d.channel, d.status)).collect();
+        assert_eq!(
+            states,
+            [
+                (Channel::Email, DeliveryStatus::Failed),
+                (Channel::Sms, DeliveryStatus::Pending)
+            ]
+        );
+        assert_eq!(s.open_deliveries(Some(&incident)).await.expect("count"), 1);
+    }
+
+    #[tokio::test]
+    async fn the_ledger_chains_and_refuses_updates_and_deletes() {
+        let (_dir, s) = store().await;
+        let _ = ready(&s).await;
+        let entries = s.ledger_entries(None).await.expect("ledger");
+        assert!(entries.len() >= 5);
+        assert!(matches!(
+            crate::ledger::verify_entries(&entries),
+            crate::ledger::Verification::Intact { .. }
+        ));
+        let update = sqlx::query("UPDATE ledger SET actor = 'mallory' WHERE seq = 1")
+            .execute(&s.pool)
+            .await;
+        assert!(update.is_err(), "the ledger must refuse updates");
+        let delete = sqlx::query("DELETE FROM ledger WHERE seq = 1").execute(&s.pool).await;
+        assert!(delete.is_err(), "the ledger must refuse deletes");
     }
 }

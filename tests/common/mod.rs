@@ -32,12 +32,8 @@ pub struct Run {
 
 impl Run {
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
-            panic!(
-                "stdout is not JSON ({e}):\n{}\nstderr:\n{}",
-                self.stdout, self.stderr
-            )
-        })
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}\nstderr:\n{}", self.stdout, self.stderr))
     }
     pub fn ok(self) -> Self {
         assert_eq!(
@@ -174,10 +170,7 @@ impl Drop for Server {
 }
 
 /// Polls `check` until it returns `Some`, for at most `timeout`.
-pub async fn eventually<T>(
-    timeout: Duration,
-    mut check: impl AsyncFnMut() -> Option<T>,
-) -> Option<T> {
+pub async fn eventually<T>(timeout: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> Option<T> {
     let start = std::time::Instant::now();
     loop {
         if let Some(v) = check().await {
@@ -192,11 +185,7 @@ pub async fn eventually<T>(
 
 /// HMAC-SHA256 over "{timestamp}.{body}", as the webhook transport signs.
 pub fn expected_signature(secret: &str, timestamp: &str, body: &[u8]) -> String {
-    tocsin::channels::sign(
-        secret.as_bytes(),
-        timestamp.parse().expect("timestamp"),
-        body,
-    )
+    tocsin::channels::sign(secret.as_bytes(), timestamp.parse().expect("timestamp"), body)
 }
 
 /// Minimal merchant records for tests.

@@ -94,10 +94,7 @@ impl Shared {
     }
 
     fn next_queue_id(&self) -> String {
-        format!(
-            "{:010X}",
-            self.queue_ids.fetch_add(1, Ordering::Relaxed) + 1
-        )
+        format!("{:010X}", self.queue_ids.fetch_add(1, Ordering::Relaxed) + 1)
     }
 }
 
@@ -115,9 +112,7 @@ impl SmtpServer {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind test SMTP server to 127.0.0.1:0");
-        let addr = listener
-            .local_addr()
-            .expect("local address of test SMTP server");
+        let addr = listener.local_addr().expect("local address of test SMTP server");
         let shared = Arc::new(Shared {
             messages: Mutex::new(Vec::new()),
             policy: Mutex::new(None),
@@ -218,11 +213,7 @@ enum Line {
 
 /// Read one `\n`-terminated line into `buf` (cleared first), at most `limit`
 /// bytes. An over-long line is consumed up to and including its `\n`.
-async fn read_line<R: AsyncBufRead + Unpin>(
-    reader: &mut R,
-    buf: &mut Vec<u8>,
-    limit: usize,
-) -> std::io::Result<Line> {
+async fn read_line<R: AsyncBufRead + Unpin>(reader: &mut R, buf: &mut Vec<u8>, limit: usize) -> std::io::Result<Line> {
     buf.clear();
     loop {
         let chunk = reader.fill_buf().await?;
@@ -247,10 +238,7 @@ async fn read_line<R: AsyncBufRead + Unpin>(
     }
 }
 
-async fn discard_rest_of_line<R: AsyncBufRead + Unpin>(
-    reader: &mut R,
-    mut done: bool,
-) -> std::io::Result<Line> {
+async fn discard_rest_of_line<R: AsyncBufRead + Unpin>(reader: &mut R, mut done: bool) -> std::io::Result<Line> {
     while !done {
         let chunk = reader.fill_buf().await?;
         if chunk.is_empty() {
@@ -317,20 +305,13 @@ where
     let mut session = Session::default();
     let mut buf = Vec::new();
     loop {
-        let line =
-            match tokio::time::timeout(IDLE_TIMEOUT, read_line(reader, &mut buf, MAX_COMMAND_LINE))
-                .await
-            {
-                Err(_elapsed) => {
-                    reply(
-                        writer,
-                        "421 4.4.2 localhost Idle timeout, closing connection",
-                    )
-                    .await?;
-                    return Ok(());
-                }
-                Ok(line) => line?,
-            };
+        let line = match tokio::time::timeout(IDLE_TIMEOUT, read_line(reader, &mut buf, MAX_COMMAND_LINE)).await {
+            Err(_elapsed) => {
+                reply(writer, "421 4.4.2 localhost Idle timeout, closing connection").await?;
+                return Ok(());
+            }
+            Ok(line) => line?,
+        };
         match line {
             Line::Eof => return Ok(()),
             Line::TooLong => {
@@ -400,12 +381,10 @@ where
                                 reply(writer, "250 2.1.5 Ok").await?;
                             }
                             Reply::Transient => {
-                                reply(writer, "451 4.3.0 Temporary failure, try again later")
-                                    .await?;
+                                reply(writer, "451 4.3.0 Temporary failure, try again later").await?;
                             }
                             Reply::Permanent => {
-                                reply(writer, "550 5.1.1 Recipient address rejected: no such user")
-                                    .await?;
+                                reply(writer, "550 5.1.1 Recipient address rejected: no such user").await?;
                             }
                         }
                     }
@@ -473,8 +452,7 @@ where
 
 /// Parse the argument of `MAIL` (`FROM:<addr> [params]`).
 fn parse_mail_from(arg: &str) -> Result<String, &'static str> {
-    let (from, params) =
-        parse_path(arg, "FROM:").map_err(|()| "501 5.5.4 Syntax: MAIL FROM:<address>")?;
+    let (from, params) = parse_path(arg, "FROM:").map_err(|()| "501 5.5.4 Syntax: MAIL FROM:<address>")?;
     for param in params.split_ascii_whitespace() {
         let (key, value) = match param.split_once('=') {
             Some((k, v)) => (k.to_ascii_uppercase(), Some(v)),
@@ -488,8 +466,7 @@ fn parse_mail_from(arg: &str) -> Result<String, &'static str> {
                 Ok(_) => {}
                 Err(_) => return Err("501 5.5.4 Invalid SIZE parameter"),
             },
-            ("BODY", Some(v))
-                if v.eq_ignore_ascii_case("7BIT") || v.eq_ignore_ascii_case("8BITMIME") => {}
+            ("BODY", Some(v)) if v.eq_ignore_ascii_case("7BIT") || v.eq_ignore_ascii_case("8BITMIME") => {}
             ("SMTPUTF8", None) => {}
             _ => return Err("555 5.5.4 Unsupported MAIL parameter"),
         }
@@ -528,13 +505,9 @@ async fn read_data<R: AsyncBufRead + Unpin>(reader: &mut R) -> std::io::Result<O
     let mut too_big = false;
     let mut line = Vec::new();
     loop {
-        match tokio::time::timeout(IDLE_TIMEOUT, read_line(reader, &mut line, MAX_DATA_LINE)).await
-        {
+        match tokio::time::timeout(IDLE_TIMEOUT, read_line(reader, &mut line, MAX_DATA_LINE)).await {
             Err(_elapsed) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "timeout in DATA",
-                ));
+                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "timeout in DATA"));
             }
             Ok(Err(e)) => return Err(e),
             Ok(Ok(Line::Eof)) => {
