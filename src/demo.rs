@@ -1,11 +1,11 @@
 //! `tocsin demo`: the whole flow on the demo data (`config/demo/`, embedded), on the embedded
 //! default. Each step is skipped when it already happened, so a second run duplicates nothing.
-//! The demo incident's times are moved so it was contained a few minutes ago, which keeps the
-//! regulator clock meaningful whenever the demo runs.
+//! The demo's times (events and facts) are all moved by the same amount so that the incident
+//! was contained five minutes before the demo runs: the regulator clock is then as meaningful
+//! as in a real incident. The story's texts give durations, never dates, so they stay true.
 
 use std::time::Duration;
 
-use chrono::Utc;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -14,6 +14,8 @@ use crate::domain::{Actor, IncidentState};
 use crate::engine::{EngineError, IncidentView, Tocsin};
 use crate::model::ScopeRule;
 use crate::store::IngestOutcome;
+use chrono::Utc;
+
 use crate::time::{fmt_ts, human, parse_ts};
 
 pub const MERCHANTS: &str = include_str!("../config/demo/merchants.jsonl");
@@ -38,21 +40,23 @@ fn demo_err(reason: impl Into<String>) -> EngineError {
     EngineError::Invalid(crate::domain::FieldError::new("demo", reason))
 }
 
-/// The demo facts, with every time moved by the same amount so that containment was five
-/// minutes ago.
-fn shifted_facts() -> Result<Value, EngineError> {
-    let mut facts: Value = serde_json::from_str(FACTS).map_err(|e| demo_err(e.to_string()))?;
+/// How far to move the demo's times: containment lands five minutes before now.
+fn demo_shift() -> Result<chrono::Duration, EngineError> {
+    let facts: Value = serde_json::from_str(FACTS).map_err(|e| demo_err(e.to_string()))?;
     let contained = facts["contained_at"]
         .as_str()
         .and_then(|s| parse_ts(s).ok())
         .ok_or_else(|| demo_err("contained_at"))?;
-    let shift = Utc::now() - chrono::Duration::minutes(5) - contained;
-    for key in ["occurred_at", "aware_at", "contained_at"] {
-        if let Some(t) = facts[key].as_str().and_then(|s| parse_ts(s).ok()) {
-            facts[key] = Value::String(fmt_ts(t + shift));
+    Ok(Utc::now() - chrono::Duration::minutes(5) - contained)
+}
+
+/// Moves the named time fields of a JSON object by `shift`.
+fn shift_times(value: &mut Value, keys: &[&str], shift: chrono::Duration) {
+    for key in keys {
+        if let Some(t) = value[*key].as_str().and_then(|s| parse_ts(s).ok()) {
+            value[*key] = Value::String(fmt_ts(t + shift));
         }
     }
-    Ok(facts)
 }
 
 pub async fn run(engine: &Tocsin) -> Result<DemoSummary, EngineError> {
@@ -63,7 +67,15 @@ pub async fn run(engine: &Tocsin) -> Result<DemoSummary, EngineError> {
     let (merchants, rejected) = directory::parse_jsonl(MERCHANTS, &engine.taxonomy);
     let import = directory::import(engine.store.as_ref(), &merchants, rejected).await?;
 
-    let outcomes = engine.ingest_text(EVENTS, &ingest).await?;
+    let shift = demo_shift()?;
+    let mut events = String::new();
+    for line in EVENTS.lines().filter(|l| !l.trim().is_empty()) {
+        let mut event: Value = serde_json::from_str(line).map_err(|e| demo_err(e.to_string()))?;
+        shift_times(&mut event, &["detected_at", "occurred_at"], shift);
+        events.push_str(&event.to_string());
+        events.push('\n');
+    }
+    let outcomes = engine.ingest_text(&events, &ingest).await?;
     let incident_id = outcomes
         .iter()
         .map(|o| match o {
@@ -78,7 +90,9 @@ pub async fn run(engine: &Tocsin) -> Result<DemoSummary, EngineError> {
     let state = |v: &IncidentView| v.incident.state;
     let mut view = engine.view(id).await?;
     if state(&view) == IncidentState::Triage {
-        engine.confirm(id, &shifted_facts()?, &alice).await?;
+        let mut facts: Value = serde_json::from_str(FACTS).map_err(|e| demo_err(e.to_string()))?;
+        shift_times(&mut facts, &["occurred_at", "aware_at", "contained_at"], shift);
+        engine.confirm(id, &facts, &alice).await?;
     }
     engine.file_initial(id, &alice).await?;
     view = engine.view(id).await?;
@@ -171,20 +185,25 @@ pub fn describe(v: &IncidentView) -> String {
         ));
     }
     for f in &v.filings {
-        let clock = if f.minutes_left >= 0 {
-            format!("{}h{:02}m left", f.minutes_left / 60, f.minutes_left % 60)
-        } else {
-            format!("overdue by {}h{:02}m", -f.minutes_left / 60, -f.minutes_left % 60)
+        let span = |minutes: i64| format!("{}h{:02}m", minutes.abs() / 60, minutes.abs() % 60);
+        let status = match (&f.submitted_at, &f.location) {
+            (Some(at), Some(loc)) => {
+                let margin = (f.deadline_at - *at).num_minutes();
+                let timing = if margin >= 0 {
+                    format!("{} before the deadline", span(margin))
+                } else {
+                    format!("{} late", span(margin))
+                };
+                format!("submitted {} ({timing}) -> {loc}", human(*at))
+            }
+            _ if f.minutes_left >= 0 => format!("not submitted, {} left", span(f.minutes_left)),
+            _ => format!("not submitted, overdue by {}", span(f.minutes_left)),
         };
         out.push_str(&format!(
-            "  filing {} {}: deadline {} ({clock}); {}\n",
+            "  filing {} {}: deadline {}; {status}\n",
             f.regulator,
             f.stage,
-            human(f.deadline_at),
-            match (&f.submitted_at, &f.location) {
-                (Some(at), Some(loc)) => format!("submitted {} -> {loc}", human(*at)),
-                _ => "not submitted".into(),
-            }
+            human(f.deadline_at)
         ));
     }
     out.push_str("  timeline:\n");

@@ -85,7 +85,7 @@ pub fn risk_label(risk: RiskLevel, locale: Locale) -> &'static str {
 /// here; [`missing_elements`] reports them before anything is rendered.
 pub fn incident_context(incident: &Incident, facts: &IncidentFacts, locale: Locale) -> Value {
     let text = |t: &LocalizedText| t.get(locale).unwrap_or("").to_owned();
-    let detected = incident.opened_at;
+    let detected = incident.detected_at;
     json!({
         "reference": incident.reference,
         "kind": facts.kind.as_str(),
@@ -207,13 +207,7 @@ pub fn render_notice(
         remedies: section("remedies")?,
         contact: section("contact")?,
     };
-    for (name, text) in [
-        ("impact", &sections.impact),
-        ("measures", &sections.measures),
-        ("advice", &sections.advice),
-        ("remedies", &sections.remedies),
-        ("contact", &sections.contact),
-    ] {
+    for (name, text) in sections.named() {
         if text.trim().is_empty() {
             missing.push(format!("{name} ({locale}): the section rendered empty"));
         }
@@ -225,17 +219,12 @@ pub fn render_notice(
     let render = |name: &str| templates.render(&format!("notice/{locale}/{name}"), &context);
     let email_text = render("email.txt")?;
     // The full notice must carry every element as rendered; a template that drops one fails.
-    let dropped: Vec<String> = [
-        ("impact", &sections.impact),
-        ("measures", &sections.measures),
-        ("advice", &sections.advice),
-        ("remedies", &sections.remedies),
-        ("contact", &sections.contact),
-    ]
-    .iter()
-    .filter(|(_, text)| !email_text.contains(text.as_str()))
-    .map(|(name, _)| format!("{name} ({locale}): the email template leaves this section out"))
-    .collect();
+    let dropped: Vec<String> = sections
+        .named()
+        .iter()
+        .filter(|(_, text)| !email_text.contains(*text))
+        .map(|(name, _)| format!("{name} ({locale}): the email template leaves this section out"))
+        .collect();
     if !dropped.is_empty() {
         return Err(DraftError::Incomplete { missing: dropped });
     }
@@ -359,6 +348,7 @@ mod tests {
             correlation_key: None,
             facts: Some(facts.clone()),
             scope_rule: None,
+            detected_at: Utc::now(),
             opened_at: Utc::now(),
             updated_at: Utc::now(),
         };

@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::bulletin::{self, BulletinError};
-use crate::channels::{ChannelSet, ChannelSetupError, EmailTransport};
+use crate::channels::{ChannelSet, ChannelSetupError, EmailTransport, Mail};
 use crate::config::{ConfigError, Settings};
 use crate::directory::{self, DirectoryError, ImportReport};
 use crate::dispatch::{self, DispatchError, Dispatcher, StepReport};
@@ -197,6 +197,26 @@ impl Tocsin {
         }
     }
 
+    /// The notice settings for one incident: its own contact, where the facts give one.
+    pub fn notice_settings_for(&self, facts: &IncidentFacts) -> NoticeSettings {
+        let mut settings = self.notice_settings();
+        if let Some(c) = &facts.contact {
+            if let Some(officer) = c.officer.get(Locale::En) {
+                settings.officer_en = officer.to_owned();
+            }
+            if let Some(officer) = c.officer.get(Locale::ZhCn) {
+                settings.officer_zh = officer.to_owned();
+            }
+            if let Some(email) = &c.email {
+                settings.contact_email = email.to_string();
+            }
+            if let Some(phone) = c.phone.as_deref().map(str::trim).filter(|p| !p.is_empty()) {
+                settings.contact_phone = phone.to_owned();
+            }
+        }
+        settings
+    }
+
     pub fn dispatcher(&self) -> Dispatcher {
         Dispatcher::new(
             self.store.clone(),
@@ -214,6 +234,16 @@ impl Tocsin {
                 what: "incident",
                 id: id_or_reference.to_owned(),
             })
+    }
+
+    async fn merchants_by_id(&self) -> Result<HashMap<MerchantId, Merchant>, EngineError> {
+        Ok(self
+            .store
+            .merchants()
+            .await?
+            .into_iter()
+            .map(|m| (m.id.clone(), m))
+            .collect())
     }
 
     fn facts(incident: &Incident) -> Result<&IncidentFacts, EngineError> {
@@ -365,7 +395,7 @@ impl Tocsin {
         let affected = self.store.affected(&incident.id).await?;
         let merchants = self.store.merchants().await?;
         let version = latest.as_ref().map(|d| d.version + 1).unwrap_or(1);
-        let settings = self.notice_settings();
+        let settings = self.notice_settings_for(facts);
         let renderer = draft::Renderer {
             settings: &settings,
             taxonomy: &self.taxonomy,
@@ -435,13 +465,7 @@ impl Tocsin {
             .ok_or_else(|| EngineError::wrong_state(&incident, "approved", "dispatch its notices"))?;
         let affected = self.store.affected(&incident.id).await?;
         let notices = self.store.notices(&draft.id).await?;
-        let merchants: HashMap<MerchantId, Merchant> = self
-            .store
-            .merchants()
-            .await?
-            .into_iter()
-            .map(|m| (m.id.clone(), m))
-            .collect();
+        let merchants = self.merchants_by_id().await?;
         let first = dispatch::first_deliveries(&incident.id, &draft.id, &affected, &notices, &merchants);
         let queued = self.store.enqueue(&first).await?;
         let without_channel = affected.iter().filter(|a| a.channel_plan.is_empty()).count();
@@ -505,7 +529,7 @@ impl Tocsin {
         force: bool,
     ) -> Result<Option<Bulletin>, EngineError> {
         let incident = self.incident(id).await?;
-        Self::facts(&incident)?;
+        let settings = self.notice_settings_for(Self::facts(&incident)?);
         let affected = self.store.affected(&incident.id).await?;
         let unreachable: Vec<MerchantId> = affected
             .iter()
@@ -542,13 +566,7 @@ impl Tocsin {
             self.store.insert_bulletin(&b, &unreachable, actor).await?;
             versions.push(b);
         }
-        let files = bulletin::render_files(
-            &incident,
-            &versions,
-            &self.notice_settings(),
-            &self.taxonomy,
-            &self.templates,
-        )?;
+        let files = bulletin::render_files(&incident, &versions, &settings, &self.taxonomy, &self.templates)?;
         bulletin::write(&self.paths.bulletins, &incident.reference, &files)?;
         self.write_bulletin_index().await?;
         Ok(versions.pop())
@@ -587,13 +605,7 @@ impl Tocsin {
             Some(f) => f,
             None => {
                 let affected = self.store.affected(&incident.id).await?;
-                let merchants: HashMap<MerchantId, Merchant> = self
-                    .store
-                    .merchants()
-                    .await?
-                    .into_iter()
-                    .map(|m| (m.id.clone(), m))
-                    .collect();
+                let merchants = self.merchants_by_id().await?;
                 let natural = affected
                     .iter()
                     .filter(|a| {
@@ -635,21 +647,19 @@ impl Tocsin {
                     incident.reference
                 );
                 let text = serde_json::to_string_pretty(&filing.content).unwrap_or_default();
-                let to = &self.settings.filing.regulator_email;
-                mailer
-                    .send_document(
-                        to,
-                        &subject,
-                        &text,
-                        &html,
-                        self.cac.locale.as_str(),
-                        &format!("{}:{}", filing.id, filing.stage),
-                    )
-                    .await
-                    .map_err(|e| FilingError::Write {
-                        path: "regulator email".into(),
-                        reason: e.message,
-                    })?;
+                let key = format!("{}:{}", filing.id, filing.stage);
+                let mail = Mail {
+                    to: &self.settings.filing.regulator_email,
+                    subject: &subject,
+                    text: &text,
+                    html: &html,
+                    language: self.cac.locale.as_str(),
+                    key: &key,
+                };
+                mailer.send_mail(&mail).await.map_err(|e| FilingError::Write {
+                    path: "regulator email".into(),
+                    reason: e.message,
+                })?;
                 format!("email to the configured regulator address ({})", self.cac.id)
             }
             _ => filing::write_files(&self.paths.filings, &incident.reference, &filing, &html)?

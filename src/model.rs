@@ -97,6 +97,21 @@ pub struct IncidentFacts {
     pub ransom: LocalizedText,
     #[serde(default)]
     pub other: LocalizedText,
+    /// Who merchants should contact about this incident, if not the configured officer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contact: Option<IncidentContact>,
+}
+
+/// A contact given for one incident; each part left out falls back to the configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IncidentContact {
+    #[serde(default)]
+    pub officer: LocalizedText,
+    #[serde(default)]
+    pub email: Option<EmailAddress>,
+    #[serde(default)]
+    pub phone: Option<String>,
 }
 
 /// Which merchants an incident affects. Every given criterion must hold (AND); a merchant is
@@ -127,6 +142,8 @@ pub struct Incident {
     pub correlation_key: Option<String>,
     pub facts: Option<IncidentFacts>,
     pub scope_rule: Option<ScopeRule>,
+    /// The earliest detection time among the incident's events.
+    pub detected_at: DateTime<Utc>,
     pub opened_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -188,6 +205,19 @@ pub struct NoticeSections {
     pub advice: String,
     pub remedies: String,
     pub contact: String,
+}
+
+impl NoticeSections {
+    /// The sections with their names, in the order a notice presents them.
+    pub fn named(&self) -> [(&'static str, &str); 5] {
+        [
+            ("impact", &self.impact),
+            ("measures", &self.measures),
+            ("advice", &self.advice),
+            ("remedies", &self.remedies),
+            ("contact", &self.contact),
+        ]
+    }
 }
 
 /// The rendered notice for one merchant in one draft version, for every channel.

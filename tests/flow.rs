@@ -100,17 +100,14 @@ async fn notices_reach_each_merchant_on_the_right_channel_with_retries_and_fallb
     let events = t.file("events.jsonl", &event("e-1", "k-1"));
     let ingested = t.run(&["--json", "events", "ingest", &events]).ok().json();
     let incident = ingested[0]["incident_id"].as_str().expect("incident id").to_owned();
-    let facts = repo("config/demo/incident.json");
-    t.run(&[
-        "--actor",
-        "alice",
-        "incidents",
-        "confirm",
-        &incident,
-        "--facts",
-        facts.to_str().expect("path"),
-    ])
-    .ok();
+    // The incident names its own contact desk; notices and the bulletin must carry it.
+    let mut facts: Value =
+        serde_json::from_str(&std::fs::read_to_string(repo("config/demo/incident.json")).expect("facts"))
+            .expect("json");
+    facts["contact"] = json!({ "email": "incident-desk@example.com" });
+    let facts = t.file("facts.json", &facts.to_string());
+    t.run(&["--actor", "alice", "incidents", "confirm", &incident, "--facts", &facts])
+        .ok();
     let filed = t.run(&["--actor", "alice", "incidents", "file", &incident]).ok();
     assert!(
         filed.stdout.contains("cn-cac initial report due 2026-11-28 07:45 UTC"),
@@ -250,7 +247,7 @@ async fn notices_reach_each_merchant_on_the_right_channel_with_retries_and_fallb
     let reference = view["incident"]["reference"].as_str().expect("reference");
     let folder = t.data_dir().join("publish/bulletins").join(reference);
     let page = std::fs::read_to_string(folder.join("index.en.html")).expect("bulletin page");
-    for needle in ["What happened", "privacy@example.com"] {
+    for needle in ["What happened", "incident-desk@example.com"] {
         assert!(page.contains(needle), "bulletin lacks {needle}");
     }
     for personal in ["f-none", "g-pushbad", "Merchant ", "+86138", "ok@example.com"] {
@@ -286,7 +283,7 @@ async fn notices_reach_each_merchant_on_the_right_channel_with_retries_and_fallb
     assert!(
         notice["notice"]["email_text"]
             .as_str()
-            .is_some_and(|s| s.contains("privacy@example.com"))
+            .is_some_and(|s| s.contains("incident-desk@example.com"))
     );
 
     t.run(&["audit", "verify"]).ok();

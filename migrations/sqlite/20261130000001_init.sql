@@ -28,6 +28,7 @@ CREATE TABLE incidents (
     correlation_key TEXT,
     facts           TEXT,                     -- JSON IncidentFacts once confirmed
     scope_rule      TEXT,                     -- JSON ScopeRule once scoped
+    detected_at     TEXT NOT NULL,            -- earliest detection among its events
     opened_at       TEXT NOT NULL,
     updated_at      TEXT NOT NULL
 );

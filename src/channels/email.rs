@@ -87,28 +87,21 @@ impl EmailTransport {
         }
     }
 
-    /// Builds a text + HTML message; the `Message-ID` is derived from `key`.
-    fn build(
-        &self,
-        to: &str,
-        subject: &str,
-        text: &str,
-        html: &str,
-        language: &str,
-        key: &str,
-    ) -> Result<Message, SendError> {
-        let to: Mailbox = to
+    /// Builds a text + HTML message; the `Message-ID` is derived from the mail's key.
+    fn build(&self, mail: &Mail<'_>) -> Result<Message, SendError> {
+        let to: Mailbox = mail
+            .to
             .parse()
             .map_err(|_| SendError::permanent("the recipient address is not a valid mailbox"))?;
-        let message_id = format!("<{}@{}>", &content_hash(key.as_bytes())[..32], self.id_domain);
+        let message_id = format!("<{}@{}>", &content_hash(mail.key.as_bytes())[..32], self.id_domain);
         let mut builder = Message::builder()
             .from(self.from.clone())
             .to(to)
-            .subject(subject.to_owned())
+            .subject(mail.subject.to_owned())
             .message_id(Some(message_id))
             .raw_header(header::HeaderValue::new(
                 header::HeaderName::new_from_ascii_str("Content-Language"),
-                language.to_owned(),
+                mail.language.to_owned(),
             ))
             .user_agent("Tocsin".to_owned());
         if let Some(reply_to) = &self.reply_to {
@@ -116,26 +109,21 @@ impl EmailTransport {
         }
         // A mandatory security notice: deliberately no List-Unsubscribe header.
         builder
-            .multipart(MultiPart::alternative_plain_html(text.to_owned(), html.to_owned()))
+            .multipart(MultiPart::alternative_plain_html(
+                mail.text.to_owned(),
+                mail.html.to_owned(),
+            ))
             .map_err(|e| SendError::permanent(format!("building the message: {e}")))
     }
 
-    /// Sends any document (a regulator filing, say) through the configured transport.
-    pub async fn send_document(
-        &self,
-        to: &str,
-        subject: &str,
-        text: &str,
-        html: &str,
-        language: &str,
-        key: &str,
-    ) -> Result<Option<String>, SendError> {
-        if undeliverable_domain(to) {
+    /// Sends a mail (a notice, or a regulator filing) through the configured transport.
+    pub async fn send_mail(&self, mail: &Mail<'_>) -> Result<Option<String>, SendError> {
+        if undeliverable_domain(mail.to) {
             return Err(SendError::permanent(
                 "the recipient's domain is reserved as invalid and can never receive mail",
             ));
         }
-        let message = self.build(to, subject, text, html, language, key)?;
+        let message = self.build(mail)?;
         match &self.inner {
             Inner::File(t, _) => t
                 .send(message)
@@ -158,6 +146,16 @@ impl EmailTransport {
     }
 }
 
+/// One email: recipient, content, language, and the key its `Message-ID` derives from.
+pub struct Mail<'a> {
+    pub to: &'a str,
+    pub subject: &'a str,
+    pub text: &'a str,
+    pub html: &'a str,
+    pub language: &'a str,
+    pub key: &'a str,
+}
+
 /// Domains reserved by RFC 2606 / RFC 6761 as never resolvable can never receive mail.
 fn undeliverable_domain(address: &str) -> bool {
     let domain = address
@@ -171,14 +169,14 @@ fn undeliverable_domain(address: &str) -> bool {
 impl Transport for EmailTransport {
     async fn send(&self, m: &Outbound<'_>) -> Result<Option<String>, SendError> {
         let n = m.notice;
-        self.send_document(
-            &m.delivery.address,
-            &n.email_subject,
-            &n.email_text,
-            &n.email_html,
-            n.locale.as_str(),
-            &m.delivery.idempotency_key,
-        )
+        self.send_mail(&Mail {
+            to: &m.delivery.address,
+            subject: &n.email_subject,
+            text: &n.email_text,
+            html: &n.email_html,
+            language: n.locale.as_str(),
+            key: &m.delivery.idempotency_key,
+        })
         .await
     }
 }

@@ -16,7 +16,7 @@ use crate::config::Settings;
 use crate::domain::Channel;
 use crate::model::{Delivery, ErrorClass, Notice};
 
-pub use email::EmailTransport;
+pub use email::{EmailTransport, Mail};
 pub use webhook::{WebhookTransport, sign};
 
 /// One message to send: the outbox row and the notice it carries.

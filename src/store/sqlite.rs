@@ -131,6 +131,7 @@ fn incident_from(row: &SqliteRow) -> Result<Incident, StoreError> {
         correlation_key: row.try_get("correlation_key").doing("reading an incident")?,
         facts: opt_json_col(row, "facts")?,
         scope_rule: opt_json_col(row, "scope_rule")?,
+        detected_at: ts_col(row, "detected_at")?,
         opened_at: ts_col(row, "opened_at")?,
         updated_at: ts_col(row, "updated_at")?,
     })
@@ -495,10 +496,19 @@ impl Store for SqliteStore {
             None => None,
         };
         let outcome = match open {
-            Some(id) => IngestOutcome::Joined {
-                event_id: event_id.clone(),
-                incident_id: id.parse().map_err(|e| corrupt("incidents.id", e))?,
-            },
+            Some(id) => {
+                // The incident was detected when its earliest event was.
+                sqlx::query("UPDATE incidents SET detected_at = MIN(detected_at, $1) WHERE id = $2")
+                    .bind(fmt_ts(event.detected_at))
+                    .bind(&id)
+                    .execute(&mut *tx)
+                    .await
+                    .doing("updating an incident's detection time")?;
+                IngestOutcome::Joined {
+                    event_id: event_id.clone(),
+                    incident_id: id.parse().map_err(|e| corrupt("incidents.id", e))?,
+                }
+            }
             None => {
                 let incident_id = IncidentId::generate();
                 let year = now.format("%Y").to_string();
@@ -511,8 +521,9 @@ impl Store for SqliteStore {
                         .doing("numbering an incident")?;
                 let reference = format!("{stem}{:04}", count + 1);
                 sqlx::query(
-                    "INSERT INTO incidents (id, reference, state, title, kind, severity, correlation_key, opened_at, updated_at)
-                     VALUES ($1, $2, 'triage', $3, $4, $5, $6, $7, $7)",
+                    "INSERT INTO incidents (id, reference, state, title, kind, severity, correlation_key, detected_at,
+                                            opened_at, updated_at)
+                     VALUES ($1, $2, 'triage', $3, $4, $5, $6, $8, $7, $7)",
                 )
                 .bind(incident_id.as_str())
                 .bind(&reference)
@@ -521,6 +532,7 @@ impl Store for SqliteStore {
                 .bind(event.severity.as_str())
                 .bind(event.correlation_key.as_deref())
                 .bind(fmt_ts(now))
+                .bind(fmt_ts(event.detected_at))
                 .execute(&mut *tx)
                 .await
                 .doing("opening an incident")?;
