@@ -340,6 +340,25 @@ mod tests {
     }
 
     #[test]
+    fn a_config_file_overrides_defaults_and_the_environment_overrides_the_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("tocsin.toml");
+        std::fs::write(
+            &file,
+            "[email]\ntransport = \"smtp\"\n[email.smtp]\nport = 587\nhost = \"mail.example.com\"\n",
+        )
+        .expect("write");
+        let s = Settings::load(Some(&file), env(&[("TOCSIN_EMAIL__SMTP__PORT", "2525")])).expect("loads");
+        assert_eq!(
+            (s.email.transport.as_str(), s.email.smtp.host.as_str()),
+            ("smtp", "mail.example.com")
+        );
+        assert_eq!(s.email.smtp.port, 2525, "the environment wins over the file");
+        assert_eq!(s.email.smtp.tls, "starttls", "unset keys keep their defaults");
+        assert!(Settings::load(Some(&dir.path().join("missing.toml")), env(&[])).is_err());
+    }
+
+    #[test]
     fn unknown_keys_are_rejected() {
         let err = Settings::load(None, env(&[("TOCSIN_EMAIL__SMPT__HOST", "x")])).expect_err("typo");
         assert!(err.to_string().contains("smpt"), "{err}");

@@ -116,4 +116,25 @@ mod tests {
             .expect_err("unknown");
         assert_eq!(err.field, "categories[0]");
     }
+
+    #[test]
+    fn the_json_schemas_list_exactly_the_taxonomy() {
+        let t = Taxonomy::builtin().expect("taxonomy");
+        let mut ours: Vec<&str> = t.all().map(|c| c.id.as_str()).collect();
+        ours.sort();
+        for schema in [
+            include_str!("../config/schemas/merchant.schema.json"),
+            include_str!("../config/schemas/event.schema.json"),
+        ] {
+            let v: serde_json::Value = serde_json::from_str(schema).expect("schema is JSON");
+            let mut listed: Vec<&str> = v["$defs"]["category_id"]["enum"]
+                .as_array()
+                .expect("category enum")
+                .iter()
+                .filter_map(|c| c.as_str())
+                .collect();
+            listed.sort();
+            assert_eq!(listed, ours, "config/schemas and config/categories.toml disagree");
+        }
+    }
 }
