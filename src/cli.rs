@@ -117,6 +117,12 @@ pub enum IncidentsCmd {
         #[arg(long)]
         reason: String,
     },
+    /// Close an incident whose notices are settled (state monitoring).
+    Close {
+        id: String,
+        #[arg(long, default_value = "handling finished")]
+        reason: String,
+    },
     /// Work out the affected merchants.
     Scope {
         id: String,
@@ -183,9 +189,8 @@ fn read_json(path: &Path) -> anyhow::Result<serde_json::Value> {
 
 fn scope_rule(args: &ScopeArgs) -> anyhow::Result<ScopeRule> {
     let mut rule: ScopeRule = match &args.rule {
-        Some(path) => {
-            serde_json::from_value(read_json(path)?).with_context(|| format!("scope rule {}", path.display()))?
-        }
+        Some(path) => serde_path_to_error::deserialize(read_json(path)?)
+            .map_err(|e| anyhow::anyhow!("scope rule {}: {}: {}", path.display(), e.path(), e.inner()))?,
         None => ScopeRule::default(),
     };
     let mut ids = args.merchants.clone();
@@ -357,6 +362,10 @@ async fn incidents(engine: &Tocsin, cli: &Cli, cmd: &IncidentsCmd) -> anyhow::Re
             print(json, &serde_json::json!({ "dismissed": id }), || {
                 format!("{id} dismissed")
             });
+        }
+        IncidentsCmd::Close { id, reason } => {
+            engine.close(id, reason, &actor(&cli.actor, None)?).await?;
+            print(json, &serde_json::json!({ "closed": id }), || format!("{id} closed"));
         }
         IncidentsCmd::Scope { id, args } => {
             let summary = engine

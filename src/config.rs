@@ -121,16 +121,34 @@ pub struct DeliverySettings {
     /// First retry delay; doubles each attempt, capped by `backoff_max_ms`, with full jitter.
     pub backoff_base_ms: u64,
     pub backoff_max_ms: u64,
-    /// Rows a worker claims at once.
-    pub batch_size: u32,
     /// How long a claim holds before another worker may take the row (crash recovery).
     pub lease_seconds: u64,
-    /// Deliveries sent concurrently by one worker.
-    pub concurrency: usize,
+    /// Deliveries one worker claims and sends at once (one lease covers them all).
+    pub concurrency: u32,
     /// Channel order of a merchant's plan; channels the merchant has no address for are left out.
+    /// A list in files; a comma-separated string in the environment.
+    #[serde(deserialize_with = "list_or_csv")]
     pub channel_order: Vec<String>,
     /// How often `tocsin serve` sweeps the outbox (cron expression, seconds first).
     pub sweep_schedule: String,
+}
+
+/// Accepts `["email", "sms"]` or `"email,sms"`.
+fn list_or_csv<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        List(Vec<String>),
+        Csv(String),
+    }
+    Ok(match Either::deserialize(d)? {
+        Either::List(list) => list,
+        Either::Csv(csv) => csv
+            .split(',')
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect(),
+    })
 }
 
 impl DeliverySettings {
@@ -232,13 +250,12 @@ impl Settings {
             .into_iter()
             .filter(|(k, _)| k.starts_with("TOCSIN_") && k.contains("__"))
             .collect();
+        // No `try_parsing`: it would turn a password like "0123" into the number 123. Values
+        // stay strings and are converted to the field's type when deserialised.
         builder = builder.add_source(
             config::Environment::with_prefix("TOCSIN")
                 .separator("__")
                 .prefix_separator("_")
-                .try_parsing(true)
-                .list_separator(",")
-                .with_list_parse_key("delivery.channel_order")
                 .source(Some(vars)),
         );
         let settings: Settings = builder.build()?.try_deserialize()?;
@@ -286,10 +303,33 @@ impl Settings {
             }
             _ => return Err(invalid("filing.transport", "must be 'file' or 'email'")),
         }
-        if self.delivery.max_attempts == 0 || self.delivery.batch_size == 0 || self.delivery.concurrency == 0 {
+        let d = &self.delivery;
+        if d.max_attempts == 0 || d.concurrency == 0 {
+            return Err(invalid("delivery", "max_attempts and concurrency must be at least 1"));
+        }
+        if !(1..=86_400).contains(&d.lease_seconds) {
+            return Err(invalid("delivery.lease_seconds", "must be between 1 and 86400"));
+        }
+        if d.backoff_base_ms == 0 || d.backoff_max_ms < d.backoff_base_ms || d.backoff_max_ms > 86_400_000 {
             return Err(invalid(
-                "delivery",
-                "max_attempts, batch_size and concurrency must be at least 1",
+                "delivery.backoff_max_ms",
+                "backoff must satisfy 1 <= base <= max <= 86400000 ms",
+            ));
+        }
+        for (name, ch) in [("sms", &self.sms), ("push", &self.push)] {
+            if ch.transport == "webhook" && ch.signing_secret.is_empty() {
+                return Err(invalid(
+                    &format!("{name}.signing_secret"),
+                    "is required for the webhook transport",
+                ));
+            }
+        }
+        let smtp = &self.email.smtp;
+        let loopback = matches!(smtp.host.as_str(), "127.0.0.1" | "::1" | "localhost");
+        if self.email.transport == "smtp" && !smtp.username.is_empty() && smtp.tls == "none" && !loopback {
+            return Err(invalid(
+                "email.smtp.tls",
+                "credentials would cross the network in clear; use starttls or tls",
             ));
         }
         crate::scheduler::Schedule::parse(&self.delivery.sweep_schedule)
@@ -356,6 +396,48 @@ mod tests {
         assert_eq!(s.email.smtp.port, 2525, "the environment wins over the file");
         assert_eq!(s.email.smtp.tls, "starttls", "unset keys keep their defaults");
         assert!(Settings::load(Some(&dir.path().join("missing.toml")), env(&[])).is_err());
+    }
+
+    #[test]
+    fn environment_values_stay_strings_until_their_field_says_otherwise() {
+        let s = Settings::load(
+            None,
+            env(&[
+                ("TOCSIN_EMAIL__SMTP__PASSWORD", "0123456"),
+                ("TOCSIN_CONTACT__PHONE", "+864000000000"),
+                ("TOCSIN_DELIVERY__CHANNEL_ORDER", "sms, email"),
+                ("TOCSIN_DELIVERY__MAX_ATTEMPTS", "7"),
+            ]),
+        )
+        .expect("loads");
+        assert_eq!(s.email.smtp.password.expose(), "0123456");
+        assert_eq!(s.contact.phone, "+864000000000");
+        assert_eq!(s.delivery.channel_order, ["sms", "email"]);
+        assert_eq!(s.delivery.max_attempts, 7);
+    }
+
+    #[test]
+    fn unsafe_transport_settings_are_refused() {
+        let e = Settings::load(
+            None,
+            env(&[
+                ("TOCSIN_SMS__TRANSPORT", "webhook"),
+                ("TOCSIN_SMS__URL", "http://x.example/"),
+            ]),
+        );
+        assert!(e.expect_err("no secret").to_string().contains("sms.signing_secret"));
+        let e = Settings::load(
+            None,
+            env(&[
+                ("TOCSIN_EMAIL__TRANSPORT", "smtp"),
+                ("TOCSIN_EMAIL__SMTP__HOST", "mail.example.com"),
+                ("TOCSIN_EMAIL__SMTP__TLS", "none"),
+                ("TOCSIN_EMAIL__SMTP__USERNAME", "u"),
+            ]),
+        );
+        assert!(e.expect_err("clear text").to_string().contains("email.smtp.tls"));
+        let e = Settings::load(None, env(&[("TOCSIN_DELIVERY__LEASE_SECONDS", "99999999999")]));
+        assert!(e.is_err());
     }
 
     #[test]

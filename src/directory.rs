@@ -51,18 +51,21 @@ pub struct ImportReport {
     pub rejected: Vec<RowError>,
 }
 
+/// An ISO 3166-1 country (`SG`) or 3166-2 subdivision (`CN-ZJ`) code.
+pub fn is_region(region: &str) -> bool {
+    let (country, sub) = region.split_once('-').unwrap_or((region, ""));
+    country.len() == 2
+        && country.chars().all(|c| c.is_ascii_uppercase())
+        && (region.len() == 2
+            || (1..=3).contains(&sub.len()) && sub.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit()))
+}
+
 /// Parses one merchant record.
 pub fn parse_merchant(value: &Value, taxonomy: &Taxonomy) -> Result<Merchant, FieldError> {
     let mut f = Fields::of(value)?;
     let id: MerchantId = f.parsed("id")?;
     let region = f.string("region", 2, 6)?;
-    let region_ok = {
-        let (country, sub) = region.split_once('-').unwrap_or((&region, ""));
-        country.len() == 2
-            && country.chars().all(|c| c.is_ascii_uppercase())
-            && (region.len() == 2
-                || (1..=3).contains(&sub.len()) && sub.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit()))
-    };
+    let region_ok = is_region(&region);
     if !region_ok {
         return Err(FieldError::new(
             "region",
@@ -96,6 +99,19 @@ fn row_error(line: u64, e: FieldError) -> RowError {
     }
 }
 
+/// Keeps a parsed row unless its id already appeared in the file: which of two rows for one
+/// merchant is right is not ours to guess.
+fn keep(line: u64, m: Merchant, good: &mut Vec<(u64, Merchant)>, bad: &mut Vec<RowError>) {
+    match good.iter().find(|(_, g)| g.id == m.id) {
+        Some((first, _)) => bad.push(RowError {
+            line,
+            field: "id".into(),
+            reason: format!("repeats the id of line {first}"),
+        }),
+        None => good.push((line, m)),
+    }
+}
+
 /// Parses JSON Lines; blank lines are skipped.
 pub fn parse_jsonl(text: &str, taxonomy: &Taxonomy) -> (Vec<Merchant>, Vec<RowError>) {
     let mut good = Vec::new();
@@ -107,7 +123,7 @@ pub fn parse_jsonl(text: &str, taxonomy: &Taxonomy) -> (Vec<Merchant>, Vec<RowEr
         }
         match serde_json::from_str::<Value>(line) {
             Ok(v) => match parse_merchant(&v, taxonomy) {
-                Ok(m) => good.push(m),
+                Ok(m) => keep(n, m, &mut good, &mut bad),
                 Err(e) => bad.push(row_error(n, e)),
             },
             Err(e) => bad.push(RowError {
@@ -117,7 +133,7 @@ pub fn parse_jsonl(text: &str, taxonomy: &Taxonomy) -> (Vec<Merchant>, Vec<RowEr
             }),
         }
     }
-    (good, bad)
+    (good.into_iter().map(|(_, m)| m).collect(), bad)
 }
 
 const CSV_COLUMNS: &[&str] = &[
@@ -142,7 +158,10 @@ pub fn parse_csv(text: &str, taxonomy: &Taxonomy) -> Result<(Vec<Merchant>, Vec<
         .headers()
         .map_err(|e| DirectoryError::Header(e.to_string()))?
         .clone();
-    for h in header.iter() {
+    for (i, h) in header.iter().enumerate() {
+        if header.iter().take(i).any(|earlier| earlier.trim() == h.trim()) {
+            return Err(DirectoryError::Header(format!("column '{h}' appears twice")));
+        }
         if !CSV_COLUMNS.contains(&h.trim()) {
             return Err(DirectoryError::Header(format!(
                 "unknown column '{h}'; expected {}",
@@ -199,11 +218,11 @@ pub fn parse_csv(text: &str, taxonomy: &Taxonomy) -> Result<(Vec<Merchant>, Vec<
         }
         obj.entry("holdings").or_insert_with(|| Value::Array(Vec::new()));
         match parse_merchant(&Value::Object(obj), taxonomy) {
-            Ok(m) => good.push(m),
+            Ok(m) => keep(line, m, &mut good, &mut bad),
             Err(e) => bad.push(row_error(line, e)),
         }
     }
-    Ok((good, bad))
+    Ok((good.into_iter().map(|(_, m)| m).collect(), bad))
 }
 
 /// Imports a `.jsonl`/`.json` or `.csv` file into the directory.
@@ -262,10 +281,12 @@ mod tests {
             "\n",
             "not json\n",
         );
-        let (good, bad) = parse_jsonl(text, &taxonomy());
+        let text = format!("{text}{}\n", text.lines().next().unwrap_or_default());
+        let (good, bad) = parse_jsonl(&text, &taxonomy());
         assert_eq!(good.len(), 1);
         let seen: Vec<_> = bad.iter().map(|e| (e.line, e.field.as_str())).collect();
-        assert_eq!(seen, vec![(3, "phone"), (4, "kind"), (5, "(row)")]);
+        assert_eq!(seen, vec![(3, "phone"), (4, "kind"), (5, "(row)"), (6, "id")]);
+        assert!(bad[3].reason.contains("line 1"));
     }
 
     #[test]

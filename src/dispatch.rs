@@ -39,7 +39,7 @@ pub fn first_deliveries(
     let notice_of: HashMap<&MerchantId, &Notice> = notices.iter().map(|n| (&n.merchant_id, n)).collect();
     affected
         .iter()
-        .filter(|a| a.notice_required)
+        .filter(|a| a.notice_required && a.reachability == Reachability::Pending)
         .filter_map(|a| {
             let notice = notice_of.get(&a.merchant_id)?;
             let merchant = merchants.get(&a.merchant_id)?;
@@ -75,8 +75,11 @@ pub fn next_delivery(
         })
 }
 
+/// The longest `Retry-After` honoured; a provider asking for more gets this.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+
 /// Full-jitter exponential backoff: uniform in [0, min(max, base * 2^(attempt-1))], but never
-/// sooner than the provider asked for.
+/// sooner than the provider asked for (up to [`MAX_RETRY_AFTER`]).
 pub fn backoff(settings: &DeliverySettings, attempt: i64, retry_after: Option<Duration>) -> Duration {
     let exp = (attempt.max(1) - 1).min(30) as u32;
     let ceiling = settings
@@ -84,7 +87,7 @@ pub fn backoff(settings: &DeliverySettings, attempt: i64, retry_after: Option<Du
         .saturating_mul(1u64 << exp)
         .min(settings.backoff_max_ms);
     let jittered = Duration::from_millis(rand::rng().random_range(0..=ceiling));
-    jittered.max(retry_after.unwrap_or_default())
+    jittered.max(retry_after.unwrap_or_default().min(MAX_RETRY_AFTER))
 }
 
 /// What one worker step did.
@@ -129,23 +132,23 @@ impl Dispatcher {
         }
     }
 
-    /// Claims the due deliveries (one batch), sends them concurrently, stores every outcome.
+    /// Claims up to `concurrency` due deliveries under one lease, sends them concurrently and
+    /// stores every outcome. Claiming no more than can be sent at once keeps every send well
+    /// inside its lease, so a healthy worker never has its rows taken over.
     pub async fn step(&self, now: DateTime<Utc>) -> Result<StepReport, DispatchError> {
         let lease_until = now + chrono::Duration::seconds(self.settings.lease_seconds as i64);
-        let claimed = self.store.claim_due(now, lease_until, self.settings.batch_size).await?;
+        let claimed = self
+            .store
+            .claim_due(now, lease_until, self.settings.concurrency)
+            .await?;
         let mut report = StepReport {
             claimed: claimed.len() as u64,
             ..Default::default()
         };
-        let semaphore = Arc::new(tokio::sync::Semaphore::new(self.settings.concurrency));
         let mut tasks = JoinSet::new();
         for delivery in claimed {
             let this = self.clone();
-            let semaphore = semaphore.clone();
-            tasks.spawn(async move {
-                let _permit = semaphore.acquire_owned().await;
-                this.deliver(delivery).await
-            });
+            tasks.spawn(async move { this.deliver(delivery).await });
         }
         let mut first_error = None;
         while let Some(joined) = tasks.join_next().await {
@@ -215,7 +218,11 @@ impl Dispatcher {
                 (AttemptOutcome::Failed { error: message, class }, followup)
             }
         };
-        self.store.record_attempt(&delivery, &outcome, &followup).await?;
+        if !self.store.record_attempt(&delivery, &outcome, &followup).await? {
+            // Our lease ran out and another worker took the row over: its outcome stands.
+            tracing::warn!(delivery = %delivery.id, "lease lost before the outcome was stored; outcome discarded");
+            return Ok(StepReport::default());
+        }
         Ok(report)
     }
 
@@ -285,6 +292,7 @@ mod tests {
             assert!(d <= Duration::from_millis(s.backoff_max_ms), "attempt {attempt}: {d:?}");
         }
         assert!(backoff(&s, 1, Some(Duration::from_secs(90))) >= Duration::from_secs(90));
+        assert_eq!(backoff(&s, 1, Some(Duration::from_secs(u64::MAX / 2))), MAX_RETRY_AFTER);
     }
 
     #[test]

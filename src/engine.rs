@@ -328,6 +328,28 @@ impl Tocsin {
         Ok(())
     }
 
+    /// Closes an incident whose notices are settled; its correlation key is then free again.
+    pub async fn close(&self, id: &str, reason: &str, actor: &Actor) -> Result<(), EngineError> {
+        let incident = self.incident(id).await?;
+        if incident.state != IncidentState::Monitoring {
+            return Err(EngineError::wrong_state(
+                &incident,
+                "monitoring (every delivery final)",
+                "close it",
+            ));
+        }
+        let step = store::Step {
+            to: IncidentState::Closed,
+            actor,
+            reason,
+            detail: json!({}),
+        };
+        self.store
+            .transition(&incident.id, IncidentState::Monitoring, step, Default::default())
+            .await?;
+        Ok(())
+    }
+
     /// Applies a scope rule. With `dry_run`, returns the counts and stores nothing.
     pub async fn scope(
         &self,
@@ -340,14 +362,31 @@ impl Tocsin {
         let incident = self.incident(id).await?;
         let facts = Self::facts(&incident)?;
         if !incident::can_transition(incident.state, IncidentState::Scoped) {
-            return Err(EngineError::wrong_state(&incident, "confirmed or scoped", "scope it"));
+            return Err(EngineError::wrong_state(
+                &incident,
+                "confirmed, scoped or drafted",
+                "scope it",
+            ));
         }
         let merchants = self.store.merchants().await?;
+        let unknown = scope::unknown_ids(rule, &merchants);
+        if !unknown.is_empty() {
+            return Err(
+                FieldError::new("merchant_ids", format!("not in the directory: {}", unknown.join(", "))).into(),
+            );
+        }
         let order = self.settings.delivery.channel_order()?;
         let affected = scope::scope(&incident.id, facts, rule, &merchants, &self.taxonomy, &order);
         let summary = scope::summarize(&affected);
         if dry_run {
             return Ok(summary);
+        }
+        if affected.is_empty() {
+            return Err(FieldError::new(
+                "scope",
+                "selects no merchant holding the incident's exposed categories; nothing was stored",
+            )
+            .into());
         }
         let detail = serde_json::to_value(&summary).unwrap_or(Value::Null);
         self.store
@@ -468,6 +507,15 @@ impl Tocsin {
         let merchants = self.merchants_by_id().await?;
         let first = dispatch::first_deliveries(&incident.id, &draft.id, &affected, &notices, &merchants);
         let queued = self.store.enqueue(&first).await?;
+        // Merchants still waiting for notice but without any usable address (none in their plan,
+        // or the directory lost it since scoping) are unreachable: the bulletin covers them.
+        for a in affected.iter().filter(|a| a.reachability == Reachability::Pending) {
+            if !first.iter().any(|d| d.merchant_id == a.merchant_id) {
+                self.store
+                    .set_reachability(&incident.id, &a.merchant_id, Reachability::Unreachable, None)
+                    .await?;
+            }
+        }
         let without_channel = affected.iter().filter(|a| a.channel_plan.is_empty()).count();
         if incident.state == IncidentState::Approved {
             self.store
@@ -500,6 +548,9 @@ impl Tocsin {
         if self.store.open_deliveries(Some(id)).await? > 0 {
             return Ok(None);
         }
+        // The bulletin comes first: should publishing fail, the incident stays `notifying` and
+        // the next settle (the worker's next tick) tries again.
+        let bulletin = self.publish_bulletin(id.as_str(), actor, false).await?;
         let incident = self.incident(id.as_str()).await?;
         if incident.state == IncidentState::Notifying {
             let tally = self.store.delivery_tally(id).await?;
@@ -517,7 +568,7 @@ impl Tocsin {
                 )
                 .await?;
         }
-        self.publish_bulletin(id.as_str(), actor, false).await
+        Ok(bulletin)
     }
 
     /// Publishes (or refreshes) the public bulletin if a trigger holds or `force` is set.
@@ -530,6 +581,14 @@ impl Tocsin {
     ) -> Result<Option<Bulletin>, EngineError> {
         let incident = self.incident(id).await?;
         let settings = self.notice_settings_for(Self::facts(&incident)?);
+        // A public notice says what the approved notices say: not before approval, never for a
+        // dismissed incident.
+        if !matches!(
+            incident.state,
+            IncidentState::Approved | IncidentState::Notifying | IncidentState::Monitoring | IncidentState::Closed
+        ) {
+            return Err(EngineError::wrong_state(&incident, "approved", "publish a bulletin"));
+        }
         let affected = self.store.affected(&incident.id).await?;
         let unreachable: Vec<MerchantId> = affected
             .iter()
@@ -591,6 +650,13 @@ impl Tocsin {
     /// Returns `None` when the profile does not apply. Submitting twice changes nothing.
     pub async fn file_initial(&self, id: &str, actor: &Actor) -> Result<Option<Filing>, EngineError> {
         let incident = self.incident(id).await?;
+        if incident.state == IncidentState::Dismissed {
+            return Err(EngineError::wrong_state(
+                &incident,
+                "confirmed (not dismissed)",
+                "file a regulator report",
+            ));
+        }
         let facts = Self::facts(&incident)?;
         if !self.cac.applies(facts) {
             return Ok(None);

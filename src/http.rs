@@ -180,6 +180,7 @@ fn router_with(state: AppState) -> Router {
         .route("/api/v1/incidents/{id}", get(get_incident))
         .route("/api/v1/incidents/{id}/confirm", post(confirm))
         .route("/api/v1/incidents/{id}/dismiss", post(dismiss))
+        .route("/api/v1/incidents/{id}/close", post(close))
         .route("/api/v1/incidents/{id}/scope", post(scope))
         .route("/api/v1/incidents/{id}/draft", post(draft))
         .route("/api/v1/incidents/{id}/approve", post(approve))
@@ -231,6 +232,16 @@ async fn dismiss(State(s): State<AppState>, Path(id): Path<String>, body: Bytes)
     ok(json!({ "dismissed": id }))
 }
 
+async fn close(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+    let body = body_json(&body)?;
+    let reason = body
+        .get("reason")
+        .and_then(Value::as_str)
+        .unwrap_or("handling finished");
+    s.engine.close(&id, reason, &actor_of(&body)?).await?;
+    ok(json!({ "closed": id }))
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ScopeBody {
@@ -241,7 +252,12 @@ struct ScopeBody {
 }
 
 async fn scope(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
-    let body: ScopeBody = serde_json::from_slice(&body).map_err(|e| bad_request("body", e.to_string()))?;
+    let mut de = serde_json::Deserializer::from_slice(&body);
+    let body: ScopeBody = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let field = e.path().to_string();
+        let reason = e.inner().to_string();
+        bad_request(if field == "." { "body" } else { &field }, reason)
+    })?;
     let actor: Actor = body
         .actor
         .parse()

@@ -17,7 +17,7 @@ pub fn can_transition(from: S, to: S) -> bool {
         (from, to),
         (S::Triage, S::Confirmed)
             | (S::Triage | S::Confirmed, S::Dismissed)
-            | (S::Confirmed | S::Scoped, S::Scoped)
+            | (S::Confirmed | S::Scoped | S::Drafted, S::Scoped)
             | (S::Scoped | S::Drafted, S::Drafted)
             | (S::Drafted, S::Approved)
             | (S::Approved, S::Notifying)
@@ -46,7 +46,7 @@ pub fn parse_facts(value: &Value, taxonomy: &Taxonomy) -> Result<IncidentFacts, 
     let facts: IncidentFacts = serde_path_to_error::deserialize(value.clone()).map_err(|e| {
         let path = e.path().to_string();
         let field = if path == "." { "(facts)".to_owned() } else { path };
-        IncidentError::Facts(FieldError::new(field, e.into_inner().to_string()))
+        IncidentError::Facts(FieldError::new(field, without_values(&e.into_inner().to_string())))
     })?;
     if facts.categories.is_empty() {
         return Err(IncidentError::Facts(FieldError::new(
@@ -62,12 +62,10 @@ pub fn parse_facts(value: &Value, taxonomy: &Taxonomy) -> Result<IncidentFacts, 
     if let (Some(occurred), Some(contained)) = (facts.occurred_at, facts.contained_at)
         && contained < occurred
     {
-        {
-            return Err(IncidentError::Facts(FieldError::new(
-                "contained_at",
-                "is before occurred_at",
-            )));
-        }
+        return Err(IncidentError::Facts(FieldError::new(
+            "contained_at",
+            "is before occurred_at",
+        )));
     }
     if facts.occurred_at.is_some_and(|o| o > facts.aware_at) {
         return Err(IncidentError::Facts(FieldError::new(
@@ -75,7 +73,29 @@ pub fn parse_facts(value: &Value, taxonomy: &Taxonomy) -> Result<IncidentFacts, 
             "is before occurred_at",
         )));
     }
+    // A little slack for clock skew; an awareness time in the future would push the
+    // regulator's deadline out.
+    if facts.aware_at > chrono::Utc::now() + chrono::Duration::minutes(5) {
+        return Err(IncidentError::Facts(FieldError::new("aware_at", "is in the future")));
+    }
     Ok(facts)
+}
+
+/// serde's messages quote the offending value (`invalid type: string "..."`), which may be
+/// free text with personal data; keep the kind of error and what was expected.
+fn without_values(message: &str) -> String {
+    if let Some(rest) = message.strip_prefix("invalid type: ")
+        && let Some((_, expected)) = rest.split_once(", expected ")
+    {
+        let kind = rest.split_whitespace().next().unwrap_or("value").trim_end_matches(',');
+        return format!("invalid type: got a {kind}, expected {expected}");
+    }
+    if let Some((_, expected)) = message.split_once(", expected ")
+        && message.starts_with("invalid value")
+    {
+        return format!("invalid value, expected {expected}");
+    }
+    message.to_owned()
 }
 
 /// The text fields every notice needs in its language, by element; used by drafting to list
@@ -108,7 +128,8 @@ mod tests {
         ];
         for pair in path.windows(2) {
             assert!(can_transition(pair[0], pair[1]), "{:?}", pair);
-            assert!(!can_transition(pair[1], pair[0]), "{:?} backwards", pair);
+            let rescope = pair == [S::Scoped, S::Drafted];
+            assert_eq!(can_transition(pair[1], pair[0]), rescope, "{:?} backwards", pair);
         }
         assert!(!can_transition(S::Triage, S::Approved));
         assert!(!can_transition(S::Notifying, S::Dismissed));
@@ -129,6 +150,24 @@ mod tests {
         bad["categories"] = serde_json::json!(["nope"]);
         let err = parse_facts(&bad, &t).expect_err("unknown category");
         assert!(err.to_string().contains("categories"), "{err}");
+
+        let mut bad = demo.clone();
+        bad["what_happened"] = serde_json::json!("Zhang San's phone 13800000000 leaked");
+        let err = parse_facts(&bad, &t).expect_err("not localized");
+        assert!(err.to_string().contains("what_happened"), "{err}");
+        assert!(
+            !err.to_string().contains("13800000000"),
+            "the value must not be echoed: {err}"
+        );
+
+        let mut bad = demo.clone();
+        bad["aware_at"] = serde_json::json!("2999-01-01T00:00:00Z");
+        assert!(
+            parse_facts(&bad, &t)
+                .expect_err("future")
+                .to_string()
+                .contains("aware_at")
+        );
 
         let mut bad = demo.clone();
         bad["grade"] = serde_json::json!("apocalyptic");

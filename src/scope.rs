@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::domain::{CategoryId, Channel, IncidentId, Reachability, RiskLevel};
+use crate::domain::{CategoryId, Channel, FieldError, IncidentId, MerchantId, Reachability, RiskLevel};
 use crate::model::{AffectedMerchant, IncidentFacts, Merchant, ScopeRule};
 use crate::taxonomy::Taxonomy;
 
@@ -169,15 +169,39 @@ pub fn summarize(affected: &[AffectedMerchant]) -> ScopeSummary {
     s
 }
 
-/// A scope rule must select something: an empty rule would notify the whole directory.
-pub fn check_rule(rule: &ScopeRule) -> Result<(), crate::domain::FieldError> {
+/// Checks a rule before it is applied: it must select something (an empty rule would notify
+/// the whole directory), regions must be ISO 3166 codes, and a window must be a window.
+pub fn check_rule(rule: &ScopeRule) -> Result<(), FieldError> {
     if rule == &ScopeRule::default() {
-        return Err(crate::domain::FieldError::new(
+        return Err(FieldError::new(
             "scope",
             "give at least one of merchant_ids, any_categories, regions, created_after, created_before",
         ));
     }
+    for (i, region) in rule.regions.iter().enumerate() {
+        if !crate::directory::is_region(region) {
+            return Err(FieldError::new(
+                format!("regions[{i}]"),
+                "must be an ISO 3166 code such as CN, CN-ZJ or SG",
+            ));
+        }
+    }
+    if let (Some(after), Some(before)) = (rule.created_after, rule.created_before)
+        && after >= before
+    {
+        return Err(FieldError::new("created_before", "must be later than created_after"));
+    }
     Ok(())
+}
+
+/// Merchant ids the rule names that the directory does not hold.
+pub fn unknown_ids<'a>(rule: &'a ScopeRule, merchants: &[Merchant]) -> Vec<&'a str> {
+    let known: std::collections::HashSet<&MerchantId> = merchants.iter().map(|m| &m.id).collect();
+    rule.merchant_ids
+        .iter()
+        .filter(|id| !known.contains(id))
+        .map(|id| id.as_str())
+        .collect()
 }
 
 #[cfg(test)]
@@ -245,7 +269,19 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_rule_is_refused() {
+    fn empty_or_malformed_rules_are_refused() {
         assert!(check_rule(&ScopeRule::default()).is_err());
+        let bad_region = ScopeRule {
+            regions: vec!["zhejiang".into()],
+            ..Default::default()
+        };
+        assert_eq!(check_rule(&bad_region).expect_err("region").field, "regions[0]");
+        let t = |s: &str| crate::time::parse_ts(s).expect("time");
+        let window = ScopeRule {
+            created_after: Some(t("2026-01-01T00:00:00Z")),
+            created_before: Some(t("2025-01-01T00:00:00Z")),
+            ..Default::default()
+        };
+        assert_eq!(check_rule(&window).expect_err("window").field, "created_before");
     }
 }

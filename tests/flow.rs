@@ -375,3 +375,172 @@ async fn a_filing_can_be_emailed_to_the_regulator_address() {
     t.run(&["--actor", "alice", "incidents", "file", &incident]).ok();
     assert_eq!(smtp.messages_to("reports@cac.example.cn").len(), 1);
 }
+
+/// Ingests one event, confirms it with the demo facts and returns the incident id.
+fn confirmed_incident(t: &Tocsin, key: &str) -> String {
+    let ingested = t
+        .run(&[
+            "--json",
+            "events",
+            "ingest",
+            &t.file("e.json", &event(&format!("ev-{key}"), key)),
+        ])
+        .ok()
+        .json();
+    let incident = ingested[0]["incident_id"].as_str().expect("id").to_owned();
+    let facts = repo("config/demo/incident.json");
+    t.run(&[
+        "--actor",
+        "alice",
+        "incidents",
+        "confirm",
+        &incident,
+        "--facts",
+        facts.to_str().expect("path"),
+    ])
+    .ok();
+    incident
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn guard_rails_refuse_bad_scopes_early_bulletins_and_reuse_of_closed_keys() {
+    let t = Tocsin::new();
+    let m = merchant("s-1", "en", None, Some("+6590000001"), None, &["account_credentials"]);
+    t.run(&["merchants", "import", &t.file("m.jsonl", &m)]).ok();
+    let incident = confirmed_incident(&t, "guard");
+
+    let unknown = t.run(&[
+        "--actor",
+        "alice",
+        "incidents",
+        "scope",
+        &incident,
+        "--merchants",
+        "s-1,nobody-9",
+    ]);
+    assert!(unknown.code != 0 && unknown.stderr.contains("merchant_ids") && unknown.stderr.contains("nobody-9"));
+    let region = t.run(&[
+        "--actor",
+        "alice",
+        "incidents",
+        "scope",
+        &incident,
+        "--regions",
+        "Zhejiang",
+    ]);
+    assert!(
+        region.code != 0 && region.stderr.contains("regions[0]"),
+        "{}",
+        region.stderr
+    );
+    let empty = t.run(&["--actor", "alice", "incidents", "scope", &incident, "--regions", "DE"]);
+    assert!(
+        empty.code != 0 && empty.stderr.contains("selects no merchant"),
+        "{}",
+        empty.stderr
+    );
+    let early = t.run(&["--actor", "alice", "incidents", "bulletin", &incident]);
+    assert!(early.code != 0 && early.stderr.contains("approved"), "{}", early.stderr);
+    let view = t.run(&["--json", "incidents", "show", &incident]).ok().json();
+    assert_eq!(
+        view["incident"]["state"], "confirmed",
+        "refused commands change nothing"
+    );
+
+    t.run(&[
+        "--actor",
+        "alice",
+        "incidents",
+        "scope",
+        &incident,
+        "--merchants",
+        "s-1",
+    ])
+    .ok();
+    t.run(&["--actor", "alice", "incidents", "draft", &incident]).ok();
+    // Re-scoping before approval is allowed; approval then waits for a new draft.
+    t.run(&[
+        "--actor",
+        "alice",
+        "incidents",
+        "scope",
+        &incident,
+        "--categories",
+        "account_credentials",
+    ])
+    .ok();
+    assert_ne!(t.run(&["--actor", "bob", "incidents", "approve", &incident]).code, 0);
+    let v2 = t
+        .run(&["--json", "--actor", "alice", "incidents", "draft", &incident])
+        .ok()
+        .json();
+    assert_eq!(v2["draft"]["version"], 2);
+    t.run(&["--actor", "bob", "incidents", "approve", &incident]).ok();
+    t.run(&["--actor", "alice", "incidents", "dispatch", &incident]).ok();
+    t.run(&["--actor", "alice", "incidents", "close", &incident]).ok();
+
+    // A closed incident's correlation key opens a new incident.
+    let again = t
+        .run(&[
+            "--json",
+            "events",
+            "ingest",
+            &t.file("e2.json", &event("ev-guard-2", "guard")),
+        ])
+        .ok()
+        .json();
+    assert_eq!(again[0]["outcome"], "opened");
+    t.run(&["audit", "verify"]).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redirecting_gateway_is_not_mistaken_for_a_delivery() {
+    let sms = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(302).insert_header("Location", format!("{}/elsewhere", sms.uri())))
+        .mount(&sms)
+        .await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&sms)
+        .await;
+    let mut t = Tocsin::new();
+    t.webhook("sms", &format!("{}/sms", sms.uri()), SECRET)
+        .set("TOCSIN_DELIVERY__MAX_ATTEMPTS", "2");
+    let m = merchant("r-1", "en", None, Some("+6590000002"), None, &["account_credentials"]);
+    t.run(&["merchants", "import", &t.file("m.jsonl", &m)]).ok();
+    let incident = confirmed_incident(&t, "redirect");
+    t.run(&[
+        "--actor",
+        "alice",
+        "incidents",
+        "scope",
+        &incident,
+        "--merchants",
+        "r-1",
+    ])
+    .ok();
+    t.run(&["--actor", "alice", "incidents", "draft", &incident]).ok();
+    t.run(&["--actor", "bob", "incidents", "approve", &incident]).ok();
+    let view = t
+        .run(&[
+            "--json",
+            "--actor",
+            "alice",
+            "incidents",
+            "dispatch",
+            &incident,
+            "--timeout",
+            "30",
+        ])
+        .ok()
+        .json();
+    assert_eq!(view["reached"], 0);
+    assert_eq!(view["unreachable"], json!(["r-1"]));
+    let requests = sms.received_requests().await.expect("recorded");
+    assert!(
+        requests.iter().all(|r| r.method.as_str() == "POST"),
+        "the redirect must not be followed"
+    );
+    assert_eq!(requests.len(), 2, "retried up to max_attempts, then given up");
+}

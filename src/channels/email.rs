@@ -130,18 +130,11 @@ impl EmailTransport {
                 .await
                 .map(Some)
                 .map_err(|e| SendError::transient(format!("writing the message file: {e}"))),
-            Inner::Smtp(t) => match t.send(message).await {
-                Ok(response) => Ok(response.message().next().map(|s| s.to_owned())),
-                Err(e) if e.is_permanent() => Err(SendError::permanent(format!(
-                    "SMTP rejected the message: {}",
-                    smtp_code(&e)
-                ))),
-                Err(e) if e.is_transient() => Err(SendError::transient(format!(
-                    "SMTP deferred the message: {}",
-                    smtp_code(&e)
-                ))),
-                Err(e) => Err(SendError::transient(format!("SMTP connection failed: {e}"))),
-            },
+            Inner::Smtp(t) => t
+                .send(message)
+                .await
+                .map(|r| r.message().next().map(str::to_owned))
+                .map_err(|e| classify(&e)),
         }
     }
 }
@@ -178,6 +171,25 @@ impl Transport for EmailTransport {
             key: &m.delivery.idempotency_key,
         })
         .await
+    }
+}
+
+/// Only a rejection of the recipient or the message is permanent for the merchant (550, 551,
+/// 552, 553, 554). Other 5xx answers (530/535 authentication, 500-504 protocol) say the relay
+/// or our configuration is wrong: retried, so fixing the configuration delivers them. Network
+/// and TLS failures are transient.
+fn classify(e: &lettre::transport::smtp::Error) -> SendError {
+    let code = smtp_code(e);
+    if e.is_permanent() && matches!(code.as_str(), "550" | "551" | "552" | "553" | "554") {
+        SendError::permanent(format!("SMTP rejected the recipient or message: {code}"))
+    } else if e.is_permanent() {
+        SendError::transient(format!(
+            "SMTP refused the relay (configuration or authentication?): {code}"
+        ))
+    } else if e.is_transient() {
+        SendError::transient(format!("SMTP deferred the message: {code}"))
+    } else {
+        SendError::transient(format!("SMTP connection failed: {e}"))
     }
 }
 

@@ -56,7 +56,10 @@ impl WebhookTransport {
         };
         let inner = match s.transport.as_str() {
             "webhook" => Inner::Http {
+                // No redirects: following one would turn the POST into a GET without the message
+                // and report a success that never reached the gateway.
                 client: reqwest::Client::builder()
+                    .redirect(reqwest::redirect::Policy::none())
                     .timeout(Duration::from_secs(s.timeout_seconds))
                     .build()
                     .map_err(|e| setup_err(name, e))?,
@@ -141,6 +144,12 @@ impl Transport for WebhookTransport {
                 }
                 let retry_after = retry_after(response.headers());
                 let message = format!("webhook answered HTTP {}", status.as_u16());
+                if status.is_redirection() {
+                    return Err(SendError::transient(format!(
+                        "webhook answered a redirect (HTTP {}); configure its final URL",
+                        status.as_u16()
+                    )));
+                }
                 if status.as_u16() == 408 || status.as_u16() == 429 || status.is_server_error() {
                     Err(SendError {
                         retry_after,

@@ -200,12 +200,14 @@ pub trait Store: Send + Sync {
     ) -> Result<Vec<Delivery>, StoreError>;
     /// Stores an attempt's outcome together with what follows from it for the merchant,
     /// in one transaction, so a crash cannot record a failure and lose the fallback.
+    /// Returns `false`, storing nothing, if the delivery's claim is no longer this attempt's
+    /// (its lease ran out and another worker took it over).
     async fn record_attempt(
         &self,
         delivery: &Delivery,
         outcome: &AttemptOutcome,
         followup: &Followup,
-    ) -> Result<(), StoreError>;
+    ) -> Result<bool, StoreError>;
     async fn deliveries(&self, incident: &IncidentId) -> Result<Vec<Delivery>, StoreError>;
     async fn delivery_tally(&self, incident: &IncidentId) -> Result<Vec<ChannelTally>, StoreError>;
     /// Deliveries not yet final (pending or sending), for any incident if `None`.

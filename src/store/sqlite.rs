@@ -936,39 +936,80 @@ impl Store for SqliteStore {
         delivery: &Delivery,
         outcome: &AttemptOutcome,
         followup: &Followup,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let now = fmt_ts(Utc::now());
         let id = delivery.id.as_str();
+        // Only the holder of the current claim (same attempt number, still sending) may record.
+        let claim = delivery.attempts;
         let mut tx = self.begin().await?;
         let query = match outcome {
             AttemptOutcome::Sent { provider_message_id } => sqlx::query(
                 "UPDATE deliveries SET status = 'sent', sent_at = $1, updated_at = $1, lease_until = NULL,
                         provider_message_id = $2, last_error = NULL, error_class = NULL
-                 WHERE id = $3",
+                 WHERE id = $3 AND status = 'sending' AND attempts = $4",
             )
             .bind(now.clone())
             .bind(provider_message_id.clone())
-            .bind(id),
+            .bind(id)
+            .bind(claim),
             AttemptOutcome::Retry { error, at } => sqlx::query(
                 "UPDATE deliveries SET status = 'pending', next_attempt_at = $1, updated_at = $2, lease_until = NULL,
                         last_error = $3, error_class = 'transient'
-                 WHERE id = $4",
+                 WHERE id = $4 AND status = 'sending' AND attempts = $5",
             )
             .bind(fmt_ts(*at))
             .bind(now.clone())
             .bind(error.clone())
-            .bind(id),
+            .bind(id)
+            .bind(claim),
             AttemptOutcome::Failed { error, class } => sqlx::query(
                 "UPDATE deliveries SET status = 'failed', updated_at = $1, lease_until = NULL,
                         last_error = $2, error_class = $3
-                 WHERE id = $4",
+                 WHERE id = $4 AND status = 'sending' AND attempts = $5",
             )
             .bind(now.clone())
             .bind(error.clone())
             .bind(class.as_str())
-            .bind(id),
+            .bind(id)
+            .bind(claim),
         };
-        query.execute(&mut *tx).await.doing("recording a delivery attempt")?;
+        if query
+            .execute(&mut *tx)
+            .await
+            .doing("recording a delivery attempt")?
+            .rows_affected()
+            == 0
+        {
+            return Ok(false);
+        }
+        // Final outcomes are evidence: they go into the hash chain (ids and classes, no addresses).
+        let system = Actor::system();
+        let ledger = |action: &str, detail: serde_json::Value| NewLedgerEntry {
+            at: Utc::now(),
+            actor: system.clone(),
+            action: action.to_owned(),
+            incident_id: Some(delivery.incident_id.clone()),
+            detail,
+        };
+        let base = serde_json::json!({
+            "delivery_id": id, "merchant_id": delivery.merchant_id.as_str(), "channel": delivery.channel.as_str(),
+            "draft_id": delivery.draft_id.as_str(), "attempts": delivery.attempts,
+        });
+        let with = |mut v: serde_json::Value, key: &str, value: serde_json::Value| {
+            v[key] = value;
+            v
+        };
+        match outcome {
+            AttemptOutcome::Sent { provider_message_id } => {
+                let detail = with(base.clone(), "provider_message_id", provider_message_id.clone().into());
+                append_ledger_in(&mut tx, &ledger("delivery.sent", detail)).await?;
+            }
+            AttemptOutcome::Failed { class, .. } => {
+                let detail = with(base.clone(), "error_class", class.as_str().into());
+                append_ledger_in(&mut tx, &ledger("delivery.failed", detail)).await?;
+            }
+            AttemptOutcome::Retry { .. } => {}
+        }
         let reach = |r: Reachability, ch: Option<Channel>| {
             sqlx::query(
                 "UPDATE affected_merchants SET reachability = $1, reached_channel = $2
@@ -992,10 +1033,14 @@ impl Store for SqliteStore {
                     .execute(&mut *tx)
                     .await
                     .doing("recording that a merchant is unreachable")?;
+                let detail =
+                    serde_json::json!({ "merchant_id": delivery.merchant_id.as_str(), "last_delivery_id": id });
+                append_ledger_in(&mut tx, &ledger("merchant.unreachable", detail)).await?;
             }
             Followup::Fallback(next) => insert_delivery_in(&mut tx, next, &now).await.map(|_| ())?,
         }
-        tx.commit().await.doing("committing a delivery attempt")
+        tx.commit().await.doing("committing a delivery attempt")?;
+        Ok(true)
     }
 
     async fn deliveries(&self, incident: &IncidentId) -> Result<Vec<Delivery>, StoreError> {
@@ -1171,7 +1216,8 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
         let incident: Option<String> = sqlx::query_scalar(
-            "UPDATE filings SET submitted_at = $1, location = $2 WHERE id = $3 RETURNING incident_id",
+            "UPDATE filings SET submitted_at = $1, location = $2 WHERE id = $3 AND submitted_at IS NULL
+             RETURNING incident_id",
         )
         .bind(fmt_ts(at))
         .bind(location)
@@ -1179,9 +1225,10 @@ impl Store for SqliteStore {
         .fetch_optional(&mut *tx)
         .await
         .doing("recording a filing submission")?;
-        let incident = incident.ok_or_else(|| StoreError::NotFound {
+        let incident = incident.ok_or_else(|| StoreError::Conflict {
             what: "filing",
             id: id.to_string(),
+            reason: "it does not exist or was already submitted".into(),
         })?;
         let entry = NewLedgerEntry {
             at,
