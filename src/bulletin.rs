@@ -16,7 +16,7 @@ use crate::ledger::content_hash;
 use crate::model::*;
 use crate::taxonomy::Taxonomy;
 use crate::templates::{TemplateError, Templates};
-use crate::time::{fmt_ts, human};
+use crate::time::{fmt_ts, human_for};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BulletinError {
@@ -114,8 +114,8 @@ pub fn render_files(
             "operator": { "name": settings.operator_name, "platform": settings.platform },
             "reference": incident.reference,
             "title": title(incident, locale),
-            "published_at": human(published_at),
-            "updated_at": human(updated_at),
+            "published_at": human_for(published_at, locale),
+            "updated_at": human_for(updated_at, locale),
             "incident": incident_context(incident, facts, locale),
             "categories": categories,
             "contact": {

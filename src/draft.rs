@@ -12,7 +12,7 @@ use crate::ledger::content_hash;
 use crate::model::*;
 use crate::taxonomy::Taxonomy;
 use crate::templates::{TemplateError, Templates};
-use crate::time::human;
+use crate::time::human_for;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DraftError {
@@ -85,6 +85,7 @@ pub fn risk_label(risk: RiskLevel, locale: Locale) -> &'static str {
 /// here; [`missing_elements`] reports them before anything is rendered.
 pub fn incident_context(incident: &Incident, facts: &IncidentFacts, locale: Locale) -> Value {
     let text = |t: &LocalizedText| t.get(locale).unwrap_or("").to_owned();
+    let human = |t| human_for(t, locale);
     let detected = incident.detected_at;
     json!({
         "reference": incident.reference,
@@ -93,7 +94,7 @@ pub fn incident_context(incident: &Incident, facts: &IncidentFacts, locale: Loca
         "occurred_at": human(facts.occurred_at.unwrap_or(detected)),
         "detected_at": human(detected),
         "aware_at": human(facts.aware_at),
-        "contained_at": facts.contained_at.map(human),
+        "contained_at": facts.contained_at.map(&human),
         "what_happened": text(&facts.what_happened),
         "impact": text(&facts.impact),
         "cause": text(&facts.cause),
@@ -215,7 +216,6 @@ pub fn render_notice(
     if !missing.is_empty() {
         return Err(DraftError::Incomplete { missing });
     }
-    context["sections"] = serde_json::to_value(&sections).unwrap_or(Value::Null);
     let render = |name: &str| templates.render(&format!("notice/{locale}/{name}"), &context);
     let email_text = render("email.txt")?;
     // The full notice must carry every element as rendered; a template that drops one fails.

@@ -15,7 +15,7 @@ use crate::draft::kind_label;
 use crate::ledger::content_hash;
 use crate::model::*;
 use crate::templates::{TemplateError, Templates};
-use crate::time::{fmt_ts, human};
+use crate::time::{fmt_ts, human_for};
 
 pub const CAC_PROFILE: &str = include_str!("../config/regulators/cn-cac.toml");
 
@@ -135,8 +135,14 @@ fn field_text(name: &str, facts: &IncidentFacts, figures: &Figures, locale: Loca
             Some(figures.reporting_unit.clone()).filter(|s| !s.is_empty()),
         ),
         "affected_system" => (label("Affected system", "受影响系统"), text(&facts.affected_system)),
-        "occurred_at" => (label("Occurred", "发生时间"), facts.occurred_at.map(human)),
-        "aware_at" => (label("Discovered (aware)", "发现时间"), Some(human(facts.aware_at))),
+        "occurred_at" => (
+            label("Occurred", "发生时间"),
+            facts.occurred_at.map(|t| human_for(t, locale)),
+        ),
+        "aware_at" => (
+            label("Discovered (aware)", "发现时间"),
+            Some(human_for(facts.aware_at, locale)),
+        ),
         "location" => (label("Where", "地点"), text(&facts.location)),
         "kind" => (
             label("Type", "事件类型"),
@@ -276,8 +282,8 @@ pub fn render_html(
         "stage_label": if zh { "初报" } else { "Initial report" },
         "reference": filing.content["reference"],
         "operator": { "name": operator.0, "platform": operator.1 },
-        "generated_at": human(filing.created_at),
-        "deadline": human(filing.deadline_at),
+        "generated_at": human_for(filing.created_at, profile.locale),
+        "deadline": human_for(filing.deadline_at, profile.locale),
         "items": filing.content["items"],
     });
     Ok(templates.render("filing/report.html", &context)?)

@@ -53,13 +53,18 @@ impl Templates {
         let mut html = Handlebars::new();
         html.set_strict_mode(true);
         for (name, source) in sources {
-            let registry = if is_markup(&name) { &mut html } else { &mut text };
-            registry
-                .register_template_string(&name, source)
-                .map_err(|e| TemplateError::Load {
-                    name: name.clone(),
-                    reason: e.to_string(),
-                })?;
+            let load = |e: handlebars::TemplateError| TemplateError::Load {
+                name: name.clone(),
+                reason: e.to_string(),
+            };
+            if is_markup(&name) {
+                html.register_template_string(&name, source).map_err(load)?;
+            } else {
+                // Text templates are also partials of the markup ones (a notice's sections in the
+                // HTML email), where the HTML registry escapes what they render.
+                html.register_template_string(&name, &source).map_err(load)?;
+                text.register_template_string(&name, source).map_err(load)?;
+            }
         }
         Ok(Self { text, html })
     }

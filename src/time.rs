@@ -18,6 +18,17 @@ pub fn human(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%d %H:%M UTC").to_string()
 }
 
+/// A human form in the reader's time: China Standard Time (UTC+8, no daylight saving) for
+/// `zh-CN` readers, UTC otherwise.
+pub fn human_for(t: DateTime<Utc>, locale: crate::domain::Locale) -> String {
+    match locale {
+        crate::domain::Locale::ZhCn => (t + chrono::Duration::hours(8))
+            .format("%Y-%m-%d %H:%M（北京时间）")
+            .to_string(),
+        crate::domain::Locale::En => human(t),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -29,5 +40,15 @@ mod tests {
         assert_eq!(fmt_ts(a), "2026-11-27T19:45:00.000000Z");
         assert_eq!(parse_ts(&fmt_ts(b)).expect("round trip"), b);
         assert!(fmt_ts(a) < fmt_ts(b));
+    }
+
+    #[test]
+    fn chinese_readers_get_beijing_time() {
+        let t = parse_ts("2026-11-28T20:30:00Z").expect("valid");
+        assert_eq!(
+            human_for(t, crate::domain::Locale::ZhCn),
+            "2026-11-29 04:30（北京时间）"
+        );
+        assert_eq!(human_for(t, crate::domain::Locale::En), "2026-11-28 20:30 UTC");
     }
 }
