@@ -22,6 +22,20 @@ async fn post(client: &reqwest::Client, url: &str, body: Value) -> (u16, Value, 
     (status, body, ctype)
 }
 
+async fn get_json(client: &reqwest::Client, url: &str) -> Value {
+    client.get(url).send().await.expect("get").json().await.expect("json")
+}
+
+/// One lifecycle action on the incident by `actor`.
+async fn act(client: &reqwest::Client, api: &str, id: &str, action: &str, actor: &str) -> (u16, Value, String) {
+    post(
+        client,
+        &format!("{api}/incidents/{id}/{action}"),
+        json!({ "actor": actor }),
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_lifecycle_over_http_delivers_and_publishes() {
     tocsin::install_crypto_provider();
@@ -112,14 +126,7 @@ async fn the_lifecycle_over_http_delivers_and_publishes() {
     )
     .await;
     assert_eq!((status, dry["affected"].as_u64()), (200, Some(3)));
-    let view: Value = client
-        .get(format!("{api}/incidents/{id}"))
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let view: Value = get_json(&client, &format!("{api}/incidents/{id}")).await;
     assert_eq!(view["incident"]["state"], "confirmed", "a dry run stores nothing");
     let (status, _, _) = post(
         &client,
@@ -128,40 +135,15 @@ async fn the_lifecycle_over_http_delivers_and_publishes() {
     )
     .await;
     assert_eq!(status, 200);
-    let (status, drafted, _) = post(
-        &client,
-        &format!("{api}/incidents/{id}/draft"),
-        json!({"actor": "alice"}),
-    )
-    .await;
+    let (status, drafted, _) = act(&client, &api, &id, "draft", "alice").await;
     assert_eq!((status, drafted["notices"].as_u64()), (200, Some(3)));
-    let (status, problem, _) = post(
-        &client,
-        &format!("{api}/incidents/{id}/approve"),
-        json!({"actor": "alice"}),
-    )
-    .await;
+    let (status, problem, _) = act(&client, &api, &id, "approve", "alice").await;
     assert_eq!(status, 403, "{problem}");
-    let (status, problem, _) = post(
-        &client,
-        &format!("{api}/incidents/{id}/dispatch"),
-        json!({"actor": "alice"}),
-    )
-    .await;
+    let (status, problem, _) = act(&client, &api, &id, "dispatch", "alice").await;
     assert_eq!(status, 409, "dispatch before approval: {problem}");
-    let (status, _, _) = post(
-        &client,
-        &format!("{api}/incidents/{id}/approve"),
-        json!({"actor": "bob"}),
-    )
-    .await;
+    let (status, _, _) = act(&client, &api, &id, "approve", "bob").await;
     assert_eq!(status, 200);
-    let (status, started, _) = post(
-        &client,
-        &format!("{api}/incidents/{id}/dispatch"),
-        json!({"actor": "alice"}),
-    )
-    .await;
+    let (status, started, _) = act(&client, &api, &id, "dispatch", "alice").await;
     assert_eq!((status, started["queued"].as_u64()), (202, Some(2)));
 
     // The server's worker delivers and settles the incident.
@@ -186,23 +168,9 @@ async fn the_lifecycle_over_http_delivers_and_publishes() {
     assert!(zh.contains("Content-Language: zh-CN"), "{zh}");
 
     // Notices read back with sections and rendered text.
-    let notices: Value = client
-        .get(format!("{api}/incidents/{id}/notices"))
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let notices: Value = get_json(&client, &format!("{api}/incidents/{id}/notices")).await;
     let nid = notices[0]["id"].as_str().expect("notice id");
-    let notice: Value = client
-        .get(format!("{api}/notices/{nid}"))
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let notice: Value = get_json(&client, &format!("{api}/notices/{nid}")).await;
     assert!(
         notice["notice"]["sections"]["advice"]
             .as_str()

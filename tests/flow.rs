@@ -129,24 +129,10 @@ async fn notices_reach_each_merchant_on_the_right_channel_with_retries_and_fallb
         .json();
     assert_eq!(scope["affected"], 7, "h-unaffected holds none of the exposed data");
     t.run(&["--actor", "alice", "incidents", "draft", &incident]).ok();
-
     let same = t.run(&["--actor", "alice", "incidents", "approve", &incident]);
     assert_ne!(same.code, 0);
     assert!(same.stderr.contains("four eyes"), "{}", same.stderr);
-    t.run(&["--actor", "bob", "incidents", "approve", &incident]).ok();
-    let view = t
-        .run(&[
-            "--json",
-            "--actor",
-            "alice",
-            "incidents",
-            "dispatch",
-            &incident,
-            "--timeout",
-            "60",
-        ])
-        .ok()
-        .json();
+    let view = draft_approve_dispatch(&t, &incident);
 
     // Email: real SMTP, one message per reachable mailbox.
     let ok = smtp.messages_to("ok@example.com");
@@ -344,22 +330,7 @@ async fn a_filing_can_be_emailed_to_the_regulator_address() {
         .set("TOCSIN_FILING__TRANSPORT", "email")
         .set("TOCSIN_FILING__REGULATOR_EMAIL", "reports@cac.example.cn")
         .set("TOCSIN_OPERATOR__CLASS", "critical_infrastructure");
-    let ingested = t
-        .run(&["--json", "events", "ingest", &t.file("e.json", &event("f-1", "kf"))])
-        .ok()
-        .json();
-    let incident = ingested[0]["incident_id"].as_str().expect("id").to_owned();
-    let facts = repo("config/demo/incident.json");
-    t.run(&[
-        "--actor",
-        "alice",
-        "incidents",
-        "confirm",
-        &incident,
-        "--facts",
-        facts.to_str().expect("path"),
-    ])
-    .ok();
+    let incident = confirmed_incident(&t, "filing");
     let filed = t
         .run(&["--json", "--actor", "alice", "incidents", "file", &incident])
         .ok()
@@ -374,6 +345,24 @@ async fn a_filing_can_be_emailed_to_the_regulator_address() {
     // Filing again neither drafts nor sends a second report.
     t.run(&["--actor", "alice", "incidents", "file", &incident]).ok();
     assert_eq!(smtp.messages_to("reports@cac.example.cn").len(), 1);
+}
+
+/// Drafts as alice, approves as bob, dispatches and waits; returns the incident view.
+fn draft_approve_dispatch(t: &Tocsin, incident: &str) -> Value {
+    t.run(&["--actor", "alice", "incidents", "draft", incident]).ok();
+    t.run(&["--actor", "bob", "incidents", "approve", incident]).ok();
+    t.run(&[
+        "--json",
+        "--actor",
+        "alice",
+        "incidents",
+        "dispatch",
+        incident,
+        "--timeout",
+        "60",
+    ])
+    .ok()
+    .json()
 }
 
 /// Ingests one event, confirms it with the demo facts and returns the incident id.
@@ -520,21 +509,7 @@ async fn a_redirecting_gateway_is_not_mistaken_for_a_delivery() {
         "r-1",
     ])
     .ok();
-    t.run(&["--actor", "alice", "incidents", "draft", &incident]).ok();
-    t.run(&["--actor", "bob", "incidents", "approve", &incident]).ok();
-    let view = t
-        .run(&[
-            "--json",
-            "--actor",
-            "alice",
-            "incidents",
-            "dispatch",
-            &incident,
-            "--timeout",
-            "30",
-        ])
-        .ok()
-        .json();
+    let view = draft_approve_dispatch(&t, &incident);
     assert_eq!(view["reached"], 0);
     assert_eq!(view["unreachable"], json!(["r-1"]));
     let requests = sms.received_requests().await.expect("recorded");
