@@ -699,6 +699,16 @@ impl Tocsin {
         if filing.submitted_at.is_some() {
             return Ok(Some(filing));
         }
+        // Claimed before sending, so a second `file` running at the same time does not send it
+        // again; a claim left by a crash expires and the next run sends it.
+        let now = Utc::now();
+        if !self
+            .store
+            .claim_filing(&filing.id, now, now + chrono::Duration::minutes(5))
+            .await?
+        {
+            return Ok(Some(filing));
+        }
         let html = filing::render_html(
             &filing,
             &self.cac,

@@ -157,6 +157,7 @@ CREATE TABLE filings (
     deadline_at  TEXT NOT NULL,
     created_at   TEXT NOT NULL,
     submitted_at TEXT,
+    claimed_until TEXT,                       -- a submission in progress (lease), see store
     transport    TEXT NOT NULL,
     location     TEXT,
     UNIQUE (incident_id, regulator, stage)

@@ -227,6 +227,9 @@ pub trait Store: Send + Sync {
 
     // Filings
     async fn filings(&self, incident: &IncidentId) -> Result<Vec<Filing>, StoreError>;
+    /// Claims the right to submit a filing until `until`; `false` if it was submitted or another
+    /// process holds an unexpired claim. Two submitters can then not both send it.
+    async fn claim_filing(&self, id: &FilingId, now: DateTime<Utc>, until: DateTime<Utc>) -> Result<bool, StoreError>;
     async fn insert_filing(&self, filing: &Filing, actor: &Actor) -> Result<(), StoreError>;
     async fn mark_filing_submitted(
         &self,

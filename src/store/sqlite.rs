@@ -1177,6 +1177,20 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    async fn claim_filing(&self, id: &FilingId, now: DateTime<Utc>, until: DateTime<Utc>) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE filings SET claimed_until = $1
+             WHERE id = $2 AND submitted_at IS NULL AND (claimed_until IS NULL OR claimed_until <= $3)",
+        )
+        .bind(fmt_ts(until))
+        .bind(id.as_str())
+        .bind(fmt_ts(now))
+        .execute(&self.pool)
+        .await
+        .doing("claiming a filing for submission")?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn insert_filing(&self, f: &Filing, actor: &Actor) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
         sqlx::query(
@@ -1485,6 +1499,55 @@ mod tests {
             ]
         );
         assert_eq!(s.open_deliveries(Some(&incident)).await.expect("count"), 1);
+    }
+
+    #[tokio::test]
+    async fn a_filing_is_claimed_by_one_submitter_at_a_time_and_submitted_once() {
+        let (_dir, s) = store().await;
+        let (incident, _, _) = ready(&s).await;
+        let alice: Actor = "alice".parse().expect("actor");
+        let now = Utc::now();
+        let filing = Filing {
+            id: FilingId::generate(),
+            incident_id: incident.clone(),
+            regulator: "cn-cac".into(),
+            stage: "initial".into(),
+            content: serde_json::json!({}),
+            content_hash: "h".into(),
+            deadline_at: now,
+            created_at: now,
+            submitted_at: None,
+            transport: "file".into(),
+            location: None,
+        };
+        s.insert_filing(&filing, &alice).await.expect("insert");
+        let lease = now + ChronoDuration::minutes(5);
+        assert!(s.claim_filing(&filing.id, now, lease).await.expect("claim"));
+        assert!(
+            !s.claim_filing(&filing.id, now, lease).await.expect("claim"),
+            "claimed already"
+        );
+        let later = lease + ChronoDuration::seconds(1);
+        assert!(
+            s.claim_filing(&filing.id, later, later + ChronoDuration::minutes(5))
+                .await
+                .expect("claim"),
+            "expired"
+        );
+        s.mark_filing_submitted(&filing.id, later, "here", &alice)
+            .await
+            .expect("submit");
+        assert!(
+            s.mark_filing_submitted(&filing.id, later, "again", &alice)
+                .await
+                .is_err(),
+            "submitted once"
+        );
+        let far = later + ChronoDuration::hours(1);
+        assert!(
+            !s.claim_filing(&filing.id, far, far).await.expect("claim"),
+            "a submitted filing is never claimed"
+        );
     }
 
     #[tokio::test]
