@@ -145,10 +145,27 @@ impl Dispatcher {
             claimed: claimed.len() as u64,
             ..Default::default()
         };
+        // One lookup per incident in the batch, not one per delivery.
+        let mut references: HashMap<IncidentId, Arc<str>> = HashMap::new();
+        for d in &claimed {
+            if !references.contains_key(&d.incident_id) {
+                let reference = self
+                    .store
+                    .incident(d.incident_id.as_str())
+                    .await?
+                    .map(|i| i.reference)
+                    .unwrap_or_default();
+                references.insert(d.incident_id.clone(), reference.into());
+            }
+        }
         let mut tasks = JoinSet::new();
         for delivery in claimed {
             let this = self.clone();
-            tasks.spawn(async move { this.deliver(delivery).await });
+            let reference = references
+                .get(&delivery.incident_id)
+                .cloned()
+                .unwrap_or_else(|| Arc::from(""));
+            tasks.spawn(async move { this.deliver(delivery, &reference).await });
         }
         let mut first_error = None;
         while let Some(joined) = tasks.join_next().await {
@@ -167,23 +184,17 @@ impl Dispatcher {
         }
     }
 
-    async fn deliver(&self, delivery: Delivery) -> Result<StepReport, DispatchError> {
+    async fn deliver(&self, delivery: Delivery, reference: &str) -> Result<StepReport, DispatchError> {
         let notice = self
             .store
             .notice(&delivery.notice_id)
             .await?
             .ok_or_else(|| DispatchError::MissingNotice(delivery.id.to_string()))?;
-        let reference = self
-            .store
-            .incident(delivery.incident_id.as_str())
-            .await?
-            .map(|i| i.reference)
-            .unwrap_or_default();
         let notice_url = format!("{}/{reference}/", self.public_base_url);
         let outbound = Outbound {
             delivery: &delivery,
             notice: &notice,
-            reference: &reference,
+            reference,
             notice_url: &notice_url,
         };
         let result = self.channels.get(delivery.channel).send(&outbound).await;
