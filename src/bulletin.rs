@@ -11,7 +11,7 @@ use chrono::Utc;
 use serde_json::{Value, json};
 
 use crate::domain::*;
-use crate::draft::{NoticeSettings, categories_context, incident_context};
+use crate::draft::{NoticeSettings, categories_context, frozen_labels, incident_context};
 use crate::ledger::content_hash;
 use crate::model::*;
 use crate::taxonomy::Taxonomy;
@@ -106,9 +106,11 @@ pub fn render_files(
             .collect();
         let base = json!({
             "locale": locale.as_str(),
-            "operator": { "name": settings.operator_name, "platform": settings.platform },
+            "operator": { "name": settings.operator_name, "platform": settings.platform,
+                          "short_name": if locale == Locale::En { &settings.short_name_en } else { &settings.short_name_zh } },
         });
-        let categories = categories_context(&facts.categories, locale, &base, taxonomy, templates)?;
+        let labels = frozen_labels(&facts.categories, taxonomy);
+        let categories = categories_context(&facts.categories, locale, &base, &labels, templates)?;
         let context = json!({
             "locale": locale.as_str(),
             "operator": { "name": settings.operator_name, "platform": settings.platform },
@@ -116,7 +118,7 @@ pub fn render_files(
             "title": title(incident, locale),
             "published_at": human_for(published_at, locale),
             "updated_at": human_for(updated_at, locale),
-            "incident": incident_context(incident, facts, locale),
+            "incident": incident_context(&incident.reference, incident.detected_at, facts, locale),
             "categories": categories,
             "contact": {
                 "officer": if locale == Locale::En { &settings.officer_en } else { &settings.officer_zh },

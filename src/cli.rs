@@ -63,6 +63,19 @@ pub enum Command {
     /// The audit ledger.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Benchmarks that print one JSON line per run.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCmd {
+    /// Generate a directory of N merchants and time scope, classification, the completeness
+    /// check of every notice variant and outbox insertion (confirm to ready-to-approve).
+    Draft {
+        #[arg(long, default_value_t = 10_000)]
+        merchants: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -94,6 +107,18 @@ pub struct ScopeArgs {
     /// Regions (CN, CN-ZJ, SG...), comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub regions: Vec<String>,
+    /// Merchants created at or after this time (RFC 3339).
+    #[arg(long)]
+    pub created_after: Option<String>,
+    /// Merchants created before this time (RFC 3339).
+    #[arg(long)]
+    pub created_before: Option<String>,
+    /// Merchants active at or after this time (RFC 3339).
+    #[arg(long)]
+    pub active_after: Option<String>,
+    /// Merchants last active before this time (RFC 3339).
+    #[arg(long)]
+    pub active_before: Option<String>,
     /// Show the counts without storing anything.
     #[arg(long)]
     pub dry_run: bool,
@@ -129,8 +154,41 @@ pub enum IncidentsCmd {
         #[command(flatten)]
         args: ScopeArgs,
     },
-    /// Draft the notices (a new version if anything changed).
-    Draft { id: String },
+    /// Draft the notices (a new version if anything changed; after approval, an update).
+    Draft {
+        id: String,
+        /// For an update: what changed since the earlier version, in English.
+        #[arg(long)]
+        changes_en: Option<String>,
+        /// For an update: what changed, in Chinese.
+        #[arg(long)]
+        changes_zh: Option<String>,
+    },
+    /// Replace the incident's facts (new findings; draft an update afterwards).
+    Amend {
+        id: String,
+        #[arg(long)]
+        facts: PathBuf,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Set the incident's grade; a grade other than the suggested one needs a reason.
+    Grade {
+        id: String,
+        grade: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Decide whether one affected merchant must be notified (overrides the rules).
+    NoticeDecision {
+        id: String,
+        merchant: String,
+        /// `true` to notify, `false` to skip (PIPL Art. 57 para 2).
+        #[arg(long)]
+        required: bool,
+        #[arg(long)]
+        reason: String,
+    },
     /// Approve the latest draft (a different actor than its drafter).
     Approve { id: String },
     /// Queue the approved notices and deliver them.
@@ -157,6 +215,21 @@ pub enum NoticesCmd {
     List { incident: String },
     /// Show a notice's sections and rendered text.
     Show { id: String },
+    /// A merchant's notice on every channel and in every language.
+    Preview {
+        incident: String,
+        merchant: String,
+        /// The version (default: the latest).
+        #[arg(long)]
+        version: Option<i64>,
+    },
+    /// What changed in a merchant's notice between two versions.
+    Diff {
+        incident: String,
+        merchant: String,
+        from: i64,
+        to: i64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -180,6 +253,11 @@ fn print<T: Serialize>(json: bool, value: &T, text: impl FnOnce() -> String) {
     } else {
         println!("{}", text());
     }
+}
+
+fn merchant_arg(raw: &str) -> anyhow::Result<crate::domain::MerchantId> {
+    raw.parse()
+        .map_err(|e: FieldError| anyhow::anyhow!("merchant: {}", e.reason))
 }
 
 fn read_json(path: &Path) -> anyhow::Result<serde_json::Value> {
@@ -216,6 +294,15 @@ fn scope_rule(args: &ScopeArgs) -> anyhow::Result<ScopeRule> {
         );
     }
     rule.regions.extend(args.regions.iter().cloned());
+    let time = |name: &str, raw: &Option<String>| -> anyhow::Result<Option<chrono::DateTime<chrono::Utc>>> {
+        raw.as_deref()
+            .map(|r| crate::time::parse_ts(r).map_err(|e| anyhow::anyhow!("--{name}: not an RFC 3339 time: {e}")))
+            .transpose()
+    };
+    rule.created_after = time("created-after", &args.created_after)?.or(rule.created_after);
+    rule.created_before = time("created-before", &args.created_before)?.or(rule.created_before);
+    rule.active_after = time("active-after", &args.active_after)?.or(rule.active_after);
+    rule.active_before = time("active-before", &args.active_before)?.or(rule.active_before);
     Ok(rule)
 }
 
@@ -285,8 +372,61 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             });
         }
         Command::Incidents(cmd) => return incidents(&engine, &cli, cmd).await,
+        Command::Bench(BenchCmd::Draft { merchants }) => {
+            let report = crate::bench::draft(&engine, *merchants).await?;
+            println!("{}", serde_json::to_string(&report).unwrap_or_default());
+        }
+        Command::Notices(NoticesCmd::Preview {
+            incident,
+            merchant,
+            version,
+        }) => {
+            let preview = engine.preview(incident, &merchant_arg(merchant)?, *version).await?;
+            print(json, &preview, || {
+                let mut out = format!(
+                    "incident {}, version {} ({:?}), merchant {} (reads {})",
+                    preview.incident_reference,
+                    preview.version,
+                    preview.draft_state,
+                    preview.merchant_id,
+                    preview.merchant_locale
+                );
+                for n in &preview.notices {
+                    out.push_str(&format!(
+                        "\n\n===== {} =====\n--- email: {}\n{}\n\n--- sms ({} characters)\n{}\n\n--- push: {}\n{}\n\n--- link\n{}",
+                        n.locale,
+                        n.email_subject,
+                        n.email_text,
+                        n.sms_text.chars().count(),
+                        n.sms_text,
+                        n.push_title,
+                        n.push_body,
+                        n.url
+                    ));
+                }
+                out
+            });
+        }
+        Command::Notices(NoticesCmd::Diff {
+            incident,
+            merchant,
+            from,
+            to,
+        }) => {
+            let diff = engine.diff(incident, &merchant_arg(merchant)?, *from, *to).await?;
+            print(json, &diff, || {
+                if diff.changes.is_empty() {
+                    return "no change".into();
+                }
+                diff.changes
+                    .iter()
+                    .map(|(name, d)| format!("=== {name}\n{d}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
         Command::Notices(NoticesCmd::List { incident }) => {
-            let notices = engine.notices(incident).await?;
+            let notices = engine.notices(incident, None, u32::MAX).await?;
             let rows: Vec<_> = notices
                 .iter()
                 .map(|n| (n.id.to_string(), n.merchant_id.to_string(), n.locale.to_string()))
@@ -373,18 +513,31 @@ async fn incidents(engine: &Tocsin, cli: &Cli, cmd: &IncidentsCmd) -> anyhow::Re
                 .await?;
             print(json, &summary, || {
                 format!(
-                    "{}{} merchants affected\n  by risk: {:?}\n  by first channel: {:?}\n  by locale: {:?}\n  without any channel: {}",
+                    "{}{} merchants affected ({} to notify, {} may be skipped)\n  by risk: {:?}\n  by first channel: {:?}\n  by locale: {:?}\n  without any channel: {}\n  natural persons: {} (suggested grade {}; grade {})",
                     if args.dry_run { "dry run: " } else { "" },
                     summary.affected,
+                    summary.notice_required,
+                    summary.notice_not_required,
                     summary.by_risk,
                     summary.by_first_channel,
                     summary.by_locale,
-                    summary.unreachable
+                    summary.unreachable,
+                    summary.natural_persons.unwrap_or_default(),
+                    summary.suggested_grade.map(|g| g.to_string()).unwrap_or_default(),
+                    summary.grade.map(|g| g.to_string()).unwrap_or_default()
                 )
             });
         }
-        IncidentsCmd::Draft { id } => {
-            let out = engine.draft(id, &actor(&cli.actor, None)?).await?;
+        IncidentsCmd::Draft {
+            id,
+            changes_en,
+            changes_zh,
+        } => {
+            let changes = (changes_en.is_some() || changes_zh.is_some()).then(|| crate::domain::LocalizedText {
+                en: changes_en.clone(),
+                zh_cn: changes_zh.clone(),
+            });
+            let out = engine.draft(id, &actor(&cli.actor, None)?, changes.as_ref()).await?;
             print(json, &out, || {
                 format!(
                     "notice version {} {} ({} notices, content hash {})",
@@ -392,6 +545,53 @@ async fn incidents(engine: &Tocsin, cli: &Cli, cmd: &IncidentsCmd) -> anyhow::Re
                     if out.created { "drafted" } else { "unchanged" },
                     out.notices,
                     out.draft.content_hash
+                )
+            });
+        }
+        IncidentsCmd::Amend { id, facts, reason } => {
+            let incident = engine
+                .amend(id, &read_json(facts)?, &actor(&cli.actor, None)?, reason)
+                .await?;
+            print(json, &incident, || format!("{} facts amended", incident.reference));
+        }
+        IncidentsCmd::Grade { id, grade, reason } => {
+            let grade: crate::domain::Grade = grade
+                .parse()
+                .map_err(|e: FieldError| anyhow::anyhow!("grade: {}", e.reason))?;
+            let incident = engine.set_grade(id, grade, reason, &actor(&cli.actor, None)?).await?;
+            print(json, &incident, || {
+                format!(
+                    "{} graded {grade}{}",
+                    incident.reference,
+                    incident
+                        .grade_suggestion
+                        .as_ref()
+                        .map(|g| format!(" (suggested {}: {})", g.grade, g.basis))
+                        .unwrap_or_default()
+                )
+            });
+        }
+        IncidentsCmd::NoticeDecision {
+            id,
+            merchant,
+            required,
+            reason,
+        } => {
+            let a = engine
+                .override_notice(
+                    id,
+                    &merchant_arg(merchant)?,
+                    *required,
+                    reason,
+                    &actor(&cli.actor, None)?,
+                )
+                .await?;
+            print(json, &a, || {
+                format!(
+                    "{}: notice {} ({})",
+                    a.merchant_id,
+                    if a.notice_required { "required" } else { "not required" },
+                    a.notice_reason
                 )
             });
         }

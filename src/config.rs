@@ -84,6 +84,12 @@ pub struct OperatorSettings {
     pub public_base_url: String,
     /// Incident reference prefix (`INC` gives `INC-2026-0001`).
     pub reference_prefix: String,
+    /// The name as an SMS signature, per language (Chinese carriers require a registered one).
+    pub short_name_en: String,
+    pub short_name_zh: String,
+    /// Where each merchant's own notice page is served: `<notice_base_url>/n/<token>`. Keep it
+    /// short: an SMS links there within its segment limit.
+    pub notice_base_url: String,
 }
 
 impl OperatorSettings {
@@ -212,6 +218,26 @@ pub struct WebhookChannelSettings {
     #[serde(default)]
     pub signing_secret: Secret,
     pub timeout_seconds: u64,
+    /// SMS only: the most segments one notice may take (1 = 70 UCS-2 or 160 GSM-7 characters).
+    #[serde(default = "one")]
+    pub max_segments: u32,
+    /// Push only: what lock screens show without truncating.
+    #[serde(default = "push_title_max")]
+    pub title_max_chars: usize,
+    #[serde(default = "push_body_max")]
+    pub body_max_chars: usize,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn push_title_max() -> usize {
+    50
+}
+
+fn push_body_max() -> usize {
+    110
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -100,7 +100,13 @@ pub async fn run(engine: &Tocsin) -> Result<DemoSummary, EngineError> {
         let rule: ScopeRule = serde_json::from_str(SCOPE).map_err(|e| demo_err(e.to_string()))?;
         engine.scope(id, &rule, &alice, false).await?;
     }
-    let drafted = engine.draft(id, &alice).await?;
+    // A rerun finds the notices drafted and sent: drafting again would be an update.
+    view = engine.view(id).await?;
+    let drafted = if matches!(state(&view), IncidentState::Scoped | IncidentState::Drafted) {
+        engine.draft(id, &alice, None).await?.notices
+    } else {
+        0
+    };
     engine.approve(id, &bob).await?;
     engine.dispatch(id, &alice).await?;
     engine.deliver(id, Duration::from_secs(120), &alice).await?;
@@ -130,7 +136,7 @@ pub async fn run(engine: &Tocsin) -> Result<DemoSummary, EngineError> {
             .iter()
             .filter(|o| matches!(o, IngestOutcome::Duplicate { .. }))
             .count(),
-        notices_drafted_now: if drafted.created { drafted.notices } else { 0 },
+        notices_drafted_now: drafted,
         bulletin_pages: list(engine.paths.bulletins.join(&reference)),
         filing_files: list(engine.paths.filings.join(&reference)),
         outputs: engine.paths.clone(),

@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 
 use crate::domain::{FieldError, MerchantId};
 use crate::input::Fields;
-use crate::model::Merchant;
+use crate::model::{Merchant, People};
 use crate::store::{Store, StoreError, UpsertCounts};
 use crate::taxonomy::Taxonomy;
 
@@ -85,10 +85,26 @@ pub fn parse_merchant(value: &Value, taxonomy: &Taxonomy) -> Result<Merchant, Fi
         postal_address: f.opt_string("postal_address", 1, 500)?,
         holdings: holdings.into_iter().collect::<BTreeSet<_>>(),
         created_at: f.opt_time("created_at")?,
+        last_active_at: f.opt_time("last_active_at")?,
         marketing_opt_out: f.opt_bool("marketing_opt_out")?.unwrap_or(false),
+        people: People {
+            representative: f.opt_string("representative_key", 1, 128)?,
+            contacts: f.list("contact_keys", person_key)?,
+            sub_accounts: f.list("sub_account_keys", person_key)?,
+        },
     };
     f.finish()?;
     Ok(merchant)
+}
+
+/// An opaque key for a natural person (for example a hash of an ID number): never the number.
+fn person_key(raw: &str, field: &str) -> Result<String, FieldError> {
+    let key = raw.trim();
+    if (1..=128).contains(&key.len()) && key.chars().all(|c| c.is_ascii_graphic()) {
+        Ok(key.to_owned())
+    } else {
+        Err(FieldError::new(field, "must be 1-128 printable ASCII characters"))
+    }
 }
 
 fn row_error(line: u64, e: FieldError) -> RowError {
@@ -101,20 +117,29 @@ fn row_error(line: u64, e: FieldError) -> RowError {
 
 /// Keeps a parsed row unless its id already appeared in the file: which of two rows for one
 /// merchant is right is not ours to guess.
-fn keep(line: u64, m: Merchant, good: &mut Vec<(u64, Merchant)>, bad: &mut Vec<RowError>) {
-    match good.iter().find(|(_, g)| g.id == m.id) {
-        Some((first, _)) => bad.push(RowError {
+#[derive(Default)]
+struct Kept {
+    rows: Vec<Merchant>,
+    lines: std::collections::HashMap<MerchantId, u64>,
+}
+
+fn keep(line: u64, m: Merchant, good: &mut Kept, bad: &mut Vec<RowError>) {
+    match good.lines.get(&m.id) {
+        Some(first) => bad.push(RowError {
             line,
             field: "id".into(),
             reason: format!("repeats the id of line {first}"),
         }),
-        None => good.push((line, m)),
+        None => {
+            good.lines.insert(m.id.clone(), line);
+            good.rows.push(m);
+        }
     }
 }
 
 /// Parses JSON Lines; blank lines are skipped.
 pub fn parse_jsonl(text: &str, taxonomy: &Taxonomy) -> (Vec<Merchant>, Vec<RowError>) {
-    let mut good = Vec::new();
+    let mut good = Kept::default();
     let mut bad = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let n = i as u64 + 1;
@@ -133,7 +158,7 @@ pub fn parse_jsonl(text: &str, taxonomy: &Taxonomy) -> (Vec<Merchant>, Vec<RowEr
             }),
         }
     }
-    (good.into_iter().map(|(_, m)| m).collect(), bad)
+    (good.rows, bad)
 }
 
 const CSV_COLUMNS: &[&str] = &[
@@ -148,10 +173,15 @@ const CSV_COLUMNS: &[&str] = &[
     "postal_address",
     "holdings",
     "created_at",
+    "last_active_at",
     "marketing_opt_out",
+    "representative_key",
+    "contact_keys",
+    "sub_account_keys",
 ];
 
-/// Parses CSV with a header row; `holdings` is `;`-separated and an empty cell means absent.
+/// Parses CSV with a header row; list columns (`holdings`, `contact_keys`, `sub_account_keys`)
+/// are `;`-separated and an empty cell means absent.
 pub fn parse_csv(text: &str, taxonomy: &Taxonomy) -> Result<(Vec<Merchant>, Vec<RowError>), DirectoryError> {
     let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(text.as_bytes());
     let header = reader
@@ -169,7 +199,7 @@ pub fn parse_csv(text: &str, taxonomy: &Taxonomy) -> Result<(Vec<Merchant>, Vec<
             )));
         }
     }
-    let mut good = Vec::new();
+    let mut good = Kept::default();
     let mut bad = Vec::new();
     for record in reader.records() {
         let record = match record {
@@ -200,7 +230,7 @@ pub fn parse_csv(text: &str, taxonomy: &Taxonomy) -> Result<(Vec<Merchant>, Vec<
                 continue;
             }
             let value = match name {
-                "holdings" => Value::Array(
+                "holdings" | "contact_keys" | "sub_account_keys" => Value::Array(
                     cell.split(';')
                         .map(str::trim)
                         .filter(|s| !s.is_empty())
@@ -222,7 +252,7 @@ pub fn parse_csv(text: &str, taxonomy: &Taxonomy) -> Result<(Vec<Merchant>, Vec<
             Err(e) => bad.push(row_error(line, e)),
         }
     }
-    Ok((good.into_iter().map(|(_, m)| m).collect(), bad))
+    Ok((good.rows, bad))
 }
 
 /// Imports a `.jsonl`/`.json` or `.csv` file into the directory.

@@ -17,6 +17,7 @@ use tokio::task::JoinSet;
 use crate::channels::{ChannelSet, Outbound, SendError};
 use crate::config::DeliverySettings;
 use crate::domain::*;
+use crate::draft::{DraftError, NoticeRenderer, channel_hash};
 use crate::model::*;
 use crate::store::{AttemptOutcome, Followup, NewDelivery, Store, StoreError};
 
@@ -26,26 +27,8 @@ pub enum DispatchError {
     Store(#[from] StoreError),
     #[error("delivery {0} refers to a notice that does not exist")]
     MissingNotice(String),
-}
-
-/// The first delivery of every merchant that has a channel: (merchant, notice, first channel).
-pub fn first_deliveries(
-    incident: &IncidentId,
-    draft: &DraftId,
-    affected: &[AffectedMerchant],
-    notices: &[Notice],
-    merchants: &HashMap<MerchantId, Merchant>,
-) -> Vec<NewDelivery> {
-    let notice_of: HashMap<&MerchantId, &Notice> = notices.iter().map(|n| (&n.merchant_id, n)).collect();
-    affected
-        .iter()
-        .filter(|a| a.notice_required && a.reachability == Reachability::Pending)
-        .filter_map(|a| {
-            let notice = notice_of.get(&a.merchant_id)?;
-            let merchant = merchants.get(&a.merchant_id)?;
-            next_delivery(incident, draft, &notice.id, a, merchant, -1)
-        })
-        .collect()
+    #[error(transparent)]
+    Render(#[from] DraftError),
 }
 
 /// The delivery for the first channel after `after_position` in the plan that has an address.
@@ -118,17 +101,21 @@ pub struct Dispatcher {
     store: Arc<dyn Store>,
     channels: ChannelSet,
     settings: DeliverySettings,
-    public_base_url: Arc<str>,
+    renderer: Arc<NoticeRenderer>,
 }
 
 impl Dispatcher {
-    /// `public_base_url` is where bulletins are published; notices link to `<it>/<reference>/`.
-    pub fn new(store: Arc<dyn Store>, channels: ChannelSet, settings: DeliverySettings, public_base_url: &str) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        renderer: Arc<NoticeRenderer>,
+        channels: ChannelSet,
+        settings: DeliverySettings,
+    ) -> Self {
         Self {
             store,
             channels,
             settings,
-            public_base_url: public_base_url.trim_end_matches('/').into(),
+            renderer,
         }
     }
 
@@ -185,17 +172,18 @@ impl Dispatcher {
     }
 
     async fn deliver(&self, delivery: Delivery, reference: &str) -> Result<StepReport, DispatchError> {
+        // Rendered now from the version's frozen inputs; the hash of what went out is stored.
         let notice = self
-            .store
-            .notice(&delivery.notice_id)
+            .renderer
+            .render_id(&delivery.notice_id)
             .await?
             .ok_or_else(|| DispatchError::MissingNotice(delivery.id.to_string()))?;
-        let notice_url = format!("{}/{reference}/", self.public_base_url);
+        let content_hash = channel_hash(&notice, delivery.channel);
         let outbound = Outbound {
             delivery: &delivery,
             notice: &notice,
             reference,
-            notice_url: &notice_url,
+            notice_url: &notice.url,
         };
         let result = self.channels.get(delivery.channel).send(&outbound).await;
         let mut report = StepReport::default();
@@ -203,7 +191,13 @@ impl Dispatcher {
             Ok(provider_message_id) => {
                 report.sent = 1;
                 tracing::info!(delivery = %delivery.id, channel = %delivery.channel, "notice sent");
-                (AttemptOutcome::Sent { provider_message_id }, Followup::Reached)
+                (
+                    AttemptOutcome::Sent {
+                        provider_message_id,
+                        content_hash,
+                    },
+                    Followup::Reached,
+                )
             }
             Err(SendError {
                 class: ErrorClass::Transient,
@@ -320,12 +314,16 @@ mod tests {
             postal_address: None,
             holdings: Default::default(),
             created_at: None,
+            last_active_at: None,
             marketing_opt_out: false,
+            people: Default::default(),
         };
         let incident = IncidentId::generate();
         let affected = AffectedMerchant {
             incident_id: incident.clone(),
             merchant_id: merchant.id.clone(),
+            class_no: 1,
+            region: "SG".into(),
             exposed: vec![],
             risk: RiskLevel::High,
             risk_reasons: vec![],

@@ -412,6 +412,7 @@ name_enum!(
 name_enum!(
     /// Where one outbox row stands.
     DeliveryStatus, "status" {
+        Held => "held",
         Pending => "pending",
         Sending => "sending",
         Sent => "sent",
@@ -424,6 +425,7 @@ name_enum!(
     /// Whether a merchant has been reached yet.
     Reachability, "reachability" {
         Pending => "pending",
+        NotRequired => "not_required",
         Reached => "reached",
         Unreachable => "unreachable",
     }

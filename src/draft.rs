@@ -1,15 +1,23 @@
-//! Drafting: one notice per affected merchant, in the merchant's language, for every channel,
-//! from the templates under `templates/`. The five required elements are rendered as
-//! sections first; a notice lacking any of them fails with the list of what is missing, and
-//! no draft is stored. A draft version's content hash covers every notice in it.
+//! Drafting: the notices of an incident as one version. Merchants whose notices render alike
+//! (the same class of exposed categories, language and legal profiles) form a variant; each
+//! variant is rendered once with a sample merchant and checked: every required element present
+//! for every profile that applies, each channel within its limits. A version that fails is not
+//! stored, and the error lists what is missing for which profile. A version stores its inputs
+//! frozen (facts, settings, classes, the template set), so any merchant's notice is reproduced
+//! exactly when it is sent or previewed, and the store does not hold a copy per merchant.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 
 use chrono::Utc;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::completeness::{NoticeProfiles, RenderedNotice};
 use crate::domain::*;
 use crate::ledger::content_hash;
 use crate::model::*;
+use crate::store::{Store, StoreError, VariantGroup};
 use crate::taxonomy::Taxonomy;
 use crate::templates::{TemplateError, Templates};
 use crate::time::human_for;
@@ -21,23 +29,38 @@ pub enum DraftError {
     Incomplete { missing: Vec<String> },
     #[error(transparent)]
     Template(#[from] TemplateError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("draft {0} has no frozen inputs")]
+    NotFrozen(String),
+    #[error("the frozen template set {0} is not in the store")]
+    MissingTemplates(String),
 }
 
 /// What drafting needs besides the incident: who the operator is and how to reach it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NoticeSettings {
     pub operator_name: String,
     pub platform: String,
+    /// The SMS signature per language (China requires a registered 【signature】).
+    pub short_name_en: String,
+    pub short_name_zh: String,
     pub officer_en: String,
     pub officer_zh: String,
     pub contact_email: String,
     pub contact_phone: String,
     pub public_base_url: String,
+    /// Where `tocsin serve` (or a proxy) answers `/n/<token>` with a merchant's own notice.
+    pub notice_base_url: String,
 }
 
 impl NoticeSettings {
-    pub fn notice_url(&self, reference: &str) -> String {
+    pub fn bulletin_url(&self, reference: &str) -> String {
         format!("{}/{reference}/", self.public_base_url.trim_end_matches('/'))
+    }
+
+    pub fn notice_url(&self, token: &str) -> String {
+        format!("{}/n/{token}", self.notice_base_url.trim_end_matches('/'))
     }
 
     fn officer(&self, locale: Locale) -> &str {
@@ -46,6 +69,21 @@ impl NoticeSettings {
             Locale::ZhCn => &self.officer_zh,
         }
     }
+
+    fn short_name(&self, locale: Locale) -> &str {
+        match locale {
+            Locale::En => &self.short_name_en,
+            Locale::ZhCn => &self.short_name_zh,
+        }
+    }
+}
+
+/// What each channel can carry (configuration, checked at drafting).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ChannelLimits {
+    pub sms_max_segments: u32,
+    pub push_title_max_chars: usize,
+    pub push_body_max_chars: usize,
 }
 
 pub fn kind_label(kind: IncidentKind, locale: Locale) -> &'static str {
@@ -81,18 +119,45 @@ pub fn risk_label(risk: RiskLevel, locale: Locale) -> &'static str {
     }
 }
 
+/// How an SMS is encoded and how many segments it takes: GSM-7 (160 characters, 153 per part
+/// when concatenated; the extension characters count twice) unless a character needs UCS-2
+/// (70, 67 per part; counted in UTF-16 units).
+pub fn sms_segments(text: &str) -> (&'static str, usize, u32) {
+    const BASIC: &str = "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà";
+    const EXTENSION: &str = "^{}\\[~]|€\u{c}";
+    let gsm: Option<usize> = text.chars().try_fold(0usize, |n, c| {
+        if BASIC.contains(c) {
+            Some(n + 1)
+        } else if EXTENSION.contains(c) {
+            Some(n + 2)
+        } else {
+            None
+        }
+    });
+    let (encoding, units, single, part) = match gsm {
+        Some(n) => ("GSM-7", n, 160, 153),
+        None => ("UCS-2", text.encode_utf16().count(), 70, 67),
+    };
+    let segments = if units <= single { 1 } else { units.div_ceil(part) };
+    (encoding, units, segments as u32)
+}
+
 /// The incident's facts in one language, for templates. Missing texts become empty strings
-/// here; [`missing_elements`] reports them before anything is rendered.
-pub fn incident_context(incident: &Incident, facts: &IncidentFacts, locale: Locale) -> Value {
+/// here; [`missing_elements`] reports them before anything is approved.
+pub fn incident_context(
+    reference: &str,
+    detected_at: chrono::DateTime<Utc>,
+    facts: &IncidentFacts,
+    locale: Locale,
+) -> Value {
     let text = |t: &LocalizedText| t.get(locale).unwrap_or("").to_owned();
     let human = |t| human_for(t, locale);
-    let detected = incident.detected_at;
     json!({
-        "reference": incident.reference,
+        "reference": reference,
         "kind": facts.kind.as_str(),
         "kind_label": kind_label(facts.kind, locale),
-        "occurred_at": human(facts.occurred_at.unwrap_or(detected)),
-        "detected_at": human(detected),
+        "occurred_at": human(facts.occurred_at.unwrap_or(detected_at)),
+        "detected_at": human(detected_at),
         "aware_at": human(facts.aware_at),
         "contained_at": facts.contained_at.map(&human),
         "what_happened": text(&facts.what_happened),
@@ -109,31 +174,61 @@ pub fn categories_context(
     categories: &[CategoryId],
     locale: Locale,
     base: &Value,
-    taxonomy: &Taxonomy,
+    labels: &BTreeMap<CategoryId, LabelPair>,
     templates: &Templates,
 ) -> Result<Vec<Value>, TemplateError> {
     categories
         .iter()
         .map(|c| {
-            let advice_name = format!("advice/{locale}/{c}");
-            let remedy_name = format!("remedy/{locale}/{c}");
-            let advice = if templates.has(&advice_name) {
-                templates.render(&advice_name, base)?
-            } else {
-                String::new()
+            let optional = |name: String| -> Result<String, TemplateError> {
+                if templates.has(&name) {
+                    templates.render(&name, base)
+                } else {
+                    Ok(String::new())
+                }
             };
-            let remedy = if templates.has(&remedy_name) {
-                templates.render(&remedy_name, base)?
-            } else {
-                String::new()
-            };
+            let label = labels.get(c);
             Ok(json!({
                 "id": c.as_str(),
-                "label": taxonomy.label(c, locale),
-                "sensitive": taxonomy.is_sensitive(c),
-                "advice": advice,
-                "remedy": remedy,
+                "label": label.map(|l| l.label(locale)).unwrap_or(c.as_str()),
+                "sensitive": label.is_some_and(|l| l.sensitive),
+                "advice": optional(format!("advice/{locale}/{c}"))?,
+                "remedy": optional(format!("remedy/{locale}/{c}"))?,
             }))
+        })
+        .collect()
+}
+
+/// A category's labels as frozen into a draft.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LabelPair {
+    pub en: String,
+    pub zh: String,
+    pub sensitive: bool,
+}
+
+impl LabelPair {
+    fn label(&self, locale: Locale) -> &str {
+        match locale {
+            Locale::En => &self.en,
+            Locale::ZhCn => &self.zh,
+        }
+    }
+}
+
+/// The labels of the incident's categories, frozen with the draft.
+pub fn frozen_labels(categories: &[CategoryId], taxonomy: &Taxonomy) -> BTreeMap<CategoryId, LabelPair> {
+    categories
+        .iter()
+        .map(|c| {
+            (
+                c.clone(),
+                LabelPair {
+                    en: taxonomy.label(c, Locale::En),
+                    zh: taxonomy.label(c, Locale::ZhCn),
+                    sensitive: taxonomy.is_sensitive(c),
+                },
+            )
         })
         .collect()
 }
@@ -156,94 +251,199 @@ pub fn missing_elements(facts: &IncidentFacts, settings: &NoticeSettings, locale
     missing
 }
 
-/// What rendering needs besides the incident: the operator's settings, the taxonomy and
-/// the templates.
-#[derive(Clone, Copy)]
-pub struct Renderer<'a> {
-    pub settings: &'a NoticeSettings,
-    pub taxonomy: &'a Taxonomy,
-    pub templates: &'a Templates,
+/// Who a notice is addressed to, as far as rendering is concerned.
+#[derive(Debug, Clone)]
+pub struct Addressee<'a> {
+    pub merchant_id: &'a str,
+    pub name: &'a str,
+    pub kind: MerchantKind,
+    pub locale: Locale,
+    pub class_no: i64,
+    pub link_token: &'a str,
+    pub postal_address: Option<&'a str>,
 }
 
-/// Renders one merchant's notice. Fails with every missing element if any is absent.
-pub fn render_notice(
-    r: Renderer<'_>,
-    draft_id: &DraftId,
-    incident: &Incident,
-    facts: &IncidentFacts,
-    merchant: &Merchant,
-    affected: &AffectedMerchant,
-) -> Result<Notice, DraftError> {
-    let Renderer {
-        settings,
-        taxonomy,
-        templates,
-    } = r;
-    let locale = affected.locale;
-    let mut missing = missing_elements(facts, settings, locale);
-    let mut context = json!({
-        "locale": locale.as_str(),
-        "merchant": { "id": merchant.id.as_str(), "name": merchant.name, "kind": merchant.kind.as_str() },
-        "operator": { "name": settings.operator_name, "platform": settings.platform },
-        "incident": incident_context(incident, facts, locale),
-        "risk": { "level": affected.risk.as_str(), "label": risk_label(affected.risk, locale) },
-        "contact": { "officer": settings.officer(locale), "email": settings.contact_email, "phone": settings.contact_phone },
-        "notice_url": settings.notice_url(&incident.reference),
-    });
-    let categories = categories_context(&affected.exposed, locale, &context, taxonomy, templates)?;
-    if !categories
-        .iter()
-        .any(|c| c["advice"].as_str().is_some_and(|a| !a.is_empty()))
-    {
-        missing.push(format!(
-            "advice ({locale}): no advice is written for the exposed categories"
-        ));
-    }
-    context["categories"] = Value::Array(categories);
-    let section = |name: &str| templates.render(&format!("notice/{locale}/{name}"), &context);
-    let sections = NoticeSections {
-        impact: section("impact")?,
-        measures: section("measures")?,
-        advice: section("advice")?,
-        remedies: section("remedies")?,
-        contact: section("contact")?,
-    };
-    for (name, text) in sections.named() {
-        if text.trim().is_empty() {
-            missing.push(format!("{name} ({locale}): the section rendered empty"));
+/// A draft's frozen inputs with their templates: renders any notice of that version.
+pub struct Frozen {
+    pub inputs: DraftInputs,
+    templates: Arc<Templates>,
+    classes: HashMap<i64, ScopeClass>,
+}
+
+impl Frozen {
+    pub fn new(inputs: DraftInputs, templates: Arc<Templates>) -> Self {
+        let classes = inputs.classes.iter().map(|c| (c.class_no, c.clone())).collect();
+        Self {
+            inputs,
+            templates,
+            classes,
         }
     }
-    if !missing.is_empty() {
-        return Err(DraftError::Incomplete { missing });
+
+    fn context(&self, to: &Addressee<'_>) -> Result<Value, DraftError> {
+        let DraftInputs {
+            version,
+            facts,
+            settings,
+            update,
+            reference,
+            detected_at,
+            drafted_at,
+            labels,
+            ..
+        } = &self.inputs;
+        let locale = to.locale;
+        let human = |t| human_for(t, locale);
+        let text = |t: &LocalizedText| t.get(locale).unwrap_or("").to_owned();
+        let class = self.classes.get(&to.class_no).ok_or_else(|| DraftError::Incomplete {
+            missing: vec![format!("class {} is not part of this version", to.class_no)],
+        })?;
+        let lines: Vec<&str> = to
+            .postal_address
+            .map(|a| a.split(['\n', ';']).map(str::trim).filter(|l| !l.is_empty()).collect())
+            .unwrap_or_default();
+        let mut context = json!({
+            "locale": locale.as_str(),
+            "merchant": { "id": to.merchant_id, "name": to.name, "kind": to.kind.as_str(), "postal_address_lines": lines },
+            "operator": { "name": settings.operator_name, "platform": settings.platform, "short_name": settings.short_name(locale) },
+            "incident": incident_context(reference, *detected_at, facts, locale),
+            "risk": { "level": class.risk.as_str(), "label": risk_label(class.risk, locale) },
+            "contact": { "officer": settings.officer(locale), "email": settings.contact_email, "phone": settings.contact_phone },
+            "notice_url": settings.notice_url(to.link_token),
+            "bulletin_url": settings.bulletin_url(reference),
+            "notice": { "version": version, "date": crate::time::human_date_for(*drafted_at, locale) },
+            "update": update.as_ref().map(|u| json!({
+                "previous_version": u.previous_version,
+                "previous_sent_at": human(u.previous_sent_at),
+                "changes": text(&u.changes),
+            })),
+        });
+        let categories = categories_context(&class.exposed, locale, &context, labels, &self.templates)?;
+        context["categories"] = Value::Array(categories);
+        Ok(context)
     }
-    let render = |name: &str| templates.render(&format!("notice/{locale}/{name}"), &context);
-    let email_text = render("email.txt")?;
-    // The full notice must carry every element as rendered; a template that drops one fails.
-    let dropped: Vec<String> = sections
-        .named()
-        .iter()
-        .filter(|(_, text)| !email_text.contains(*text))
-        .map(|(name, _)| format!("{name} ({locale}): the email template leaves this section out"))
-        .collect();
-    if !dropped.is_empty() {
-        return Err(DraftError::Incomplete { missing: dropped });
+
+    /// Renders one notice on every channel.
+    pub fn render(&self, id: &NoticeId, draft: &DraftId, to: &Addressee<'_>) -> Result<Notice, DraftError> {
+        let context = self.context(to)?;
+        let locale = to.locale;
+        let render = |name: &str| self.templates.render(&format!("notice/{locale}/{name}"), &context);
+        let sections = NoticeSections {
+            impact: render("impact")?,
+            measures: render("measures")?,
+            advice: render("advice")?,
+            remedies: render("remedies")?,
+            contact: render("contact")?,
+        };
+        let mut notice = Notice {
+            id: id.clone(),
+            draft_id: draft.clone(),
+            merchant_id: to.merchant_id.parse().map_err(|e: FieldError| DraftError::Incomplete {
+                missing: vec![e.to_string()],
+            })?,
+            locale,
+            url: self.inputs.settings.notice_url(to.link_token),
+            email_subject: render("email_subject")?,
+            email_text: render("email.txt")?,
+            email_html: render("email.html")?,
+            sms_text: render("sms")?,
+            push_title: render("push_title")?,
+            push_body: render("push_body")?,
+            letter_html: render("letter.html")?,
+            sections,
+            content_hash: String::new(),
+        };
+        notice.content_hash = notice_hash(&notice);
+        Ok(notice)
     }
-    let mut notice = Notice {
-        id: NoticeId::generate(),
-        draft_id: draft_id.clone(),
-        merchant_id: merchant.id.clone(),
-        locale,
-        email_subject: render("email_subject")?,
-        email_text,
-        email_html: render("email.html")?,
-        sms_text: render("sms")?,
-        push_title: render("push_title")?,
-        push_body: render("push_body")?,
-        sections,
-        content_hash: String::new(),
-    };
-    notice.content_hash = notice_hash(&notice);
-    Ok(notice)
+
+    /// Checks a sample rendering of one variant: every required element for `profiles`, and
+    /// each channel within its limits. Returns what is missing.
+    pub fn check_variant(
+        &self,
+        group: &VariantGroup,
+        profiles: &NoticeProfiles,
+        limits: &ChannelLimits,
+    ) -> Result<(Vec<String>, String), DraftError> {
+        let locale = group.locale;
+        let settings = &self.inputs.settings;
+        let mut missing = missing_elements(&self.inputs.facts, settings, locale);
+        let sample = Addressee {
+            merchant_id: "sample-merchant",
+            name: match locale {
+                Locale::En => "Sample Shop",
+                Locale::ZhCn => "示例店铺",
+            },
+            kind: MerchantKind::IndividualBusiness,
+            locale,
+            class_no: group.class_no,
+            // As long as a real link: 8 + 10 characters.
+            link_token: "0000000000sample",
+            postal_address: Some("1 Sample Road; Hangzhou"),
+        };
+        let n = self.render(&NoticeId::generate(), &DraftId::generate(), &sample)?;
+        let class = &self.classes[&group.class_no];
+        if !class
+            .exposed
+            .iter()
+            .any(|c| self.templates.has(&format!("advice/{locale}/{c}")))
+        {
+            missing.push(format!(
+                "advice ({locale}): no advice is written for the exposed categories"
+            ));
+        }
+        for (name, text) in n.sections.named() {
+            if text.trim().is_empty() {
+                missing.push(format!("{name} ({locale}): the section rendered empty"));
+            } else if !n.email_text.contains(text) {
+                missing.push(format!("{name} ({locale}): the email template leaves this section out"));
+            }
+        }
+        let labels: Vec<String> = class
+            .exposed
+            .iter()
+            .map(|c| {
+                self.inputs
+                    .labels
+                    .get(c)
+                    .map(|l| l.label(locale).to_owned())
+                    .unwrap_or_else(|| c.to_string())
+            })
+            .collect();
+        let rendered = RenderedNotice {
+            locale,
+            region: &group.region,
+            facts: &self.inputs.facts,
+            sections: &n.sections,
+            exposed_labels: &labels,
+            contact_email: &settings.contact_email,
+            contact_phone: &settings.contact_phone,
+            email_subject: &n.email_subject,
+            email_text: &n.email_text,
+            email_html: &n.email_html,
+        };
+        missing.extend(profiles.check(&rendered).iter().map(|m| m.to_string()));
+        let (encoding, units, segments) = sms_segments(&n.sms_text);
+        if segments > limits.sms_max_segments {
+            missing.push(format!(
+                "sms ({locale}): {units} {encoding} characters take {segments} segments; at most {} allowed (sms.max_segments)",
+                limits.sms_max_segments
+            ));
+        }
+        if !n.sms_text.contains(&n.url) {
+            missing.push(format!("sms ({locale}): does not link to the merchant's notice page"));
+        }
+        for (what, text, max) in [
+            ("push title", &n.push_title, limits.push_title_max_chars),
+            ("push body", &n.push_body, limits.push_body_max_chars),
+        ] {
+            let len = text.chars().count();
+            if len == 0 || len > max {
+                missing.push(format!("{what} ({locale}): {len} characters; must be 1 to {max}"));
+            }
+        }
+        Ok((missing, n.content_hash))
+    }
 }
 
 /// Hash of what the merchant receives: every rendering, not the ids.
@@ -251,73 +451,195 @@ pub fn notice_hash(n: &Notice) -> String {
     let content = json!([
         n.merchant_id.as_str(),
         n.locale.as_str(),
+        n.url,
         n.sections,
         n.email_subject,
         n.email_text,
         n.email_html,
         n.sms_text,
         n.push_title,
-        n.push_body
+        n.push_body,
+        n.letter_html
     ]);
     content_hash(content.to_string().as_bytes())
 }
 
-/// Hash of a whole draft version: every notice's hash in merchant order.
-pub fn draft_hash(notices: &[Notice]) -> String {
-    let mut lines: Vec<String> = notices
-        .iter()
-        .map(|n| format!("{} {}", n.merchant_id, n.content_hash))
-        .collect();
-    lines.sort();
-    content_hash(lines.join("\n").as_bytes())
+/// Hash of what one channel carried.
+pub fn channel_hash(n: &Notice, channel: Channel) -> String {
+    let content = match channel {
+        Channel::Email => json!([n.email_subject, n.email_text, n.email_html]),
+        Channel::Sms => json!([n.sms_text]),
+        Channel::Push => json!([n.push_title, n.push_body, n.url]),
+    };
+    content_hash(content.to_string().as_bytes())
 }
 
-/// Renders every required notice of an incident as a new draft version.
-pub fn draft_all(
-    r: Renderer<'_>,
-    incident: &Incident,
-    facts: &IncidentFacts,
-    affected: &[AffectedMerchant],
-    merchants: &[Merchant],
-    version: i64,
-    actor: &Actor,
-) -> Result<(Draft, Vec<Notice>), DraftError> {
-    let draft_id = DraftId::generate();
-    let by_id: std::collections::HashMap<&MerchantId, &Merchant> = merchants.iter().map(|m| (&m.id, m)).collect();
-    let mut notices = Vec::with_capacity(affected.len());
-    let mut missing = Vec::new();
-    for a in affected.iter().filter(|a| a.notice_required) {
-        let Some(merchant) = by_id.get(&a.merchant_id) else {
-            missing.push(format!("merchant {} is no longer in the directory", a.merchant_id));
-            continue;
-        };
-        match render_notice(r, &draft_id, incident, facts, merchant, a) {
-            Ok(n) => notices.push(n),
-            Err(DraftError::Incomplete { missing: m }) => {
-                for item in m {
-                    if !missing.contains(&item) {
-                        missing.push(item);
-                    }
-                }
-            }
-            Err(e) => return Err(e),
+/// A notice of the first schema, stored rendered.
+fn legacy_notice(record: &NoticeRecord, legacy: &Value) -> Result<Notice, DraftError> {
+    let text = |k: &str| legacy[k].as_str().unwrap_or_default().to_owned();
+    Ok(Notice {
+        id: record.id.clone(),
+        draft_id: record.draft_id.clone(),
+        merchant_id: record.merchant_id.clone(),
+        locale: record.locale,
+        url: String::new(),
+        sections: serde_json::from_value(legacy["sections"].clone()).unwrap_or_default(),
+        email_subject: text("email_subject"),
+        email_text: text("email_text"),
+        email_html: text("email_html"),
+        sms_text: text("sms_text"),
+        push_title: text("push_title"),
+        push_body: text("push_body"),
+        letter_html: String::new(),
+        content_hash: text("content_hash"),
+    })
+}
+
+/// Renders stored notices, loading each version's frozen inputs once.
+pub struct NoticeRenderer {
+    store: Arc<dyn Store>,
+    current: Arc<Templates>,
+    frozen: Mutex<HashMap<DraftId, Arc<Frozen>>>,
+}
+
+impl NoticeRenderer {
+    pub fn new(store: Arc<dyn Store>, current: Arc<Templates>) -> Self {
+        Self {
+            store,
+            current,
+            frozen: Mutex::new(HashMap::new()),
         }
+    }
+
+    pub async fn frozen(&self, draft: &DraftId) -> Result<Arc<Frozen>, DraftError> {
+        if let Some(f) = self.frozen.lock().ok().and_then(|m| m.get(draft).cloned()) {
+            return Ok(f);
+        }
+        let inputs = self
+            .store
+            .draft_inputs(draft)
+            .await?
+            .ok_or_else(|| DraftError::NotFrozen(draft.to_string()))?;
+        let templates = if inputs.template_set == self.current.set_hash() {
+            self.current.clone()
+        } else {
+            let sources = self
+                .store
+                .template_set(&inputs.template_set)
+                .await?
+                .ok_or_else(|| DraftError::MissingTemplates(inputs.template_set.clone()))?;
+            Arc::new(Templates::from_json(&sources)?)
+        };
+        let f = Arc::new(Frozen::new(inputs, templates));
+        if let Ok(mut m) = self.frozen.lock() {
+            m.insert(draft.clone(), f.clone());
+        }
+        Ok(f)
+    }
+
+    /// Renders a stored notice; `locale` renders it in another language (preview).
+    pub async fn render_id(&self, id: &NoticeId) -> Result<Option<Notice>, DraftError> {
+        match self.store.notice_record(id).await? {
+            Some(record) => self.render(&record, None, None).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Renders a stored notice; `locale` renders it in another language (preview).
+    pub async fn render(
+        &self,
+        record: &NoticeRecord,
+        postal_address: Option<&str>,
+        locale: Option<Locale>,
+    ) -> Result<Notice, DraftError> {
+        if let Some(legacy) = &record.legacy {
+            return legacy_notice(record, legacy);
+        }
+        let frozen = self.frozen(&record.draft_id).await?;
+        let to = Addressee {
+            merchant_id: record.merchant_id.as_str(),
+            name: &record.merchant_name,
+            kind: record.merchant_kind,
+            locale: locale.unwrap_or(record.locale),
+            class_no: record.class_no,
+            link_token: &record.link_token,
+            postal_address,
+        };
+        frozen.render(&record.id, &record.draft_id, &to)
+    }
+}
+
+/// The variants of a version: groups that render alike under the same legal profiles.
+pub fn variants(groups: &[VariantGroup], profiles: &NoticeProfiles) -> Vec<(VariantGroup, String)> {
+    let mut by_key: BTreeMap<(i64, Locale, String), VariantGroup> = BTreeMap::new();
+    for g in groups {
+        let key = (g.class_no, g.locale, profiles.profile_key(&g.region));
+        by_key
+            .entry(key)
+            .and_modify(|v| v.merchants += g.merchants)
+            .or_insert_with(|| g.clone());
+    }
+    by_key.into_iter().map(|((_, _, key), g)| (g, key)).collect()
+}
+
+/// Checks every variant and returns them with the version's content hash, or every missing
+/// element of every variant.
+pub fn check_all(
+    frozen: &Frozen,
+    groups: &[VariantGroup],
+    profiles: &NoticeProfiles,
+    limits: &ChannelLimits,
+) -> Result<(Vec<DraftVariant>, String), DraftError> {
+    let mut missing: Vec<String> = Vec::new();
+    let mut out = Vec::new();
+    for (i, (group, key)) in variants(groups, profiles).into_iter().enumerate() {
+        let (m, hash) = frozen.check_variant(&group, profiles, limits)?;
+        for item in m {
+            if !missing.contains(&item) {
+                missing.push(item);
+            }
+        }
+        out.push(DraftVariant {
+            variant_no: i as i64 + 1,
+            class_no: group.class_no,
+            locale: group.locale,
+            profiles: key,
+            merchants: group.merchants,
+            sample_hash: hash,
+        });
     }
     if !missing.is_empty() {
         return Err(DraftError::Incomplete { missing });
     }
-    let draft = Draft {
-        id: draft_id,
-        incident_id: incident.id.clone(),
+    // What the version says, not when it was drafted: redrafting an unchanged text gives the
+    // same hash. The samples follow from the inputs, so the variants' keys and sizes suffice.
+    let mut inputs = serde_json::to_value(&frozen.inputs).unwrap_or_default();
+    if let Some(map) = inputs.as_object_mut() {
+        map.remove("drafted_at");
+        map.remove("version");
+    }
+    let variants: Vec<String> = out
+        .iter()
+        .map(|v| format!("{} {} {} {}", v.class_no, v.locale, v.profiles, v.merchants))
+        .collect();
+    let hash = content_hash(format!("{inputs}\n{}", variants.join("\n")).as_bytes());
+    Ok((out, hash))
+}
+
+/// The new draft row for a checked version.
+pub fn new_draft(incident: &IncidentId, version: i64, hash: String, notices: i64, actor: &Actor) -> Draft {
+    Draft {
+        id: DraftId::generate(),
+        incident_id: incident.clone(),
         version,
         state: DraftState::Drafted,
-        content_hash: draft_hash(&notices),
+        content_hash: hash,
         drafted_by: actor.clone(),
         drafted_at: Utc::now(),
         approved_by: None,
         approved_at: None,
-    };
-    Ok((draft, notices))
+        notice_count: notices,
+    }
 }
 
 #[cfg(test)]
@@ -328,122 +650,212 @@ mod tests {
         NoticeSettings {
             operator_name: "Example Marketplace".into(),
             platform: "seller platform".into(),
+            short_name_en: "Example Marketplace".into(),
+            short_name_zh: "示例商城".into(),
             officer_en: "PI Officer".into(),
             officer_zh: "个人信息保护负责人".into(),
             contact_email: "privacy@example.com".into(),
             contact_phone: "+86 400 000 0000".into(),
             public_base_url: "https://status.example.com/bulletins".into(),
+            notice_base_url: "http://127.0.0.1:8080".into(),
         }
     }
 
-    fn fixture(locale: Locale) -> (Incident, IncidentFacts, Merchant, AffectedMerchant) {
-        let facts: IncidentFacts = serde_json::from_str(include_str!("../config/demo/incident.json")).expect("facts");
-        let incident = Incident {
-            id: IncidentId::generate(),
+    const LIMITS: ChannelLimits = ChannelLimits {
+        sms_max_segments: 1,
+        push_title_max_chars: 50,
+        push_body_max_chars: 110,
+    };
+
+    fn frozen(facts: IncidentFacts, exposed: &[&str]) -> Frozen {
+        let taxonomy = Taxonomy::builtin().expect("taxonomy");
+        let exposed: Vec<CategoryId> = exposed.iter().map(|c| c.parse().expect("c")).collect();
+        let inputs = DraftInputs {
+            version: 1,
+            labels: frozen_labels(&facts.categories, &taxonomy),
+            facts,
+            settings: settings(),
+            template_set: String::new(),
+            classes: vec![ScopeClass {
+                class_no: 1,
+                exposed,
+                risk: RiskLevel::High,
+                risk_reasons: vec![],
+                notice_required: true,
+                notice_reason: String::new(),
+                merchants: 1,
+            }],
+            update: None,
             reference: "INC-2026-0001".into(),
-            state: IncidentState::Scoped,
-            title: "t".into(),
-            kind: facts.kind,
-            severity: Severity::High,
-            correlation_key: None,
-            facts: Some(facts.clone()),
-            scope_rule: None,
             detected_at: Utc::now(),
-            opened_at: Utc::now(),
-            updated_at: Utc::now(),
+            drafted_at: Utc::now(),
         };
-        let merchant = Merchant {
-            id: "m-1".parse().expect("id"),
-            name: "Lin <Tea> & Co".into(),
+        Frozen::new(inputs, Arc::new(Templates::embedded().expect("templates")))
+    }
+
+    fn demo_facts() -> IncidentFacts {
+        serde_json::from_str(include_str!("../config/demo/incident.json")).expect("facts")
+    }
+
+    fn group(locale: Locale, region: &str) -> VariantGroup {
+        VariantGroup {
+            class_no: 1,
+            locale,
+            region: region.into(),
+            merchants: 1,
+        }
+    }
+
+    fn addressee(locale: Locale) -> Addressee<'static> {
+        Addressee {
+            merchant_id: "m-1",
+            name: "Lin <Tea> & Co",
             kind: MerchantKind::IndividualBusiness,
             locale,
-            region: "CN-ZJ".into(),
-            email: Some("a@example.com".parse().expect("email")),
-            phone: None,
-            push_token: None,
-            postal_address: None,
-            holdings: ["account_credentials", "settlement_account", "media"]
-                .iter()
-                .map(|c| c.parse().expect("c"))
-                .collect(),
-            created_at: None,
-            marketing_opt_out: false,
-        };
-        let taxonomy = Taxonomy::builtin().expect("taxonomy");
-        let affected =
-            crate::scope::classify(&incident.id, &facts, &merchant, &taxonomy, &[Channel::Email]).expect("affected");
-        (incident, facts, merchant, affected)
+            class_no: 1,
+            link_token: "00000001abcdef0123",
+            postal_address: Some("8 West Lake Road; Hangzhou 310000"),
+        }
     }
 
     #[test]
-    fn a_notice_has_all_five_sections_and_exactly_the_merchants_advice() {
-        let templates = Templates::embedded().expect("templates");
-        let taxonomy = Taxonomy::builtin().expect("taxonomy");
-        for locale in [Locale::En, Locale::ZhCn] {
-            let (incident, facts, merchant, affected) = fixture(locale);
-            let settings = settings();
-            let r = Renderer {
-                settings: &settings,
-                taxonomy: &taxonomy,
-                templates: &templates,
-            };
-            let n = render_notice(r, &DraftId::generate(), &incident, &facts, &merchant, &affected).expect("renders");
-            let creds = taxonomy.label(&"account_credentials".parse().expect("c"), locale);
-            let media = taxonomy.label(&"media".parse().expect("c"), locale);
+    fn sms_segments_follow_gsm7_and_ucs2() {
+        assert_eq!(sms_segments(&"a".repeat(160)), ("GSM-7", 160, 1));
+        assert_eq!(sms_segments(&"a".repeat(161)), ("GSM-7", 161, 2));
+        assert_eq!(
+            sms_segments(&"{".repeat(80)),
+            ("GSM-7", 160, 1),
+            "extension characters count twice"
+        );
+        assert_eq!(sms_segments(&"字".repeat(70)), ("UCS-2", 70, 1));
+        assert_eq!(sms_segments(&"字".repeat(71)), ("UCS-2", 71, 2));
+        assert_eq!(sms_segments(&"a".repeat(154 + 153)).2, 3);
+    }
+
+    #[test]
+    fn a_notice_has_every_element_for_its_profiles_and_exactly_the_merchants_advice() {
+        let profiles = NoticeProfiles::builtin().expect("profiles");
+        let f = frozen(demo_facts(), &["account_credentials", "settlement_account"]);
+        for (locale, region) in [(Locale::En, "US-CA"), (Locale::ZhCn, "CN-ZJ"), (Locale::En, "DE")] {
+            let (missing, _) = f
+                .check_variant(&group(locale, region), &profiles, &LIMITS)
+                .expect("check");
+            assert!(missing.is_empty(), "{locale} {region}: {missing:?}");
+            let n = f
+                .render(&NoticeId::generate(), &DraftId::generate(), &addressee(locale))
+                .expect("render");
+            let taxonomy = Taxonomy::builtin().expect("taxonomy");
+            let label = |c: &str| taxonomy.label(&c.parse().expect("c"), locale);
+            assert!(n.sections.advice.contains(&label("account_credentials")));
             assert!(
-                n.sections.advice.contains(&creds),
-                "{locale}: advice for credentials missing"
-            );
-            assert!(
-                !n.sections.advice.contains(&media),
+                !n.sections.advice.contains(&label("media")),
                 "{locale}: advice for data not exposed"
             );
-            assert!(n.email_text.contains("privacy@example.com"));
             assert!(
                 n.email_html.contains("Lin &lt;Tea&gt; &amp; Co"),
                 "HTML must escape the merchant's name"
             );
+            assert!(n.email_html.contains(&format!("lang=\"{locale}\"")));
+            assert!(!n.email_html.contains("<table"), "no layout tables");
             assert!(n.email_text.contains("Lin <Tea> & Co"), "plain text must not escape");
-            assert!(
-                n.sms_text
-                    .contains("https://status.example.com/bulletins/INC-2026-0001/")
-            );
-            assert!(!n.sms_text.contains('\n'));
+            assert!(n.sms_text.contains("http://127.0.0.1:8080/n/00000001abcdef0123"));
+            assert!(sms_segments(&n.sms_text).2 == 1, "{locale}: {}", n.sms_text);
+            assert!(n.letter_html.contains("West Lake Road") && n.letter_html.contains("A4"));
         }
+        let en = f
+            .render(&NoticeId::generate(), &DraftId::generate(), &addressee(Locale::En))
+            .expect("render");
+        let mut at = 0;
+        for heading in [
+            "Notice of Data Breach",
+            "What Happened",
+            "What Information Was Involved",
+            "What We Are Doing",
+            "What You Can Do",
+            "For More Information",
+        ] {
+            let found = en.email_text[at..]
+                .find(heading)
+                .unwrap_or_else(|| panic!("{heading} missing or out of order"));
+            at += found;
+        }
+        assert!(en.email_subject.starts_with("Notice of Data Breach"));
     }
 
     #[test]
-    fn missing_facts_are_listed_and_nothing_is_drafted() {
-        let templates = Templates::embedded().expect("templates");
-        let taxonomy = Taxonomy::builtin().expect("taxonomy");
-        let (incident, mut facts, merchant, affected) = fixture(Locale::ZhCn);
+    fn a_missing_element_is_named_with_its_profile_and_channel_limits_are_enforced() {
+        let profiles = NoticeProfiles::builtin().expect("profiles");
+        let mut facts = demo_facts();
+        facts.cause.zh_cn = None;
         facts.remedies = LocalizedText::default();
-        facts.measures_planned.zh_cn = None;
-        let settings = settings();
-        let r = Renderer {
-            settings: &settings,
-            taxonomy: &taxonomy,
-            templates: &templates,
-        };
-        let err = draft_all(
-            r,
-            &incident,
-            &facts,
-            &[affected],
-            &[merchant],
-            1,
-            &"alice".parse().expect("actor"),
-        )
-        .expect_err("incomplete");
-        let DraftError::Incomplete { missing } = err else {
-            panic!("wrong error")
-        };
-        assert!(missing.iter().any(|m| m.starts_with("remedies (zh-CN)")), "{missing:?}");
+        let f = frozen(facts, &["account_credentials"]);
+        let (missing, _) = f
+            .check_variant(&group(Locale::ZhCn, "CN-ZJ"), &profiles, &LIMITS)
+            .expect("check");
         assert!(
             missing
                 .iter()
-                .any(|m| m.starts_with("measures (zh-CN)") && m.contains("measures_planned")),
+                .any(|m| m.starts_with("cn-pipl-57") && m.contains("cause")),
             "{missing:?}"
         );
+        assert!(missing.iter().any(|m| m.starts_with("remedies (zh-CN)")), "{missing:?}");
+        let f = frozen(demo_facts(), &["account_credentials"]);
+        let tight = ChannelLimits {
+            sms_max_segments: 1,
+            push_title_max_chars: 5,
+            push_body_max_chars: 110,
+        };
+        let mut long = settings();
+        long.notice_base_url = format!("https://{}.example.com", "x".repeat(60));
+        let mut inputs = f.inputs.clone();
+        inputs.settings = long;
+        let f = Frozen::new(inputs, f.templates.clone());
+        let (missing, _) = f
+            .check_variant(&group(Locale::ZhCn, "CN-ZJ"), &profiles, &tight)
+            .expect("check");
+        assert!(
+            missing
+                .iter()
+                .any(|m| m.starts_with("sms (zh-CN)") && m.contains("segments")),
+            "{missing:?}"
+        );
+        assert!(
+            missing.iter().any(|m| m.starts_with("push title (zh-CN)")),
+            "{missing:?}"
+        );
+        let err = check_all(&f, &[group(Locale::ZhCn, "CN-ZJ")], &profiles, &tight).expect_err("incomplete");
+        assert!(matches!(err, DraftError::Incomplete { .. }));
+    }
+
+    #[test]
+    fn an_update_says_what_changed_and_when_the_earlier_notice_was_sent() {
+        let mut f = frozen(demo_facts(), &["account_credentials"]);
+        let sent = crate::time::parse_ts("2026-11-28T08:00:00Z").expect("time");
+        f.inputs.version = 2;
+        f.inputs.update = Some(UpdateOf {
+            previous_version: 1,
+            previous_sent_at: sent,
+            changes: LocalizedText::both("The attacker also read order records.", "攻击者还读取了订单记录。"),
+        });
+        let f = Frozen::new(f.inputs.clone(), f.templates.clone());
+        for locale in [Locale::En, Locale::ZhCn] {
+            let n = f
+                .render(&NoticeId::generate(), &DraftId::generate(), &addressee(locale))
+                .expect("render");
+            assert!(n.email_text.contains(&crate::time::human_for(sent, locale)), "{locale}");
+            assert!(
+                n.email_text.contains(
+                    f.inputs
+                        .update
+                        .as_ref()
+                        .and_then(|u| u.changes.get(locale))
+                        .unwrap_or("?")
+                )
+            );
+            assert!(
+                n.sms_text
+                    .contains(if locale == Locale::En { "Update" } else { "更新" })
+            );
+        }
     }
 }

@@ -3,7 +3,6 @@
 //! only then acts on the outside world. Operations are idempotent: repeating one that already
 //! happened changes nothing and reports what exists.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,11 +13,13 @@ use serde_json::{Value, json};
 
 use crate::bulletin::{self, BulletinError};
 use crate::channels::{ChannelSet, ChannelSetupError, EmailTransport, Mail};
+use crate::classify::{ClassifyError, Rules};
+use crate::completeness::{NoticeProfiles, ProfileError};
 use crate::config::{ConfigError, Settings};
 use crate::directory::{self, DirectoryError, ImportReport};
-use crate::dispatch::{self, DispatchError, Dispatcher, StepReport};
+use crate::dispatch::{DispatchError, Dispatcher, StepReport};
 use crate::domain::*;
-use crate::draft::{self, DraftError, NoticeSettings};
+use crate::draft::{self, ChannelLimits, DraftError, NoticeRenderer, NoticeSettings};
 use crate::filing::{self, FilingError, RegulatorProfile};
 use crate::incident::{self, IncidentError};
 use crate::ingest::{self, IngestError};
@@ -36,6 +37,10 @@ pub enum EngineError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Taxonomy(#[from] TaxonomyError),
+    #[error(transparent)]
+    Classify(#[from] ClassifyError),
+    #[error(transparent)]
+    Profiles(#[from] ProfileError),
     #[error(transparent)]
     Template(#[from] TemplateError),
     #[error(transparent)]
@@ -55,7 +60,7 @@ pub enum EngineError {
     #[error(transparent)]
     Filing(#[from] FilingError),
     /// Input that is well formed JSON but not acceptable; names the field.
-    #[error("{0}")]
+    #[error(transparent)]
     Invalid(#[from] FieldError),
     #[error("{what} {id} not found")]
     NotFound { what: &'static str, id: String },
@@ -149,6 +154,28 @@ pub struct NoticeView {
     pub draft_version: i64,
 }
 
+/// One merchant's notice of one version in every language.
+#[derive(Debug, Clone, Serialize)]
+pub struct Preview {
+    pub incident_reference: String,
+    pub merchant_id: MerchantId,
+    pub version: i64,
+    pub draft_state: DraftState,
+    pub merchant_locale: Locale,
+    pub notices: Vec<Notice>,
+}
+
+/// What changed for one merchant between two versions, rendering by rendering.
+#[derive(Debug, Clone, Serialize)]
+pub struct NoticeDiff {
+    pub merchant_id: MerchantId,
+    pub from_version: i64,
+    pub to_version: i64,
+    /// Unified diffs keyed by rendering (`email_subject`, `email.txt`, `sms`, `push_title`, `push_body`);
+    /// a rendering that did not change is absent.
+    pub changes: std::collections::BTreeMap<String, String>,
+}
+
 pub struct Tocsin {
     pub settings: Settings,
     pub store: Arc<dyn Store>,
@@ -157,6 +184,9 @@ pub struct Tocsin {
     pub channels: ChannelSet,
     pub paths: OutputPaths,
     pub cac: RegulatorProfile,
+    pub rules: Rules,
+    pub profiles: NoticeProfiles,
+    pub renderer: Arc<NoticeRenderer>,
 }
 
 impl Tocsin {
@@ -173,9 +203,14 @@ impl Tocsin {
             None => Templates::embedded()?,
         };
         let channels = ChannelSet::from_settings(&settings, data_dir)?;
+        let taxonomy = Taxonomy::builtin()?;
+        let templates = Arc::new(templates);
         Ok(Self {
-            taxonomy: Taxonomy::builtin()?,
-            templates: Arc::new(templates),
+            rules: Rules::builtin(&taxonomy)?,
+            profiles: NoticeProfiles::builtin()?,
+            renderer: Arc::new(NoticeRenderer::new(store.clone(), templates.clone())),
+            taxonomy,
+            templates,
             channels,
             paths: OutputPaths::new(data_dir),
             cac: RegulatorProfile::cac()?,
@@ -189,6 +224,9 @@ impl Tocsin {
         NoticeSettings {
             operator_name: s.operator.name.clone(),
             platform: s.operator.platform.clone(),
+            short_name_en: s.operator.short_name_en.clone(),
+            short_name_zh: s.operator.short_name_zh.clone(),
+            notice_base_url: s.operator.notice_base_url.clone(),
             officer_en: s.contact.officer_en.clone(),
             officer_zh: s.contact.officer_zh.clone(),
             contact_email: s.contact.email.clone(),
@@ -217,12 +255,20 @@ impl Tocsin {
         settings
     }
 
+    pub fn channel_limits(&self) -> ChannelLimits {
+        ChannelLimits {
+            sms_max_segments: self.settings.sms.max_segments,
+            push_title_max_chars: self.settings.push.title_max_chars,
+            push_body_max_chars: self.settings.push.body_max_chars,
+        }
+    }
+
     pub fn dispatcher(&self) -> Dispatcher {
         Dispatcher::new(
             self.store.clone(),
+            self.renderer.clone(),
             self.channels.clone(),
             self.settings.delivery.clone(),
-            &self.settings.operator.public_base_url,
         )
     }
 
@@ -234,16 +280,6 @@ impl Tocsin {
                 what: "incident",
                 id: id_or_reference.to_owned(),
             })
-    }
-
-    async fn merchants_by_id(&self) -> Result<HashMap<MerchantId, Merchant>, EngineError> {
-        Ok(self
-            .store
-            .merchants()
-            .await?
-            .into_iter()
-            .map(|m| (m.id.clone(), m))
-            .collect())
     }
 
     fn facts(incident: &Incident) -> Result<&IncidentFacts, EngineError> {
@@ -276,7 +312,7 @@ impl Tocsin {
     /// Confirms an incident in triage with the responder's facts.
     pub async fn confirm(&self, id: &str, facts: &Value, actor: &Actor) -> Result<Incident, EngineError> {
         let incident = self.incident(id).await?;
-        let facts = incident::parse_facts(facts, &self.taxonomy)?;
+        let facts = self.parse_facts(facts)?;
         if incident.state != IncidentState::Triage {
             return Err(EngineError::wrong_state(&incident, "in triage", "confirm it"));
         }
@@ -300,6 +336,158 @@ impl Tocsin {
             )
             .await?;
         self.incident(incident.id.as_str()).await
+    }
+
+    fn parse_facts(&self, facts: &Value) -> Result<IncidentFacts, EngineError> {
+        let facts = incident::parse_facts(facts, &self.taxonomy)?;
+        self.rules.check_mitigations(&facts.mitigations, &self.taxonomy)?;
+        Ok(facts)
+    }
+
+    /// Replaces the facts of a confirmed incident (new findings, corrections before an update).
+    /// Notices already drafted keep the facts they were drafted from.
+    pub async fn amend(&self, id: &str, facts: &Value, actor: &Actor, reason: &str) -> Result<Incident, EngineError> {
+        let incident = self.incident(id).await?;
+        let facts = self.parse_facts(facts)?;
+        if matches!(
+            incident.state,
+            IncidentState::Triage | IncidentState::Closed | IncidentState::Dismissed
+        ) {
+            return Err(EngineError::wrong_state(
+                &incident,
+                "confirmed and open",
+                "amend its facts",
+            ));
+        }
+        if reason.trim().is_empty() {
+            return Err(FieldError::new("reason", "say why the facts change").into());
+        }
+        let detail =
+            json!({ "grade": facts.grade.as_str(), "kind": facts.kind.as_str(), "categories": facts.categories });
+        self.store
+            .transition(
+                &incident.id,
+                incident.state,
+                store::Step {
+                    to: incident.state,
+                    actor,
+                    reason: &format!("facts amended: {reason}"),
+                    detail,
+                },
+                store::IncidentChanges { facts: Some(facts) },
+            )
+            .await?;
+        self.incident(incident.id.as_str()).await
+    }
+
+    /// Sets the incident's grade by hand. A grade other than the one the count suggests needs
+    /// a reason; both the suggestion and the decision stay on record.
+    pub async fn set_grade(
+        &self,
+        id: &str,
+        grade: Grade,
+        reason: &str,
+        actor: &Actor,
+    ) -> Result<Incident, EngineError> {
+        let incident = self.incident(id).await?;
+        let mut facts = Self::facts(&incident)?.clone();
+        if matches!(incident.state, IncidentState::Closed | IncidentState::Dismissed) {
+            return Err(EngineError::wrong_state(&incident, "open", "grade it"));
+        }
+        let suggested = incident.grade_suggestion.as_ref().map(|g| g.grade);
+        if suggested != Some(grade) && reason.trim().is_empty() {
+            return Err(FieldError::new(
+                "reason",
+                match &incident.grade_suggestion {
+                    Some(g) => format!(
+                        "the suggested grade is {} ({}); say why it is {grade}",
+                        g.grade, g.basis
+                    ),
+                    None => format!("no grade has been suggested yet (scope first); say why it is {grade}"),
+                },
+            )
+            .into());
+        }
+        facts.grade = grade;
+        facts.grade_reason = LocalizedText {
+            en: Some(reason.trim().to_owned()).filter(|r| !r.is_empty()),
+            zh_cn: facts
+                .grade_reason
+                .zh_cn
+                .clone()
+                .filter(|_| facts.grade_reason.en.as_deref() == Some(reason.trim())),
+        };
+        let detail = json!({ "grade": grade.as_str(), "suggested": suggested.map(|g| g.as_str()), "reason": reason });
+        self.store
+            .transition(
+                &incident.id,
+                incident.state,
+                store::Step {
+                    to: incident.state,
+                    actor,
+                    reason: &format!("grade set to {grade}"),
+                    detail,
+                },
+                store::IncidentChanges { facts: Some(facts) },
+            )
+            .await?;
+        self.incident(incident.id.as_str()).await
+    }
+
+    /// Overrides whether one affected merchant must be notified (before approval). A drafted
+    /// version no longer matches and must be drafted again.
+    pub async fn override_notice(
+        &self,
+        id: &str,
+        merchant: &MerchantId,
+        required: bool,
+        reason: &str,
+        actor: &Actor,
+    ) -> Result<AffectedMerchant, EngineError> {
+        let incident = self.incident(id).await?;
+        if !matches!(incident.state, IncidentState::Scoped | IncidentState::Drafted) {
+            return Err(EngineError::wrong_state(
+                &incident,
+                "scoped or drafted (before approval)",
+                "override a notice decision",
+            ));
+        }
+        if reason.trim().is_empty() {
+            return Err(FieldError::new("reason", "say why this merchant is or is not notified").into());
+        }
+        if self.store.affected_merchant(&incident.id, merchant).await?.is_none() {
+            return Err(FieldError::new("merchant_id", format!("{merchant} is not affected by this incident")).into());
+        }
+        let o = NoticeOverride {
+            merchant_id: merchant.clone(),
+            required,
+            reason: reason.trim().to_owned(),
+            actor: actor.clone(),
+            at: Utc::now(),
+        };
+        self.store.set_notice_override(&incident.id, &o).await?;
+        if incident.state == IncidentState::Drafted {
+            self.store
+                .transition(
+                    &incident.id,
+                    IncidentState::Drafted,
+                    store::Step {
+                        to: IncidentState::Scoped,
+                        actor,
+                        reason: "a notice decision changed: draft again",
+                        detail: json!({ "merchant_id": merchant.as_str(), "required": required }),
+                    },
+                    Default::default(),
+                )
+                .await?;
+        }
+        self.store
+            .affected_merchant(&incident.id, merchant)
+            .await?
+            .ok_or_else(|| EngineError::NotFound {
+                what: "affected merchant",
+                id: merchant.to_string(),
+            })
     }
 
     /// Dismisses an incident that turned out not to be one.
@@ -350,7 +538,9 @@ impl Tocsin {
         Ok(())
     }
 
-    /// Applies a scope rule. With `dry_run`, returns the counts and stores nothing.
+    /// Applies a scope rule. With `dry_run`, returns the counts and stores nothing. Scoping also
+    /// counts the distinct natural persons affected and records the grade they suggest; a grade
+    /// the responder set without a reason yields to the suggestion, one with a reason stands.
     pub async fn scope(
         &self,
         id: &str,
@@ -368,20 +558,40 @@ impl Tocsin {
                 "scope it",
             ));
         }
-        let merchants = self.store.merchants().await?;
-        let unknown = scope::unknown_ids(rule, &merchants);
+        let unknown = self.store.unknown_merchants(&scope::named_ids(rule)).await?;
         if !unknown.is_empty() {
-            return Err(
-                FieldError::new("merchant_ids", format!("not in the directory: {}", unknown.join(", "))).into(),
-            );
+            let ids: Vec<&str> = unknown.iter().map(|i| i.as_str()).collect();
+            return Err(FieldError::new("merchant_ids", format!("not in the directory: {}", ids.join(", "))).into());
         }
         let order = self.settings.delivery.channel_order()?;
-        let affected = scope::scope(&incident.id, facts, rule, &merchants, &self.taxonomy, &order);
-        let summary = scope::summarize(&affected);
+        let holdings = self.store.scope_holdings(rule, &facts.categories).await?;
+        let plan = scope::plan_classes(&holdings, facts, &self.rules, &self.taxonomy)?;
+        // Everything is written in one transaction; a dry run rolls it back, so its counts are
+        // exactly what applying the rule would store.
+        let mut writer = self.store.begin_scope(&incident.id).await?;
+        let persons = writer
+            .insert(&store::ScopeInsert {
+                rule,
+                holdings_class: &plan.holdings_class,
+                classes: &plan.classes,
+                channel_order: &order,
+                person_classes: plan.persons.clone(),
+            })
+            .await?;
+        let counts = writer.counts().await?;
+        let suggestion = scope::suggest_grade(persons, &self.cac.grade_threshold);
+        let explained = facts.grade_reason.en.is_some() || facts.grade_reason.zh_cn.is_some();
+        let adopted = (facts.grade != suggestion.grade && !explained).then(|| {
+            let mut f = facts.clone();
+            f.grade = suggestion.grade;
+            f
+        });
+        let grade = adopted.as_ref().map(|f| f.grade).unwrap_or(facts.grade);
+        let summary = scope::summarize(&counts, Some(&suggestion), Some(grade));
         if dry_run {
             return Ok(summary);
         }
-        if affected.is_empty() {
+        if summary.affected == 0 {
             return Err(FieldError::new(
                 "scope",
                 "selects no merchant holding the incident's exposed categories; nothing was stored",
@@ -389,71 +599,132 @@ impl Tocsin {
             .into());
         }
         let detail = serde_json::to_value(&summary).unwrap_or(Value::Null);
-        self.store
-            .transition(
-                &incident.id,
+        let mut reason = format!(
+            "{} merchants affected; {}; suggested grade {}",
+            summary.affected, suggestion.basis, suggestion.grade
+        );
+        if let Some(f) = &adopted {
+            reason.push_str(&format!(
+                "; the unexplained grade {} was replaced by {}",
+                facts.grade, f.grade
+            ));
+        } else if facts.grade != suggestion.grade {
+            reason.push_str(&format!(
+                "; the responder's grade {} stands with its reason",
+                facts.grade
+            ));
+        }
+        writer
+            .finish(
                 incident.state,
                 store::Step {
                     to: IncidentState::Scoped,
                     actor,
-                    reason: &format!("{} merchants affected", summary.affected),
+                    reason: &reason,
                     detail,
                 },
-                store::IncidentChanges {
-                    scope_rule: Some(rule.clone()),
-                    affected: Some(affected),
-                    ..Default::default()
+                store::ScopeResult {
+                    rule,
+                    suggestion: &suggestion,
+                    facts: adopted.as_ref(),
                 },
             )
             .await?;
         Ok(summary)
     }
 
-    /// Drafts the notices. If the latest version already says exactly this, it is returned
-    /// instead of a new version; a changed text is a new version.
-    pub async fn draft(&self, id: &str, actor: &Actor) -> Result<DraftOutcome, EngineError> {
+    /// Drafts the notices as a new version. If the latest version already says exactly this, it
+    /// is returned instead. Once a version was approved, a new one is an update: `changes` says
+    /// what changed since then, in every language the cohort reads.
+    pub async fn draft(
+        &self,
+        id: &str,
+        actor: &Actor,
+        changes: Option<&LocalizedText>,
+    ) -> Result<DraftOutcome, EngineError> {
         let incident = self.incident(id).await?;
         let facts = Self::facts(&incident)?;
         let drafts = self.store.drafts(&incident.id).await?;
         let latest = drafts.last().cloned();
-        if incident.state != IncidentState::Scoped && incident.state != IncidentState::Drafted {
-            if let Some(d) = latest.filter(|_| incident.state > IncidentState::Drafted) {
-                let notices = self.store.notices(&d.id).await?.len();
+        let previous = drafts.iter().rev().find(|d| d.state == DraftState::Approved).cloned();
+        if !incident::can_transition(incident.state, IncidentState::Drafted) {
+            if let Some(d) = latest.filter(|_| incident.state == IncidentState::Approved) {
                 return Ok(DraftOutcome {
+                    notices: d.notice_count as usize,
                     draft: d,
-                    notices,
                     created: false,
                 });
             }
             return Err(EngineError::wrong_state(
                 &incident,
-                "scoped or drafted",
+                "scoped or drafted, or notifying for an update",
                 "draft its notices",
             ));
         }
-        let affected = self.store.affected(&incident.id).await?;
-        let merchants = self.store.merchants().await?;
-        let version = latest.as_ref().map(|d| d.version + 1).unwrap_or(1);
-        let settings = self.notice_settings_for(facts);
-        let renderer = draft::Renderer {
-            settings: &settings,
-            taxonomy: &self.taxonomy,
-            templates: &self.templates,
+        let groups = self.store.variant_groups(&incident.id).await?;
+        if groups.is_empty() {
+            return Err(FieldError::new("scope", "no affected merchant is to be notified").into());
+        }
+        let update = match &previous {
+            None => None,
+            Some(prev) => {
+                let changes = changes.cloned().unwrap_or_default();
+                let mut locales: Vec<Locale> = groups.iter().map(|g| g.locale).collect();
+                locales.dedup();
+                if let Some(l) = locales.iter().find(|l| changes.get(**l).is_none()) {
+                    return Err(FieldError::new(
+                        format!("changes.{l}"),
+                        format!(
+                            "version {} was approved: say what this update changes, in {l}",
+                            prev.version
+                        ),
+                    )
+                    .into());
+                }
+                let sent = self.store.first_sent(&prev.id).await?;
+                Some(UpdateOf {
+                    previous_version: prev.version,
+                    previous_sent_at: sent.or(prev.approved_at).unwrap_or(prev.drafted_at),
+                    changes,
+                })
+            }
         };
-        let (new_draft, notices) = draft::draft_all(renderer, &incident, facts, &affected, &merchants, version, actor)?;
-        if let Some(d) =
-            latest.filter(|d| d.content_hash == new_draft.content_hash && incident.state == IncidentState::Drafted)
-        {
-            let count = self.store.notices(&d.id).await?.len();
+        let version = drafts.last().map(|d| d.version + 1).unwrap_or(1);
+        let inputs = DraftInputs {
+            version,
+            facts: facts.clone(),
+            settings: self.notice_settings_for(facts),
+            template_set: self.templates.set_hash().to_owned(),
+            classes: self.store.scope_classes(&incident.id).await?,
+            update,
+            reference: incident.reference.clone(),
+            detected_at: incident.detected_at,
+            drafted_at: Utc::now(),
+            labels: draft::frozen_labels(&facts.categories, &self.taxonomy),
+        };
+        let frozen = draft::Frozen::new(inputs, self.templates.clone());
+        let (variants, hash) = draft::check_all(&frozen, &groups, &self.profiles, &self.channel_limits())?;
+        if let Some(d) = latest.filter(|d| d.content_hash == hash && incident.state == IncidentState::Drafted) {
             return Ok(DraftOutcome {
+                notices: d.notice_count as usize,
                 draft: d,
-                notices: count,
                 created: false,
             });
         }
-        self.store.insert_draft(&new_draft, &notices, incident.state).await?;
+        let notices: i64 = groups.iter().map(|g| g.merchants).sum();
+        let mut new_draft = draft::new_draft(&incident.id, version, hash, notices, actor);
+        new_draft.drafted_at = frozen.inputs.drafted_at;
+        self.store
+            .create_draft(store::NewDraft {
+                draft: &new_draft,
+                inputs: &frozen.inputs,
+                template_sources: &self.templates.sources_json(),
+                variants: &variants,
+                from: incident.state,
+            })
+            .await?;
         Ok(DraftOutcome {
-            notices: notices.len(),
+            notices: notices as usize,
             draft: new_draft,
             created: true,
         })
@@ -502,31 +773,19 @@ impl Tocsin {
             .rev()
             .find(|d| d.state == DraftState::Approved)
             .ok_or_else(|| EngineError::wrong_state(&incident, "approved", "dispatch its notices"))?;
-        let affected = self.store.affected(&incident.id).await?;
-        let notices = self.store.notices(&draft.id).await?;
-        let merchants = self.merchants_by_id().await?;
-        let first = dispatch::first_deliveries(&incident.id, &draft.id, &affected, &notices, &merchants);
-        let queued = self.store.enqueue(&first).await?;
-        // Merchants still waiting for notice but without any usable address (none in their plan,
-        // or the directory lost it since scoping) are unreachable: the bulletin covers them.
-        for a in affected.iter().filter(|a| a.reachability == Reachability::Pending) {
-            if !first.iter().any(|d| d.merchant_id == a.merchant_id) {
-                self.store
-                    .set_reachability(&incident.id, &a.merchant_id, Reachability::Unreachable, None)
-                    .await?;
-            }
-        }
-        let without_channel = affected.iter().filter(|a| a.channel_plan.is_empty()).count();
-        if incident.state == IncidentState::Approved {
+        // Releasing is done once, on approval; asking again reports what was released.
+        let queued = if incident.state == IncidentState::Approved {
             self.store
-                .transition(
-                &incident.id,
-                IncidentState::Approved,
-                store::Step { to: IncidentState::Notifying, actor, reason: &format!("{queued} deliveries queued"), detail: json!({ "draft_id": draft.id.as_str(), "queued": queued, "without_channel": without_channel }) },
-                Default::default(),
-            )
-                .await?;
-        }
+                .release_draft(&incident.id, &draft.id, IncidentState::Approved, actor)
+                .await?
+        } else {
+            0
+        };
+        let without_channel = self
+            .store
+            .affected_ids(&incident.id, Reachability::Unreachable)
+            .await?
+            .len();
         Ok(DispatchStart {
             draft_id: draft.id,
             queued,
@@ -589,12 +848,7 @@ impl Tocsin {
         ) {
             return Err(EngineError::wrong_state(&incident, "approved", "publish a bulletin"));
         }
-        let affected = self.store.affected(&incident.id).await?;
-        let unreachable: Vec<MerchantId> = affected
-            .iter()
-            .filter(|a| a.reachability == Reachability::Unreachable)
-            .map(|a| a.merchant_id.clone())
-            .collect();
+        let unreachable = self.store.affected_ids(&incident.id, Reachability::Unreachable).await?;
         let mut versions = self.store.bulletins(&incident.id).await?;
         let Some(reason) = bulletin::trigger(
             unreachable.len(),
@@ -670,20 +924,17 @@ impl Tocsin {
         let filing = match existing {
             Some(f) => f,
             None => {
-                let affected = self.store.affected(&incident.id).await?;
-                let merchants = self.merchants_by_id().await?;
-                let natural = affected
+                let affected: i64 = self
+                    .store
+                    .scope_counts(&incident.id)
+                    .await?
                     .iter()
-                    .filter(|a| {
-                        merchants
-                            .get(&a.merchant_id)
-                            .is_some_and(|m| m.kind != MerchantKind::Enterprise)
-                    })
-                    .count();
+                    .map(|c| c.merchants)
+                    .sum();
                 let figures = filing::Figures {
                     reporting_unit: format!("{} ({})", self.settings.operator.name, self.settings.operator.platform),
-                    affected_merchants: (!affected.is_empty()).then_some(affected.len()),
-                    natural_persons: (!affected.is_empty()).then_some(natural),
+                    affected_merchants: (affected > 0).then_some(affected as usize),
+                    natural_persons: incident.grade_suggestion.as_ref().map(|g| g.natural_persons as usize),
                 };
                 let f = filing::draft_initial(
                     &self.cac,
@@ -757,20 +1008,21 @@ impl Tocsin {
 
     pub async fn view(&self, id: &str) -> Result<IncidentView, EngineError> {
         let incident = self.incident(id).await?;
-        let affected = self.store.affected(&incident.id).await?;
+        let counts = self.store.scope_counts(&incident.id).await?;
         let now = Utc::now();
         Ok(IncidentView {
             transitions: self.store.transitions(&incident.id).await?,
-            scope: scope::summarize(&affected),
-            reached: affected
+            scope: scope::summarize(
+                &counts,
+                incident.grade_suggestion.as_ref(),
+                incident.facts.as_ref().map(|f| f.grade),
+            ),
+            reached: counts
                 .iter()
-                .filter(|a| a.reachability == Reachability::Reached)
-                .count(),
-            unreachable: affected
-                .iter()
-                .filter(|a| a.reachability == Reachability::Unreachable)
-                .map(|a| a.merchant_id.clone())
-                .collect(),
+                .filter(|c| c.reachability == Reachability::Reached)
+                .map(|c| c.merchants as usize)
+                .sum(),
+            unreachable: self.store.affected_ids(&incident.id, Reachability::Unreachable).await?,
             drafts: self.store.drafts(&incident.id).await?,
             deliveries: self.store.delivery_tally(&incident.id).await?,
             bulletins: self.store.bulletins(&incident.id).await?,
@@ -804,9 +1056,11 @@ impl Tocsin {
             id: id.to_owned(),
         };
         let notice_id: NoticeId = id.parse().map_err(|_| not_found())?;
-        let notice = self.store.notice(&notice_id).await?.ok_or_else(not_found)?;
-        let draft = self.store.draft(&notice.draft_id).await?.ok_or_else(not_found)?;
+        let record = self.store.notice_record(&notice_id).await?.ok_or_else(not_found)?;
+        let draft = self.store.draft(&record.draft_id).await?.ok_or_else(not_found)?;
         let incident = self.incident(draft.incident_id.as_str()).await?;
+        let address = self.postal_address(&record.merchant_id).await?;
+        let notice = self.renderer.render(&record, address.as_deref(), None).await?;
         Ok(NoticeView {
             notice,
             incident_reference: incident.reference,
@@ -814,13 +1068,101 @@ impl Tocsin {
         })
     }
 
-    /// The notices of the incident's latest draft.
-    pub async fn notices(&self, id: &str) -> Result<Vec<Notice>, EngineError> {
+    async fn postal_address(&self, merchant: &MerchantId) -> Result<Option<String>, EngineError> {
+        Ok(self.store.merchant(merchant).await?.and_then(|m| m.postal_address))
+    }
+
+    /// The notices of the incident's latest draft, in merchant order after `after`.
+    pub async fn notices(
+        &self,
+        id: &str,
+        after: Option<&MerchantId>,
+        limit: u32,
+    ) -> Result<Vec<NoticeRecord>, EngineError> {
         let incident = self.incident(id).await?;
         match self.store.drafts(&incident.id).await?.pop() {
-            Some(d) => Ok(self.store.notices(&d.id).await?),
+            Some(d) => Ok(self.store.notice_records(&d.id, after, limit).await?),
             None => Ok(Vec::new()),
         }
+    }
+
+    async fn draft_version(&self, incident: &Incident, version: Option<i64>) -> Result<Draft, EngineError> {
+        let drafts = self.store.drafts(&incident.id).await?;
+        let found = match version {
+            Some(v) => drafts.into_iter().find(|d| d.version == v),
+            None => drafts.into_iter().last(),
+        };
+        found.ok_or_else(|| match version {
+            Some(v) => FieldError::new("version", format!("{} has no notice version {v}", incident.reference)).into(),
+            None => EngineError::wrong_state(incident, "drafted", "preview its notices"),
+        })
+    }
+
+    /// One merchant's notice of a version (the latest by default), rendered on every channel in
+    /// the merchant's language and in every other.
+    pub async fn preview(&self, id: &str, merchant: &MerchantId, version: Option<i64>) -> Result<Preview, EngineError> {
+        let incident = self.incident(id).await?;
+        let draft = self.draft_version(&incident, version).await?;
+        let record = self.store.notice_for(&draft.id, merchant).await?.ok_or_else(|| {
+            FieldError::new(
+                "merchant_id",
+                format!("{merchant} has no notice in version {}", draft.version),
+            )
+        })?;
+        let address = self.postal_address(merchant).await?;
+        let mut notices = vec![self.renderer.render(&record, address.as_deref(), None).await?];
+        if record.legacy.is_none() {
+            for locale in Locale::ALL.iter().filter(|l| **l != record.locale) {
+                notices.push(self.renderer.render(&record, address.as_deref(), Some(*locale)).await?);
+            }
+        }
+        Ok(Preview {
+            incident_reference: incident.reference,
+            merchant_id: merchant.clone(),
+            version: draft.version,
+            draft_state: draft.state,
+            merchant_locale: record.locale,
+            notices,
+        })
+    }
+
+    /// What changed in one merchant's notice between two versions, as unified diffs.
+    pub async fn diff(&self, id: &str, merchant: &MerchantId, from: i64, to: i64) -> Result<NoticeDiff, EngineError> {
+        let a = self.preview(id, merchant, Some(from)).await?;
+        let b = self.preview(id, merchant, Some(to)).await?;
+        let (Some(old), Some(new)) = (a.notices.first(), b.notices.first()) else {
+            return Err(FieldError::new("merchant_id", "has no notice in both versions").into());
+        };
+        let mut changes = std::collections::BTreeMap::new();
+        for (name, x, y) in [
+            ("email_subject", &old.email_subject, &new.email_subject),
+            ("email.txt", &old.email_text, &new.email_text),
+            ("sms", &old.sms_text, &new.sms_text),
+            ("push_title", &old.push_title, &new.push_title),
+            ("push_body", &old.push_body, &new.push_body),
+        ] {
+            if x != y {
+                let diff = similar::TextDiff::from_lines(x.as_str(), y.as_str())
+                    .unified_diff()
+                    .header(&format!("version {from}"), &format!("version {to}"))
+                    .to_string();
+                changes.insert(name.to_owned(), diff);
+            }
+        }
+        Ok(NoticeDiff {
+            merchant_id: merchant.clone(),
+            from_version: from,
+            to_version: to,
+            changes,
+        })
+    }
+
+    /// A merchant's own notice page (`/n/<token>`): the latest approved version, as HTML.
+    pub async fn notice_page(&self, token: &str) -> Result<Option<String>, EngineError> {
+        let Some(record) = self.store.notice_by_token(token).await? else {
+            return Ok(None);
+        };
+        Ok(Some(self.renderer.render(&record, None, None).await?.email_html))
     }
 
     pub async fn deliveries(&self, id: &str) -> Result<Vec<Delivery>, EngineError> {

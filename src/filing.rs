@@ -65,6 +65,8 @@ pub struct RegulatorProfile {
     pub min_grade: Grade,
     pub clock: Clock,
     pub initial: Vec<ProfileItem>,
+    #[serde(default)]
+    pub grade_threshold: Vec<crate::scope::GradeThreshold>,
 }
 
 impl RegulatorProfile {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tower_http::services::ServeDir;
 
-use crate::domain::{Actor, FieldError, IncidentState};
+use crate::domain::{Actor, FieldError, Grade, IncidentState, LocalizedText, MerchantId};
 use crate::engine::{EngineError, Tocsin};
 use crate::incident::IncidentError;
 use crate::model::ScopeRule;
@@ -189,7 +189,13 @@ fn router_with(state: AppState) -> Router {
         .route("/api/v1/incidents/{id}/filings", post(file))
         .route("/api/v1/incidents/{id}/notices", get(list_notices))
         .route("/api/v1/incidents/{id}/deliveries", get(list_deliveries))
+        .route("/api/v1/incidents/{id}/amend", post(amend))
+        .route("/api/v1/incidents/{id}/grade", post(grade))
+        .route("/api/v1/incidents/{id}/notice-decisions", post(notice_decision))
+        .route("/api/v1/incidents/{id}/preview/{merchant}", get(preview))
+        .route("/api/v1/incidents/{id}/diff/{merchant}", get(diff))
         .route("/api/v1/notices/{id}", get(get_notice))
+        .route("/n/{token}", get(notice_page))
         .nest_service("/bulletins", bulletins)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
@@ -266,7 +272,109 @@ async fn scope(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -
 }
 
 async fn draft(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
-    ok(s.engine.draft(&id, &actor_of(&body_json(&body)?)?).await?)
+    let body = body_json(&body)?;
+    let changes: Option<LocalizedText> = match body.get("changes") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(serde_json::from_value(v.clone()).map_err(|e| bad_request("changes", e.to_string()))?),
+    };
+    ok(s.engine.draft(&id, &actor_of(&body)?, changes.as_ref()).await?)
+}
+
+/// A required string field of a JSON body.
+fn text_field<'a>(body: &'a Value, name: &str) -> Result<&'a str, Problem> {
+    body.get(name)
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad_request(name, "is required (a string)"))
+}
+
+async fn amend(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+    let body = body_json(&body)?;
+    let facts = body.get("facts").ok_or_else(|| bad_request("facts", "is required"))?;
+    ok(s.engine
+        .amend(&id, facts, &actor_of(&body)?, text_field(&body, "reason")?)
+        .await?)
+}
+
+async fn grade(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+    let body = body_json(&body)?;
+    let grade: Grade = text_field(&body, "grade")?
+        .parse()
+        .map_err(|e: FieldError| bad_request("grade", e.reason))?;
+    let reason = body.get("reason").and_then(Value::as_str).unwrap_or("");
+    ok(s.engine.set_grade(&id, grade, reason, &actor_of(&body)?).await?)
+}
+
+async fn notice_decision(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+    let body = body_json(&body)?;
+    let merchant: MerchantId = text_field(&body, "merchant_id")?
+        .parse()
+        .map_err(|e: FieldError| bad_request("merchant_id", e.reason))?;
+    let required = body
+        .get("required")
+        .and_then(Value::as_bool)
+        .ok_or_else(|| bad_request("required", "is required (true or false)"))?;
+    ok(s.engine
+        .override_notice(
+            &id,
+            &merchant,
+            required,
+            text_field(&body, "reason")?,
+            &actor_of(&body)?,
+        )
+        .await?)
+}
+
+#[derive(serde::Deserialize)]
+struct VersionQuery {
+    version: Option<i64>,
+    from: Option<i64>,
+    to: Option<i64>,
+}
+
+fn merchant_param(raw: &str) -> Result<MerchantId, Problem> {
+    raw.parse()
+        .map_err(|e: FieldError| bad_request("merchant_id", e.reason))
+}
+
+async fn preview(
+    State(s): State<AppState>,
+    Path((id, merchant)): Path<(String, String)>,
+    Query(q): Query<VersionQuery>,
+) -> ApiResult {
+    ok(s.engine.preview(&id, &merchant_param(&merchant)?, q.version).await?)
+}
+
+async fn diff(
+    State(s): State<AppState>,
+    Path((id, merchant)): Path<(String, String)>,
+    Query(q): Query<VersionQuery>,
+) -> ApiResult {
+    let (Some(from), Some(to)) = (q.from, q.to) else {
+        return Err(bad_request("from", "give both ?from=<version>&to=<version>"));
+    };
+    ok(s.engine.diff(&id, &merchant_param(&merchant)?, from, to).await?)
+}
+
+/// A merchant's own notice. The token is the only key: an unknown token gets the same plain
+/// 404 as a malformed one, and nothing is cached (the page holds personal data).
+async fn notice_page(State(s): State<AppState>, Path(token): Path<String>) -> Response {
+    let no_store = [
+        (axum::http::header::CACHE_CONTROL, "no-store"),
+        (axum::http::header::REFERRER_POLICY, "no-referrer"),
+    ];
+    match s.engine.notice_page(&token).await {
+        Ok(Some(html)) => (StatusCode::OK, no_store, axum::response::Html(html)).into_response(),
+        Ok(None) => (StatusCode::NOT_FOUND, no_store, "no such notice").into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "rendering a notice page failed");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                no_store,
+                "the notice could not be shown",
+            )
+                .into_response()
+        }
+    }
 }
 
 async fn approve(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
@@ -289,13 +397,21 @@ async fn file(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) ->
     ok(s.engine.file_initial(&id, &actor_of(&body_json(&body)?)?).await?)
 }
 
-async fn list_notices(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
-    let notices = s.engine.notices(&id).await?;
+#[derive(serde::Deserialize)]
+struct PageQuery {
+    after: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn list_notices(State(s): State<AppState>, Path(id): Path<String>, Query(q): Query<PageQuery>) -> ApiResult {
+    let after = q.after.as_deref().map(merchant_param).transpose()?;
+    let notices = s
+        .engine
+        .notices(&id, after.as_ref(), q.limit.unwrap_or(500).min(5000))
+        .await?;
     let rows: Vec<Value> = notices
         .iter()
-        .map(
-            |n| json!({ "id": n.id, "merchant_id": n.merchant_id, "locale": n.locale, "content_hash": n.content_hash }),
-        )
+        .map(|n| json!({ "id": n.id, "merchant_id": n.merchant_id, "locale": n.locale, "class_no": n.class_no }))
         .collect();
     ok(rows)
 }

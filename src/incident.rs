@@ -2,7 +2,8 @@
 //!
 //! `triage -> confirmed -> scoped -> drafted -> approved -> notifying -> monitoring -> closed`,
 //! and `dismissed` from triage or confirmed. Re-scoping before approval and re-drafting a
-//! drafted incident are allowed; everything else moves forward only. Every transition is
+//! drafted incident are allowed, and so is drafting an update once notices went out;
+//! everything else moves forward only. Every transition is
 //! stored with its actor, time and reason, and chained into the audit ledger.
 
 use serde_json::Value;
@@ -19,6 +20,8 @@ pub fn can_transition(from: S, to: S) -> bool {
             | (S::Triage | S::Confirmed, S::Dismissed)
             | (S::Confirmed | S::Scoped | S::Drafted, S::Scoped)
             | (S::Scoped | S::Drafted, S::Drafted)
+            // An update or correction: a new version while (or after) the first is delivered.
+            | (S::Notifying | S::Monitoring, S::Drafted)
             | (S::Drafted, S::Approved)
             | (S::Approved, S::Notifying)
             | (S::Notifying, S::Monitoring)

@@ -8,9 +8,12 @@
 //! hash-chained [`ledger`]. [`store`] owns all SQL; [`http`] and [`cli`] only translate.
 //! [`engine::Tocsin`] is the entry point for host applications.
 
+pub mod bench;
 pub mod bulletin;
 pub mod channels;
+pub mod classify;
 pub mod cli;
+pub mod completeness;
 pub mod config;
 pub mod demo;
 pub mod directory;

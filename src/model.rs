@@ -23,7 +23,25 @@ pub struct Merchant {
     /// Data categories the platform holds about this merchant.
     pub holdings: BTreeSet<CategoryId>,
     pub created_at: Option<DateTime<Utc>>,
+    /// When the merchant last used the platform (for scoping by activity window).
+    pub last_active_at: Option<DateTime<Utc>>,
     pub marketing_opt_out: bool,
+    /// The natural persons whose data the platform holds for this merchant, by opaque key.
+    pub people: People,
+}
+
+/// Natural persons behind a merchant record, identified by opaque keys (for example a hash of
+/// their ID number) so that the same person behind several shops is counted once.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct People {
+    /// The person a natural-person or individual-business merchant is (defaults to the merchant).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub representative: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub contacts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sub_accounts: Vec<String>,
 }
 
 impl Merchant {
@@ -97,6 +115,9 @@ pub struct IncidentFacts {
     pub ransom: LocalizedText,
     #[serde(default)]
     pub other: LocalizedText,
+    /// Measures that reduce or avoid harm, as the classification rules know them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mitigations: Vec<crate::classify::AppliedMitigation>,
     /// Who merchants should contact about this incident, if not the configured officer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub contact: Option<IncidentContact>,
@@ -114,8 +135,10 @@ pub struct IncidentContact {
     pub phone: Option<String>,
 }
 
-/// Which merchants an incident affects. Every given criterion must hold (AND); a merchant is
-/// affected only if it also holds at least one of the incident's exposed categories.
+/// Which merchants an incident affects. Every given criterion must hold (AND); `any_of` holds
+/// when at least one of its rules does (OR) and `except` removes the merchants any of its rules
+/// select (NOT). A merchant is affected only if it also holds at least one of the incident's
+/// exposed categories.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScopeRule {
@@ -129,6 +152,45 @@ pub struct ScopeRule {
     pub created_after: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_before: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_after: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_before: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub any_of: Vec<ScopeRule>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub except: Vec<ScopeRule>,
+}
+
+/// The grade the natural-person count suggests, kept beside the responder's grade.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GradeSuggestion {
+    pub natural_persons: u64,
+    pub grade: Grade,
+    pub basis: String,
+    pub at: DateTime<Utc>,
+}
+
+/// One classification shared by every affected merchant with the same exposed categories.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScopeClass {
+    pub class_no: i64,
+    pub exposed: Vec<CategoryId>,
+    pub risk: RiskLevel,
+    pub risk_reasons: Vec<String>,
+    pub notice_required: bool,
+    pub notice_reason: String,
+    pub merchants: i64,
+}
+
+/// A responder's decision on whether one merchant must be notified.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NoticeOverride {
+    pub merchant_id: MerchantId,
+    pub required: bool,
+    pub reason: String,
+    pub actor: Actor,
+    pub at: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -142,6 +204,8 @@ pub struct Incident {
     pub correlation_key: Option<String>,
     pub facts: Option<IncidentFacts>,
     pub scope_rule: Option<ScopeRule>,
+    /// The grade suggested by the count of natural persons at the last scoping.
+    pub grade_suggestion: Option<GradeSuggestion>,
     /// The earliest detection time among the incident's events.
     pub detected_at: DateTime<Utc>,
     pub opened_at: DateTime<Utc>,
@@ -163,6 +227,8 @@ pub struct Transition {
 pub struct AffectedMerchant {
     pub incident_id: IncidentId,
     pub merchant_id: MerchantId,
+    pub class_no: i64,
+    pub region: String,
     pub exposed: Vec<CategoryId>,
     pub risk: RiskLevel,
     pub risk_reasons: Vec<String>,
@@ -195,6 +261,64 @@ pub struct Draft {
     pub drafted_at: DateTime<Utc>,
     pub approved_by: Option<Actor>,
     pub approved_at: Option<DateTime<Utc>>,
+    pub notice_count: i64,
+}
+
+/// What an earlier version said, for an update or correction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpdateOf {
+    pub previous_version: i64,
+    /// When the earlier version was first sent (its approval time if nothing was sent yet).
+    pub previous_sent_at: DateTime<Utc>,
+    pub changes: LocalizedText,
+}
+
+/// Everything one draft version's notices are rendered from, frozen when it is drafted, so
+/// the exact text each merchant received can be reproduced without storing a copy per merchant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DraftInputs {
+    pub version: i64,
+    pub facts: IncidentFacts,
+    pub settings: crate::draft::NoticeSettings,
+    pub template_set: String,
+    pub classes: Vec<ScopeClass>,
+    pub update: Option<UpdateOf>,
+    pub reference: String,
+    pub detected_at: DateTime<Utc>,
+    pub drafted_at: DateTime<Utc>,
+    /// Labels of the exposed categories, as they read when drafted.
+    pub labels: std::collections::BTreeMap<CategoryId, crate::draft::LabelPair>,
+}
+
+/// One notice variant the completeness check rendered: a class of exposed categories in one
+/// language under one set of legal profiles.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DraftVariant {
+    pub variant_no: i64,
+    pub class_no: i64,
+    pub locale: Locale,
+    pub profiles: String,
+    pub merchants: i64,
+    pub sample_hash: String,
+}
+
+/// A merchant's notice in one draft version, as stored: enough to reproduce its text.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NoticeRecord {
+    pub id: NoticeId,
+    pub draft_id: DraftId,
+    pub merchant_id: MerchantId,
+    pub class_no: i64,
+    pub locale: Locale,
+    pub region: String,
+    pub merchant_name: String,
+    pub merchant_kind: MerchantKind,
+    /// Opens the merchant's own notice page; as secret as the notice itself.
+    #[serde(skip)]
+    pub link_token: String,
+    /// Renderings stored whole by the first schema, before drafts were frozen.
+    #[serde(skip)]
+    pub legacy: Option<serde_json::Value>,
 }
 
 /// The five required elements of a notice, as rendered text.
@@ -227,6 +351,8 @@ pub struct Notice {
     pub draft_id: DraftId,
     pub merchant_id: MerchantId,
     pub locale: Locale,
+    /// The merchant's own page with the full notice (SMS and push link here).
+    pub url: String,
     pub sections: NoticeSections,
     pub email_subject: String,
     pub email_text: String,
@@ -234,6 +360,7 @@ pub struct Notice {
     pub sms_text: String,
     pub push_title: String,
     pub push_body: String,
+    pub letter_html: String,
     pub content_hash: String,
 }
 
@@ -272,6 +399,8 @@ pub struct Delivery {
     pub last_error: Option<String>,
     pub error_class: Option<ErrorClass>,
     pub provider_message_id: Option<String>,
+    /// Hash of the exact text sent, set when it was sent.
+    pub content_hash: Option<String>,
     pub created_at: DateTime<Utc>,
     pub sent_at: Option<DateTime<Utc>>,
 }

@@ -1,169 +1,157 @@
 //! Scope and classify: the incident's scope rule applied to the directory, crossed with each
-//! merchant's holdings. For each affected merchant: the exposed categories, a risk level with
-//! its reasons, whether notice is required and why, the channel plan, the locale.
+//! merchant's holdings. Merchants with the same exposed categories share a class: its risk
+//! level with the reasons, whether notice is required and why. The database applies the rule
+//! and assigns classes in bulk; this module decides the classes, checks rules and counts.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use serde::Serialize;
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
 
-use crate::domain::{CategoryId, Channel, FieldError, IncidentId, MerchantId, Reachability, RiskLevel};
-use crate::model::{AffectedMerchant, IncidentFacts, Merchant, ScopeRule};
-use crate::taxonomy::Taxonomy;
+use crate::classify::Rules;
+use crate::domain::{CategoryId, FieldError, Grade, MerchantId, Reachability};
+use crate::model::{GradeSuggestion, IncidentFacts, ScopeClass, ScopeRule};
+use crate::store::{PersonClasses, ScopeCount};
+use crate::taxonomy::{Sensitivity, Taxonomy};
 
-/// Whether `merchant` falls under `rule` (every given criterion must hold).
-pub fn rule_matches(rule: &ScopeRule, merchant: &Merchant) -> bool {
-    (rule.merchant_ids.is_empty() || rule.merchant_ids.contains(&merchant.id))
-        && (rule.any_categories.is_empty() || rule.any_categories.iter().any(|c| merchant.holdings.contains(c)))
-        && (rule.regions.is_empty()
-            || rule
-                .regions
-                .iter()
-                .any(|r| r == &merchant.region || merchant.region.starts_with(&format!("{r}-"))))
-        && rule
-            .created_after
-            .is_none_or(|after| merchant.created_at.is_some_and(|c| c >= after))
-        && rule
-            .created_before
-            .is_none_or(|before| merchant.created_at.is_some_and(|c| c < before))
+/// The classes of a scope and which stored holdings fall in each.
+#[derive(Debug, Clone, Default)]
+pub struct ClassPlan {
+    pub holdings_class: Vec<(String, i64)>,
+    pub classes: Vec<ScopeClass>,
+    pub persons: PersonClasses,
 }
 
-/// Risk from what was exposed: sensitive data or a damaging combination is high; other
-/// personal data is medium; data that is not personal is low.
-pub fn classify_risk(exposed: &[CategoryId], taxonomy: &Taxonomy) -> (RiskLevel, Vec<String>) {
-    let has = |id: &str| exposed.iter().any(|c| c.as_str() == id);
-    let mut reasons = Vec::new();
-    if has("account_credentials") {
-        reasons.push("account credentials were exposed: the account can be taken over".to_owned());
-    }
-    if has("real_name") && has("id_number") {
-        reasons.push("name together with ID number enables identity fraud".to_owned());
-    }
-    let sensitive: Vec<&str> = exposed
-        .iter()
-        .filter(|c| taxonomy.is_sensitive(c))
-        .map(|c| c.as_str())
-        .collect();
-    if !sensitive.is_empty() {
-        reasons.push(format!(
-            "sensitive personal information exposed: {}",
-            sensitive.join(", ")
-        ));
-    }
-    if !reasons.is_empty() {
-        return (RiskLevel::High, reasons);
-    }
-    let personal: Vec<&str> = exposed
-        .iter()
-        .filter(|c| {
-            taxonomy
-                .get(c)
-                .is_some_and(|i| i.sensitivity != crate::taxonomy::Sensitivity::NotPersonal)
-        })
-        .map(|c| c.as_str())
-        .collect();
-    if !personal.is_empty() {
-        return (
-            RiskLevel::Medium,
-            vec![format!("personal information exposed: {}", personal.join(", "))],
-        );
-    }
-    (
-        RiskLevel::Low,
-        vec!["only information that is not personal was exposed".to_owned()],
-    )
-}
-
-/// The merchant's channels in the configured order, leaving out those it has no address for.
-pub fn channel_plan(merchant: &Merchant, order: &[Channel]) -> Vec<Channel> {
-    order
-        .iter()
-        .copied()
-        .filter(|c| merchant.address(*c).is_some())
-        .collect()
-}
-
-/// Classifies one merchant, or `None` if none of the incident's categories are held about it.
-pub fn classify(
-    incident: &IncidentId,
+/// Classifies each distinct set of holdings the rule selected (as stored: a JSON array). A
+/// merchant's exposed categories are its holdings among the incident's categories; merchants
+/// with none are not affected.
+pub fn plan_classes(
+    holdings: &[(String, i64)],
     facts: &IncidentFacts,
-    merchant: &Merchant,
+    rules: &Rules,
     taxonomy: &Taxonomy,
-    order: &[Channel],
-) -> Option<AffectedMerchant> {
-    let exposed: Vec<CategoryId> = facts
-        .categories
-        .iter()
-        .filter(|c| merchant.holdings.contains(c))
-        .cloned()
-        .collect();
-    if exposed.is_empty() {
-        return None;
+) -> Result<ClassPlan, FieldError> {
+    let incident: BTreeSet<&CategoryId> = facts.categories.iter().collect();
+    let mut by_exposed: BTreeMap<Vec<CategoryId>, usize> = BTreeMap::new();
+    let mut plan = ClassPlan::default();
+    for (raw, count) in holdings {
+        let held: BTreeSet<CategoryId> = serde_json::from_str(raw)
+            .map_err(|e| FieldError::new("holdings", format!("a stored merchant record is unreadable: {e}")))?;
+        let exposed: Vec<CategoryId> = held.into_iter().filter(|c| incident.contains(c)).collect();
+        if exposed.is_empty() {
+            continue;
+        }
+        let index = match by_exposed.get(&exposed) {
+            Some(i) => *i,
+            None => {
+                let c = rules.classify(&exposed, facts.kind, &facts.mitigations, taxonomy);
+                let class_no = plan.classes.len() as i64 + 1;
+                let personal = exposed.iter().any(|e| {
+                    taxonomy
+                        .get(e)
+                        .is_some_and(|i| i.sensitivity != Sensitivity::NotPersonal)
+                });
+                if personal {
+                    plan.persons.merchant.push(class_no);
+                }
+                if exposed.iter().any(|e| e.as_str() == "contact_persons") {
+                    plan.persons.contacts.push(class_no);
+                }
+                if exposed.iter().any(|e| e.as_str() == "sub_account_phones") {
+                    plan.persons.sub_accounts.push(class_no);
+                }
+                plan.classes.push(ScopeClass {
+                    class_no,
+                    exposed: exposed.clone(),
+                    risk: c.risk,
+                    risk_reasons: c.reasons,
+                    notice_required: c.notice_required,
+                    notice_reason: c.notice_reason,
+                    merchants: 0,
+                });
+                by_exposed.insert(exposed, plan.classes.len() - 1);
+                plan.classes.len() - 1
+            }
+        };
+        plan.classes[index].merchants += count;
+        plan.holdings_class.push((raw.clone(), plan.classes[index].class_no));
     }
-    let (risk, risk_reasons) = classify_risk(&exposed, taxonomy);
-    let plan = channel_plan(merchant, order);
-    Some(AffectedMerchant {
-        incident_id: incident.clone(),
-        merchant_id: merchant.id.clone(),
-        exposed,
-        risk,
-        risk_reasons,
-        notice_required: true,
-        // Mandatory: marketing opt-outs do not apply to a security notice.
-        notice_reason: "required: personal information held about the merchant may have leaked (PIPL Art. 57)"
-            .to_owned(),
-        reachability: if plan.is_empty() {
-            Reachability::Unreachable
-        } else {
-            Reachability::Pending
-        },
-        channel_plan: plan,
-        locale: merchant.locale,
-        reached_channel: None,
-    })
+    Ok(plan)
 }
 
-/// Applies the rule to the directory and classifies every merchant it selects.
-pub fn scope(
-    incident: &IncidentId,
-    facts: &IncidentFacts,
-    rule: &ScopeRule,
-    merchants: &[Merchant],
-    taxonomy: &Taxonomy,
-    order: &[Channel],
-) -> Vec<AffectedMerchant> {
-    merchants
+/// A grade threshold of the CAC measures: this many natural persons or more.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GradeThreshold {
+    pub grade: Grade,
+    pub natural_persons: u64,
+}
+
+/// The grade the count suggests: the highest threshold reached ("above" includes the number).
+pub fn suggest_grade(natural_persons: u64, thresholds: &[GradeThreshold]) -> GradeSuggestion {
+    let reached = thresholds
         .iter()
-        .filter(|m| rule_matches(rule, m))
-        .filter_map(|m| classify(incident, facts, m, taxonomy, order))
-        .collect()
+        .filter(|t| natural_persons >= t.natural_persons)
+        .max_by_key(|t| t.grade);
+    let (grade, basis) = match reached {
+        Some(t) => (
+            t.grade,
+            format!(
+                "{natural_persons} distinct natural persons affected, at or above the {} threshold of {}",
+                t.grade, t.natural_persons
+            ),
+        ),
+        None => (
+            Grade::General,
+            format!("{natural_persons} distinct natural persons affected, below every grade threshold"),
+        ),
+    };
+    GradeSuggestion {
+        natural_persons,
+        grade,
+        basis,
+        at: Utc::now(),
+    }
 }
 
 /// Counts for a dry run or a summary.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ScopeSummary {
-    pub affected: usize,
-    pub by_risk: BTreeMap<String, usize>,
-    pub by_first_channel: BTreeMap<String, usize>,
-    pub by_locale: BTreeMap<String, usize>,
-    pub unreachable: usize,
+    pub affected: i64,
+    pub notice_required: i64,
+    pub notice_not_required: i64,
+    pub by_risk: BTreeMap<String, i64>,
+    pub by_first_channel: BTreeMap<String, i64>,
+    pub by_locale: BTreeMap<String, i64>,
+    pub unreachable: i64,
+    pub natural_persons: Option<u64>,
+    pub suggested_grade: Option<Grade>,
+    pub grade: Option<Grade>,
+    pub grade_basis: Option<String>,
 }
 
-pub fn summarize(affected: &[AffectedMerchant]) -> ScopeSummary {
+/// Sums stored counts (only merchants to be notified count towards risk, channel and locale).
+pub fn summarize(counts: &[ScopeCount], suggestion: Option<&GradeSuggestion>, grade: Option<Grade>) -> ScopeSummary {
     let mut s = ScopeSummary {
-        affected: affected.len(),
+        natural_persons: suggestion.map(|g| g.natural_persons),
+        suggested_grade: suggestion.map(|g| g.grade),
+        grade_basis: suggestion.map(|g| g.basis.clone()),
+        grade,
         ..Default::default()
     };
-    for a in affected {
-        *s.by_risk.entry(a.risk.to_string()).or_default() += 1;
-        *s.by_locale.entry(a.locale.to_string()).or_default() += 1;
-        let first = a
-            .channel_plan
-            .first()
-            .map(|c| c.to_string())
-            .unwrap_or_else(|| "none".into());
-        *s.by_first_channel.entry(first).or_default() += 1;
-        if a.channel_plan.is_empty() {
-            s.unreachable += 1;
+    for c in counts {
+        s.affected += c.merchants;
+        *s.by_risk.entry(c.risk.to_string()).or_default() += c.merchants;
+        if !c.notice_required {
+            s.notice_not_required += c.merchants;
+            continue;
+        }
+        s.notice_required += c.merchants;
+        *s.by_locale.entry(c.locale.to_string()).or_default() += c.merchants;
+        let first = c.first_channel.map(|c| c.to_string()).unwrap_or_else(|| "none".into());
+        *s.by_first_channel.entry(first).or_default() += c.merchants;
+        if c.reachability == Reachability::Unreachable {
+            s.unreachable += c.merchants;
         }
     }
     s
@@ -172,36 +160,67 @@ pub fn summarize(affected: &[AffectedMerchant]) -> ScopeSummary {
 /// Checks a rule before it is applied: it must select something (an empty rule would notify
 /// the whole directory), regions must be ISO 3166 codes, and a window must be a window.
 pub fn check_rule(rule: &ScopeRule) -> Result<(), FieldError> {
-    if rule == &ScopeRule::default() {
+    check_rule_at(rule, "")
+}
+
+fn check_rule_at(rule: &ScopeRule, path: &str) -> Result<(), FieldError> {
+    let field = |name: &str| format!("{path}{name}");
+    if rule.merchant_ids.is_empty()
+        && rule.any_categories.is_empty()
+        && rule.regions.is_empty()
+        && rule.created_after.is_none()
+        && rule.created_before.is_none()
+        && rule.active_after.is_none()
+        && rule.active_before.is_none()
+        && rule.any_of.is_empty()
+    {
         return Err(FieldError::new(
-            "scope",
-            "give at least one of merchant_ids, any_categories, regions, created_after, created_before",
+            if path.is_empty() {
+                "scope".to_owned()
+            } else {
+                path.trim_end_matches('.').to_owned()
+            },
+            "give at least one of merchant_ids, any_categories, regions, created_after, created_before, \
+             active_after, active_before, any_of",
         ));
     }
     for (i, region) in rule.regions.iter().enumerate() {
         if !crate::directory::is_region(region) {
             return Err(FieldError::new(
-                format!("regions[{i}]"),
+                field(&format!("regions[{i}]")),
                 "must be an ISO 3166 code such as CN, CN-ZJ or SG",
             ));
         }
     }
-    if let (Some(after), Some(before)) = (rule.created_after, rule.created_before)
-        && after >= before
-    {
-        return Err(FieldError::new("created_before", "must be later than created_after"));
+    for (after, before, name) in [
+        (rule.created_after, rule.created_before, "created_before"),
+        (rule.active_after, rule.active_before, "active_before"),
+    ] {
+        if let (Some(after), Some(before)) = (after, before)
+            && after >= before
+        {
+            let start = name.replace("_before", "_after");
+            return Err(FieldError::new(field(name), format!("must be later than {start}")));
+        }
+    }
+    for (i, sub) in rule.any_of.iter().enumerate() {
+        check_rule_at(sub, &field(&format!("any_of[{i}].")))?;
+    }
+    for (i, sub) in rule.except.iter().enumerate() {
+        check_rule_at(sub, &field(&format!("except[{i}].")))?;
     }
     Ok(())
 }
 
-/// Merchant ids the rule names that the directory does not hold.
-pub fn unknown_ids<'a>(rule: &'a ScopeRule, merchants: &[Merchant]) -> Vec<&'a str> {
-    let known: std::collections::HashSet<&MerchantId> = merchants.iter().map(|m| &m.id).collect();
-    rule.merchant_ids
-        .iter()
-        .filter(|id| !known.contains(id))
-        .map(|id| id.as_str())
-        .collect()
+/// Every merchant id the rule names, at any depth.
+pub fn named_ids(rule: &ScopeRule) -> Vec<MerchantId> {
+    let mut ids: Vec<MerchantId> = rule.merchant_ids.clone();
+    for sub in rule.any_of.iter().chain(&rule.except) {
+        ids.extend(named_ids(sub));
+    }
+    ids.sort();
+    ids.dedup();
+    ids
 }
 
 #[cfg(test)]
@@ -209,67 +228,63 @@ mod tests {
     use super::*;
     use crate::domain::*;
 
-    fn merchant(id: &str, holdings: &[&str], email: bool, phone: bool) -> Merchant {
-        Merchant {
-            id: id.parse().expect("id"),
-            name: "Shop".into(),
-            kind: MerchantKind::Enterprise,
-            locale: Locale::En,
-            region: "CN-ZJ".into(),
-            email: email.then(|| "a@example.com".parse().expect("email")),
-            phone: phone.then(|| "+8613800000000".parse().expect("phone")),
-            push_token: None,
-            postal_address: None,
-            holdings: holdings.iter().map(|h| h.parse().expect("cat")).collect(),
-            created_at: None,
-            marketing_opt_out: true,
-        }
-    }
-
-    fn cats(ids: &[&str]) -> Vec<CategoryId> {
-        ids.iter().map(|c| c.parse().expect("cat")).collect()
+    fn facts(categories: &[&str]) -> IncidentFacts {
+        let mut f: IncidentFacts = serde_json::from_str(include_str!("../config/demo/incident.json")).expect("facts");
+        f.categories = categories.iter().map(|c| c.parse().expect("category")).collect();
+        f
     }
 
     #[test]
-    fn risk_follows_sensitivity_and_combinations() {
+    fn holdings_fall_into_classes_by_what_is_exposed() {
         let t = Taxonomy::builtin().expect("taxonomy");
-        assert_eq!(classify_risk(&cats(&["account_credentials"]), &t).0, RiskLevel::High);
-        let (level, reasons) = classify_risk(&cats(&["real_name", "id_number"]), &t);
-        assert_eq!(level, RiskLevel::High);
-        assert!(reasons.iter().any(|r| r.contains("identity fraud")));
-        assert_eq!(classify_risk(&cats(&["email_address"]), &t).0, RiskLevel::Medium);
-        assert_eq!(classify_risk(&cats(&["business_license"]), &t).0, RiskLevel::Low);
-    }
-
-    #[test]
-    fn only_merchants_holding_exposed_data_are_affected_and_opt_outs_still_notified() {
-        let t = Taxonomy::builtin().expect("taxonomy");
-        let facts: IncidentFacts = serde_json::from_str(include_str!("../config/demo/incident.json")).expect("facts");
-        let merchants = vec![
-            merchant("m-1", &["account_credentials"], true, true),
-            merchant("m-2", &["media"], true, false),
-            merchant("m-3", &["phone_number"], false, false),
+        let rules = Rules::builtin(&t).expect("rules");
+        let f = facts(&["account_credentials", "contact_persons", "business_license"]);
+        let holdings = vec![
+            (r#"["account_credentials","media"]"#.to_owned(), 3),
+            (r#"["account_credentials"]"#.to_owned(), 2),
+            (r#"["media"]"#.to_owned(), 5),
+            (r#"["business_license","contact_persons"]"#.to_owned(), 1),
+            (r#"["business_license"]"#.to_owned(), 4),
         ];
-        let rule = ScopeRule {
-            regions: vec!["CN".into()],
-            ..Default::default()
-        };
-        let order = [Channel::Email, Channel::Sms, Channel::Push];
-        let affected = scope(&IncidentId::generate(), &facts, &rule, &merchants, &t, &order);
-        let ids: Vec<_> = affected.iter().map(|a| a.merchant_id.as_str()).collect();
-        assert_eq!(ids, ["m-1", "m-3"]);
-        assert_eq!(affected[0].channel_plan, vec![Channel::Email, Channel::Sms]);
+        let plan = plan_classes(&holdings, &f, &rules, &t).expect("plan");
+        // Two holdings expose only credentials: one class of five merchants. Media is not exposed.
+        assert_eq!(plan.classes.len(), 3);
+        assert_eq!(plan.classes[0].merchants, 5);
+        assert_eq!(plan.classes[0].risk, RiskLevel::High);
+        assert!(plan.classes[0].notice_required);
+        assert!(!plan.holdings_class.iter().any(|(h, _)| h == r#"["media"]"#));
+        // Only classes exposing personal data count the merchant as a person; contacts count
+        // only where contact_persons leaked.
+        assert_eq!(plan.persons.merchant, vec![1, 2]);
+        assert_eq!(plan.persons.contacts, vec![2]);
+        let licence_only = &plan.classes[2];
+        assert_eq!(licence_only.risk, RiskLevel::Low);
         assert!(
-            affected[0].notice_required,
-            "marketing opt-out must not suppress a mandatory notice"
+            licence_only.notice_required,
+            "the platform's promise covers non-personal data too"
         );
-        assert_eq!(affected[1].reachability, Reachability::Unreachable);
-        let s = summarize(&affected);
-        assert_eq!((s.affected, s.unreachable), (2, 1));
+        assert!(plan_classes(&[("not json".into(), 1)], &f, &rules, &t).is_err());
     }
 
     #[test]
-    fn empty_or_malformed_rules_are_refused() {
+    fn the_grade_follows_the_cac_thresholds_at_their_edges() {
+        let profile = crate::filing::RegulatorProfile::cac().expect("profile");
+        let g = |n| suggest_grade(n, &profile.grade_threshold).grade;
+        assert_eq!(g(0), Grade::General);
+        assert_eq!(g(999_999), Grade::General);
+        assert_eq!(g(1_000_000), Grade::Significant);
+        assert_eq!(g(9_999_999), Grade::Significant);
+        assert_eq!(g(10_000_000), Grade::Major);
+        assert_eq!(g(100_000_000), Grade::Critical);
+        assert!(
+            suggest_grade(1_000_000, &profile.grade_threshold)
+                .basis
+                .contains("1000000")
+        );
+    }
+
+    #[test]
+    fn empty_or_malformed_rules_are_refused_naming_the_field() {
         assert!(check_rule(&ScopeRule::default()).is_err());
         let bad_region = ScopeRule {
             regions: vec!["zhejiang".into()],
@@ -283,5 +298,27 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(check_rule(&window).expect_err("window").field, "created_before");
+        let nested = ScopeRule {
+            regions: vec!["CN".into()],
+            except: vec![ScopeRule {
+                active_after: Some(t("2026-01-01T00:00:00Z")),
+                active_before: Some(t("2025-01-01T00:00:00Z")),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert_eq!(
+            check_rule(&nested).expect_err("nested").field,
+            "except[0].active_before"
+        );
+        let ids = ScopeRule {
+            merchant_ids: vec!["m-2".parse().expect("id")],
+            any_of: vec![ScopeRule {
+                merchant_ids: vec!["m-1".parse().expect("id"), "m-2".parse().expect("id")],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert_eq!(named_ids(&ids).len(), 2);
     }
 }

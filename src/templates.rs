@@ -3,6 +3,7 @@
 //! Templates are embedded from `templates/`; `paths.templates` points at a directory that
 //! replaces them, so an operator can change wording without a rebuild.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use handlebars::Handlebars;
@@ -24,6 +25,9 @@ pub enum TemplateError {
 pub struct Templates {
     text: Handlebars<'static>,
     html: Handlebars<'static>,
+    /// The sources by name, kept so that a draft can freeze exactly what it was rendered from.
+    sources: BTreeMap<String, String>,
+    hash: String,
 }
 
 /// Templates whose output is markup and must be escaped: `*.html.hbs`, `*.atom.hbs`.
@@ -46,13 +50,33 @@ impl Templates {
         Self::from_sources(sources)
     }
 
+    /// Templates frozen by a draft (a JSON object of name to source).
+    pub fn from_json(json: &str) -> Result<Self, TemplateError> {
+        let sources: BTreeMap<String, String> = serde_json::from_str(json).map_err(|e| TemplateError::Load {
+            name: "frozen template set".into(),
+            reason: e.to_string(),
+        })?;
+        Self::from_sources(sources.into_iter().collect())
+    }
+
+    /// The content hash of the whole set: equal hashes render identically.
+    pub fn set_hash(&self) -> &str {
+        &self.hash
+    }
+
+    pub fn sources_json(&self) -> String {
+        serde_json::to_string(&self.sources).unwrap_or_default()
+    }
+
     fn from_sources(sources: Vec<(String, String)>) -> Result<Self, TemplateError> {
+        let sources: BTreeMap<String, String> = sources.into_iter().collect();
+        let hash = crate::ledger::content_hash(serde_json::to_string(&sources).unwrap_or_default().as_bytes());
         let mut text = Handlebars::new();
         text.set_strict_mode(true);
         text.register_escape_fn(handlebars::no_escape);
         let mut html = Handlebars::new();
         html.set_strict_mode(true);
-        for (name, source) in sources {
+        for (name, source) in sources.clone() {
             let load = |e: handlebars::TemplateError| TemplateError::Load {
                 name: name.clone(),
                 reason: e.to_string(),
@@ -66,7 +90,12 @@ impl Templates {
                 text.register_template_string(&name, source).map_err(load)?;
             }
         }
-        Ok(Self { text, html })
+        Ok(Self {
+            text,
+            html,
+            sources,
+            hash,
+        })
     }
 
     pub fn has(&self, name: &str) -> bool {

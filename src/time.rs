@@ -29,6 +29,14 @@ pub fn human_for(t: DateTime<Utc>, locale: crate::domain::Locale) -> String {
     }
 }
 
+/// The date of a notice in the reader's calendar: `28 November 2026`, `2026年11月29日`.
+pub fn human_date_for(t: DateTime<Utc>, locale: crate::domain::Locale) -> String {
+    match locale {
+        crate::domain::Locale::ZhCn => (t + chrono::Duration::hours(8)).format("%Y年%-m月%-d日").to_string(),
+        crate::domain::Locale::En => t.format("%-d %B %Y").to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

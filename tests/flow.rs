@@ -138,7 +138,7 @@ async fn notices_reach_each_merchant_on_the_right_channel_with_retries_and_fallb
     let ok = smtp.messages_to("ok@example.com");
     assert_eq!(ok.len(), 1);
     let mail = &ok[0].data;
-    assert!(mail.contains("Subject: Security notice"), "{mail}");
+    assert!(mail.contains("Subject: Notice of Data Breach"), "{mail}");
     assert!(mail.contains("Message-ID: <"), "{mail}");
     assert!(
         !mail.contains("List-Unsubscribe"),
@@ -174,9 +174,14 @@ async fn notices_reach_each_merchant_on_the_right_channel_with_retries_and_fallb
     let b = requests_to(&sms_requests, "+8613800000002");
     assert_eq!(b.len(), 1);
     assert_eq!(b[0]["locale"], "zh-CN");
+    let link = b[0]["url"].as_str().expect("the SMS carries its notice link");
+    assert!(link.contains("/n/"), "{link}");
     assert!(
-        b[0]["text"].as_str().is_some_and(|s| s.contains("/bulletins/INC-")),
-        "SMS links to the full notice"
+        b[0]["text"]
+            .as_str()
+            .is_some_and(|s| s.contains(link) && s.chars().count() <= 70),
+        "a Chinese SMS links to the merchant's own notice within one segment: {}",
+        b[0]["text"]
     );
     assert_eq!(
         requests_to(&sms_requests, "+8613800000004").len(),

@@ -96,9 +96,85 @@ pub struct Step<'a> {
 #[derive(Debug, Clone, Default)]
 pub struct IncidentChanges {
     pub facts: Option<IncidentFacts>,
-    pub scope_rule: Option<ScopeRule>,
-    /// Replaces the affected merchants (scoping).
-    pub affected: Option<Vec<AffectedMerchant>>,
+}
+
+/// What finishing a scope stores beside the affected rows.
+#[derive(Debug, Clone)]
+pub struct ScopeResult<'a> {
+    pub rule: &'a ScopeRule,
+    pub suggestion: &'a GradeSuggestion,
+    /// The facts, when scoping changed them (an unexplained grade replaced by the suggestion).
+    pub facts: Option<&'a IncidentFacts>,
+}
+
+/// The classes of an incident's scope and which merchants fall in each, as the database
+/// applies them: the rule selects merchants, a merchant's holdings pick its class.
+#[derive(Debug, Clone)]
+pub struct ScopeInsert<'a> {
+    pub rule: &'a ScopeRule,
+    /// Holdings (as stored: a JSON array of category ids) to the class they fall in; merchants
+    /// whose holdings are not listed hold none of the exposed categories and are not affected.
+    pub holdings_class: &'a [(String, i64)],
+    pub classes: &'a [ScopeClass],
+    pub channel_order: &'a [Channel],
+    /// Classes whose exposure makes the merchant itself (if a natural person or individual
+    /// business), its contact persons, its sub-account employees count as affected people.
+    pub person_classes: PersonClasses,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PersonClasses {
+    pub merchant: Vec<i64>,
+    pub contacts: Vec<i64>,
+    pub sub_accounts: Vec<i64>,
+}
+
+/// Writes a new scope in one transaction: the previous one is gone only once `finish` commits;
+/// dropping the writer without finishing (a dry run) leaves everything as it was.
+#[async_trait]
+pub trait ScopeWriter: Send {
+    /// Inserts the classes and the affected merchants; returns the distinct natural persons.
+    async fn insert(&mut self, scope: &ScopeInsert<'_>) -> Result<u64, StoreError>;
+    /// Counts of what `insert` stored, overrides applied.
+    async fn counts(&mut self) -> Result<Vec<ScopeCount>, StoreError>;
+    /// Stores the rule and the grade suggestion, moves the incident to `scoped` and commits.
+    async fn finish(
+        self: Box<Self>,
+        from: IncidentState,
+        step: Step<'_>,
+        result: ScopeResult<'_>,
+    ) -> Result<(), StoreError>;
+}
+
+/// One group of notices that render alike: a class of exposed categories in one language for
+/// recipients in one region.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VariantGroup {
+    pub class_no: i64,
+    pub locale: Locale,
+    pub region: String,
+    pub merchants: i64,
+}
+
+/// Scope counts by the dimensions a responder checks before notifying.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScopeCount {
+    pub risk: RiskLevel,
+    pub locale: Locale,
+    pub first_channel: Option<Channel>,
+    pub notice_required: bool,
+    pub reachability: Reachability,
+    pub merchants: i64,
+}
+
+/// A new draft version and everything frozen with it.
+#[derive(Debug, Clone)]
+pub struct NewDraft<'a> {
+    pub draft: &'a Draft,
+    pub inputs: &'a DraftInputs,
+    pub template_sources: &'a str,
+    pub variants: &'a [DraftVariant],
+    pub from: IncidentState,
 }
 
 /// A delivery to be put in the outbox (id and times are set by the store).
@@ -116,9 +192,18 @@ pub struct NewDelivery {
 /// The outcome of one send attempt, stored against its delivery.
 #[derive(Debug, Clone)]
 pub enum AttemptOutcome {
-    Sent { provider_message_id: Option<String> },
-    Retry { error: String, at: DateTime<Utc> },
-    Failed { error: String, class: ErrorClass },
+    Sent {
+        provider_message_id: Option<String>,
+        content_hash: String,
+    },
+    Retry {
+        error: String,
+        at: DateTime<Utc>,
+    },
+    Failed {
+        error: String,
+        class: ErrorClass,
+    },
 }
 
 /// What an attempt's outcome means for the merchant.
@@ -139,6 +224,8 @@ pub trait Store: Send + Sync {
     // Directory
     async fn upsert_merchants(&self, merchants: &[Merchant]) -> Result<UpsertCounts, StoreError>;
     async fn merchants(&self) -> Result<Vec<Merchant>, StoreError>;
+    /// Merchants in id order after `after`, at most `limit`: large directories are read in pages.
+    async fn merchants_page(&self, after: Option<&MerchantId>, limit: u32) -> Result<Vec<Merchant>, StoreError>;
     async fn merchant(&self, id: &MerchantId) -> Result<Option<Merchant>, StoreError>;
 
     // Events and incidents
@@ -164,7 +251,26 @@ pub trait Store: Send + Sync {
     ) -> Result<(), StoreError>;
 
     // Scope
+    /// The distinct holdings of the merchants `rule` selects that hold any of `categories`,
+    /// with how many merchants hold each: what classification works on.
+    async fn scope_holdings(
+        &self,
+        rule: &ScopeRule,
+        categories: &[CategoryId],
+    ) -> Result<Vec<(String, i64)>, StoreError>;
+    /// Merchant ids the rule names that the directory does not hold.
+    async fn unknown_merchants(&self, ids: &[MerchantId]) -> Result<Vec<MerchantId>, StoreError>;
+    /// Starts replacing the incident's scope (see [`ScopeWriter`]).
+    async fn begin_scope(&self, id: &IncidentId) -> Result<Box<dyn ScopeWriter>, StoreError>;
+    async fn scope_classes(&self, id: &IncidentId) -> Result<Vec<ScopeClass>, StoreError>;
+    async fn scope_counts(&self, id: &IncidentId) -> Result<Vec<ScopeCount>, StoreError>;
+    /// Records a responder's decision on notifying one merchant (kept across re-scoping).
+    async fn set_notice_override(&self, id: &IncidentId, o: &NoticeOverride) -> Result<(), StoreError>;
+    async fn notice_overrides(&self, id: &IncidentId) -> Result<Vec<NoticeOverride>, StoreError>;
+    /// Every affected merchant, with its class and any override applied.
     async fn affected(&self, id: &IncidentId) -> Result<Vec<AffectedMerchant>, StoreError>;
+    /// Affected merchants in one reachability state (the bulletin covers the unreachable).
+    async fn affected_ids(&self, id: &IncidentId, reachability: Reachability) -> Result<Vec<MerchantId>, StoreError>;
     async fn affected_merchant(
         &self,
         id: &IncidentId,
@@ -179,16 +285,46 @@ pub trait Store: Send + Sync {
     ) -> Result<(), StoreError>;
 
     // Drafts and notices
-    /// Stores a draft and its notices, moving the incident to `drafted`.
-    async fn insert_draft(&self, draft: &Draft, notices: &[Notice], from: IncidentState) -> Result<(), StoreError>;
+    /// The notice groups of the merchants that must be notified (overrides applied).
+    async fn variant_groups(&self, id: &IncidentId) -> Result<Vec<VariantGroup>, StoreError>;
+    /// Stores a draft version with its frozen inputs and one notice per merchant that must be
+    /// notified, queues each notice's first delivery as `held` (released by dispatch after
+    /// approval), supersedes the held deliveries of earlier unapproved versions, and moves the
+    /// incident to `drafted`. Returns the number of notices.
+    async fn create_draft(&self, new: NewDraft<'_>) -> Result<i64, StoreError>;
     async fn drafts(&self, incident: &IncidentId) -> Result<Vec<Draft>, StoreError>;
     async fn draft(&self, id: &DraftId) -> Result<Option<Draft>, StoreError>;
-    async fn notices(&self, draft: &DraftId) -> Result<Vec<Notice>, StoreError>;
-    async fn notice(&self, id: &NoticeId) -> Result<Option<Notice>, StoreError>;
+    async fn draft_inputs(&self, id: &DraftId) -> Result<Option<DraftInputs>, StoreError>;
+    async fn draft_variants(&self, id: &DraftId) -> Result<Vec<DraftVariant>, StoreError>;
+    /// Template sources (JSON object) by content hash.
+    async fn template_set(&self, hash: &str) -> Result<Option<String>, StoreError>;
+    /// A draft's notices in merchant order after `after`, at most `limit`.
+    async fn notice_records(
+        &self,
+        draft: &DraftId,
+        after: Option<&MerchantId>,
+        limit: u32,
+    ) -> Result<Vec<NoticeRecord>, StoreError>;
+    async fn notice_record(&self, id: &NoticeId) -> Result<Option<NoticeRecord>, StoreError>;
+    async fn notice_for(&self, draft: &DraftId, merchant: &MerchantId) -> Result<Option<NoticeRecord>, StoreError>;
+    async fn notice_by_token(&self, token: &str) -> Result<Option<NoticeRecord>, StoreError>;
+    /// When a draft's notices were first sent, if any was.
+    async fn first_sent(&self, draft: &DraftId) -> Result<Option<DateTime<Utc>>, StoreError>;
     /// Freezes a draft as approved and moves the incident to `approved`.
     async fn approve_draft(&self, draft: &DraftId, approver: &Actor, at: DateTime<Utc>) -> Result<(), StoreError>;
 
     // Outbox
+    /// Releases an approved draft's held deliveries, supersedes still-open deliveries of earlier
+    /// versions (an update replaces what was not yet sent), records merchants without a delivery
+    /// as unreachable and those not to be notified as such, and moves the incident from `from`
+    /// to `notifying`. Returns how many deliveries were released.
+    async fn release_draft(
+        &self,
+        incident: &IncidentId,
+        draft: &DraftId,
+        from: IncidentState,
+        actor: &Actor,
+    ) -> Result<u64, StoreError>;
     /// Inserts deliveries whose idempotency key is new; returns how many were new.
     async fn enqueue(&self, deliveries: &[NewDelivery]) -> Result<u64, StoreError>;
     /// Claims up to `limit` due deliveries for `lease` (their status becomes `sending`).

@@ -35,6 +35,9 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
+            // 64 MiB of page cache per connection: a million-row scope inserts in index order
+            // without re-reading pages (SQLite's default is 2 MiB).
+            .pragma("cache_size", "-65536")
             .busy_timeout(Duration::from_secs(30));
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
@@ -116,7 +119,9 @@ fn merchant_from(row: &SqliteRow) -> Result<Merchant, StoreError> {
         postal_address: row.try_get("postal_address").doing("reading a merchant")?,
         holdings,
         created_at: opt_ts_col(row, "created_at")?,
+        last_active_at: opt_ts_col(row, "last_active_at")?,
         marketing_opt_out: row.try_get::<i64, _>("marketing_opt_out").doing("reading a merchant")? != 0,
+        people: json_col(row, "people")?,
     })
 }
 
@@ -131,27 +136,120 @@ fn incident_from(row: &SqliteRow) -> Result<Incident, StoreError> {
         correlation_key: row.try_get("correlation_key").doing("reading an incident")?,
         facts: opt_json_col(row, "facts")?,
         scope_rule: opt_json_col(row, "scope_rule")?,
+        grade_suggestion: opt_json_col(row, "grade_suggestion")?,
         detected_at: ts_col(row, "detected_at")?,
         opened_at: ts_col(row, "opened_at")?,
         updated_at: ts_col(row, "updated_at")?,
     })
 }
 
+/// Parses a stored channel plan (`email,sms`).
+fn plan_from(raw: &str) -> Result<Vec<Channel>, StoreError> {
+    raw.split(',')
+        .filter(|c| !c.is_empty())
+        .map(|c| c.parse().map_err(|e: FieldError| corrupt("channel_plan", e)))
+        .collect()
+}
+
+/// Columns of an affected merchant with its class and override applied (aliases a, c, o).
+const AFFECTED_SELECT: &str = "SELECT a.*, c.exposed, c.risk, c.risk_reasons,
+        COALESCE(o.required, c.notice_required) AS notice_required, COALESCE(o.reason, c.notice_reason) AS notice_reason
+     FROM affected_merchants a
+     JOIN scope_classes c ON c.incident_id = a.incident_id AND c.class_no = a.class_no
+     LEFT JOIN notice_overrides o ON o.incident_id = a.incident_id AND o.merchant_id = a.merchant_id";
+
+/// Whether the merchant must be notified, overrides applied (aliases a, c, o as above).
+const REQUIRED: &str = "COALESCE(o.required, c.notice_required) = 1";
+
 fn affected_from(row: &SqliteRow) -> Result<AffectedMerchant, StoreError> {
+    let plan: String = row.try_get("channel_plan").doing("reading a scope row")?;
     Ok(AffectedMerchant {
         incident_id: col(row, "incident_id")?,
         merchant_id: col(row, "merchant_id")?,
+        class_no: row.try_get("class_no").doing("reading a scope row")?,
+        region: row.try_get("region").doing("reading a scope row")?,
         exposed: json_col(row, "exposed")?,
         risk: col(row, "risk")?,
         risk_reasons: json_col(row, "risk_reasons")?,
         notice_required: row.try_get::<i64, _>("notice_required").doing("reading a scope row")? != 0,
         notice_reason: row.try_get("notice_reason").doing("reading a scope row")?,
-        channel_plan: json_col(row, "channel_plan")?,
+        channel_plan: plan_from(&plan)?,
         locale: col(row, "locale")?,
         reachability: col(row, "reachability")?,
         reached_channel: opt_col(row, "reached_channel")?,
     })
 }
+
+fn class_from(row: &SqliteRow) -> Result<ScopeClass, StoreError> {
+    Ok(ScopeClass {
+        class_no: row.try_get("class_no").doing("reading a scope class")?,
+        exposed: json_col(row, "exposed")?,
+        risk: col(row, "risk")?,
+        risk_reasons: json_col(row, "risk_reasons")?,
+        notice_required: row
+            .try_get::<i64, _>("notice_required")
+            .doing("reading a scope class")?
+            != 0,
+        notice_reason: row.try_get("notice_reason").doing("reading a scope class")?,
+        merchants: row.try_get("merchants").doing("reading a scope class")?,
+    })
+}
+
+/// The 20 hex digits of a draft id that prefix the ids derived from it.
+fn draft_prefix(draft: &DraftId) -> &str {
+    let hex = draft.as_str().strip_prefix("drf_").unwrap_or(draft.as_str());
+    hex.get(..20).unwrap_or(hex)
+}
+
+/// A notice's id: its draft's prefix and the merchant's scope row.
+pub(crate) fn notice_id(draft: &DraftId, seq: i64) -> Result<NoticeId, StoreError> {
+    format!("ntc_{}{seq:012x}", draft_prefix(draft))
+        .parse()
+        .map_err(|e: FieldError| corrupt("notice id", e))
+}
+
+fn record_from(row: &SqliteRow) -> Result<NoticeRecord, StoreError> {
+    let draft_id: DraftId = col(row, "draft_id")?;
+    let seq: i64 = row.try_get("seq").doing("reading a notice")?;
+    let secret: String = row.try_get("link_secret").doing("reading a notice")?;
+    Ok(NoticeRecord {
+        id: notice_id(&draft_id, seq)?,
+        draft_id,
+        merchant_id: col(row, "merchant_id")?,
+        class_no: row.try_get("class_no").doing("reading a notice")?,
+        locale: col(row, "locale")?,
+        region: row.try_get("region").doing("reading a notice")?,
+        merchant_name: row.try_get("merchant_name").doing("reading a notice")?,
+        merchant_kind: col(row, "merchant_kind")?,
+        link_token: format!("{seq:08x}{secret}"),
+        legacy: None,
+    })
+}
+
+/// A notice of the first schema, stored rendered.
+fn legacy_record_from(row: &SqliteRow) -> Result<NoticeRecord, StoreError> {
+    let legacy: serde_json::Value = json_col(row, "legacy")?;
+    Ok(NoticeRecord {
+        id: col(row, "id")?,
+        draft_id: col(row, "draft_id")?,
+        merchant_id: col(row, "merchant_id")?,
+        class_no: -1,
+        locale: col(row, "locale")?,
+        region: String::new(),
+        merchant_name: String::new(),
+        merchant_kind: MerchantKind::Enterprise,
+        link_token: String::new(),
+        legacy: Some(legacy),
+    })
+}
+
+/// Selects a draft's notices: the affected merchants that must be notified (aliases d, a, c, o).
+const NOTICE_SELECT: &str = "SELECT d.id AS draft_id, a.seq, a.merchant_id, a.class_no, a.locale, a.region,
+        a.merchant_name, a.merchant_kind, a.link_secret
+     FROM drafts d
+     JOIN affected_merchants a ON a.incident_id = d.incident_id
+     JOIN scope_classes c ON c.incident_id = a.incident_id AND c.class_no = a.class_no
+     LEFT JOIN notice_overrides o ON o.incident_id = a.incident_id AND o.merchant_id = a.merchant_id";
 
 fn draft_from(row: &SqliteRow) -> Result<Draft, StoreError> {
     let state: String = row.try_get("state").doing("reading a draft")?;
@@ -169,24 +267,7 @@ fn draft_from(row: &SqliteRow) -> Result<Draft, StoreError> {
         drafted_at: ts_col(row, "drafted_at")?,
         approved_by: opt_col(row, "approved_by")?,
         approved_at: opt_ts_col(row, "approved_at")?,
-    })
-}
-
-fn notice_from(row: &SqliteRow) -> Result<Notice, StoreError> {
-    let text = |name: &'static str| -> Result<String, StoreError> { row.try_get(name).doing("reading a notice") };
-    Ok(Notice {
-        id: col(row, "id")?,
-        draft_id: col(row, "draft_id")?,
-        merchant_id: col(row, "merchant_id")?,
-        locale: col(row, "locale")?,
-        sections: json_col(row, "sections")?,
-        email_subject: text("email_subject")?,
-        email_text: text("email_text")?,
-        email_html: text("email_html")?,
-        sms_text: text("sms_text")?,
-        push_title: text("push_title")?,
-        push_body: text("push_body")?,
-        content_hash: text("content_hash")?,
+        notice_count: row.try_get("notice_count").doing("reading a draft")?,
     })
 }
 
@@ -213,6 +294,7 @@ fn delivery_from(row: &SqliteRow) -> Result<Delivery, StoreError> {
             Some(other) => return Err(corrupt("deliveries.error_class", other)),
         },
         provider_message_id: row.try_get("provider_message_id").doing("reading a delivery")?,
+        content_hash: row.try_get("content_hash").doing("reading a delivery")?,
         created_at: ts_col(row, "created_at")?,
         sent_at: opt_ts_col(row, "sent_at")?,
     })
@@ -263,6 +345,263 @@ fn ledger_from(row: &SqliteRow) -> Result<LedgerEntry, StoreError> {
 }
 
 /// Appends one chained entry inside the caller's transaction.
+/// SQL assembled from this module's own constant fragments (never from input, which is bound).
+fn trusted(sql: String) -> sqlx::AssertSqlSafe<String> {
+    sqlx::AssertSqlSafe(sql)
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The rule as a condition on merchants (alias `m`). Times are fixed-width text, so they compare
+/// as text; a window excludes merchants without the date.
+fn push_rule(qb: &mut sqlx::QueryBuilder<sqlx::Sqlite>, rule: &ScopeRule) {
+    qb.push("(1 = 1");
+    if !rule.merchant_ids.is_empty() {
+        let ids: Vec<&str> = rule.merchant_ids.iter().map(|i| i.as_str()).collect();
+        qb.push(" AND m.id IN (SELECT value FROM json_each(")
+            .push_bind(to_json(&ids))
+            .push("))");
+    }
+    if !rule.any_categories.is_empty() {
+        qb.push(" AND EXISTS (SELECT 1 FROM json_each(m.holdings) h WHERE h.value IN (SELECT value FROM json_each(")
+            .push_bind(to_json(&rule.any_categories))
+            .push(")))");
+    }
+    if !rule.regions.is_empty() {
+        qb.push(" AND (");
+        for (i, r) in rule.regions.iter().enumerate() {
+            if i > 0 {
+                qb.push(" OR ");
+            }
+            qb.push("m.region = ")
+                .push_bind(r.clone())
+                .push(" OR substr(m.region, 1, ")
+                .push_bind(r.len() as i64 + 1)
+                .push(") = ")
+                .push_bind(format!("{r}-"));
+        }
+        qb.push(")");
+    }
+    let mut window = |column: &str, op: &str, at: Option<DateTime<Utc>>| {
+        if let Some(at) = at {
+            qb.push(format!(" AND m.{column} {op} ")).push_bind(fmt_ts(at));
+        }
+    };
+    window("created_at", ">=", rule.created_after);
+    window("created_at", "<", rule.created_before);
+    window("last_active_at", ">=", rule.active_after);
+    window("last_active_at", "<", rule.active_before);
+    if !rule.any_of.is_empty() {
+        qb.push(" AND (");
+        for (i, sub) in rule.any_of.iter().enumerate() {
+            if i > 0 {
+                qb.push(" OR ");
+            }
+            push_rule(qb, sub);
+        }
+        qb.push(")");
+    }
+    for sub in &rule.except {
+        qb.push(" AND NOT ");
+        push_rule(qb, sub);
+    }
+    qb.push(")");
+}
+
+/// The merchants' column holding the address for a channel.
+fn address_column(channel: Channel) -> &'static str {
+    match channel {
+        Channel::Email => "m.email",
+        Channel::Sms => "m.phone",
+        Channel::Push => "m.push_token",
+    }
+}
+
+async fn scope_counts_in(conn: &mut SqliteConnection, id: &IncidentId) -> Result<Vec<ScopeCount>, StoreError> {
+    let rows: Vec<(String, String, String, i64, String, i64)> = sqlx::query_as(trusted(format!(
+        "SELECT c.risk, a.locale,
+                CASE WHEN instr(a.channel_plan, ',') > 0
+                     THEN substr(a.channel_plan, 1, instr(a.channel_plan, ',') - 1) ELSE a.channel_plan END,
+                COALESCE(o.required, c.notice_required), a.reachability, COUNT(*)
+         FROM affected_merchants a
+         JOIN scope_classes c ON c.incident_id = a.incident_id AND c.class_no = a.class_no
+         LEFT JOIN notice_overrides o ON o.incident_id = a.incident_id AND o.merchant_id = a.merchant_id
+         WHERE a.incident_id = $1 GROUP BY 1, 2, 3, 4, 5"
+    )))
+    .bind(id.as_str())
+    .fetch_all(&mut *conn)
+    .await
+    .doing("counting a scope")?;
+    rows.into_iter()
+        .map(|(risk, locale, first, required, reachability, merchants)| {
+            let parse = |what: &'static str, e: FieldError| corrupt(what, e);
+            Ok(ScopeCount {
+                risk: risk.parse().map_err(|e| parse("risk", e))?,
+                locale: locale.parse().map_err(|e| parse("locale", e))?,
+                first_channel: if first.is_empty() {
+                    None
+                } else {
+                    Some(first.parse().map_err(|e| parse("channel", e))?)
+                },
+                notice_required: required != 0,
+                reachability: reachability.parse().map_err(|e| parse("reachability", e))?,
+                merchants,
+            })
+        })
+        .collect()
+}
+
+struct SqliteScopeWriter {
+    tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+    incident: IncidentId,
+}
+
+#[async_trait]
+impl ScopeWriter for SqliteScopeWriter {
+    async fn insert(&mut self, scope: &ScopeInsert<'_>) -> Result<u64, StoreError> {
+        let id = self.incident.as_str();
+        for c in scope.classes {
+            sqlx::query(
+                "INSERT INTO scope_classes (incident_id, class_no, exposed, risk, risk_reasons, notice_required,
+                                            notice_reason, merchants)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(id)
+            .bind(c.class_no)
+            .bind(to_json(&c.exposed))
+            .bind(c.risk.as_str())
+            .bind(to_json(&c.risk_reasons))
+            .bind(c.notice_required as i64)
+            .bind(&c.notice_reason)
+            .bind(c.merchants)
+            .execute(&mut *self.tx)
+            .await
+            .doing("storing a scope class")?;
+        }
+        sqlx::query("CREATE TEMP TABLE IF NOT EXISTS scope_map (holdings TEXT PRIMARY KEY, class_no INTEGER NOT NULL)")
+            .execute(&mut *self.tx)
+            .await
+            .doing("preparing a scope")?;
+        sqlx::query("DELETE FROM scope_map")
+            .execute(&mut *self.tx)
+            .await
+            .doing("preparing a scope")?;
+        for chunk in scope.holdings_class.chunks(400) {
+            let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new("INSERT INTO scope_map (holdings, class_no) ");
+            qb.push_values(chunk, |mut b, (holdings, class)| {
+                b.push_bind(holdings.clone()).push_bind(*class);
+            });
+            qb.build().execute(&mut *self.tx).await.doing("preparing a scope")?;
+        }
+        // The plan: the configured channel order, keeping the channels the merchant has an address for.
+        let plan = scope
+            .channel_order
+            .iter()
+            .map(|c| {
+                format!(
+                    "CASE WHEN {} IS NOT NULL THEN '{},' ELSE '' END",
+                    address_column(*c),
+                    c.as_str()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" || ");
+        let plan = if plan.is_empty() {
+            "''".to_owned()
+        } else {
+            format!("rtrim({plan}, ',')")
+        };
+        let first_address = match scope.channel_order.len() {
+            0 => "NULL".to_owned(),
+            _ => format!(
+                "COALESCE({})",
+                scope
+                    .channel_order
+                    .iter()
+                    .map(|c| address_column(*c))
+                    .chain(["NULL"])
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!(
+            "INSERT INTO affected_merchants (incident_id, merchant_id, class_no, locale, region, channel_plan,
+                first_address, merchant_name, merchant_kind, link_secret, reachability)
+             SELECT "
+        ));
+        qb.push_bind(id).push(format!(
+            ", m.id, s.class_no, m.locale, m.region, {plan}, {first_address}, m.name, m.kind, lower(hex(randomblob(5))),
+               CASE WHEN {first_address} IS NULL THEN 'unreachable' ELSE 'pending' END
+             FROM merchants m JOIN scope_map s ON s.holdings = m.holdings WHERE "
+        ));
+        push_rule(&mut qb, scope.rule);
+        qb.push(" ORDER BY m.id");
+        qb.build()
+            .execute(&mut *self.tx)
+            .await
+            .doing("storing the affected merchants")?;
+        // Distinct natural persons: the merchant itself unless an enterprise, and the contacts and
+        // sub-account employees whose data is exposed; the same key behind several shops counts once.
+        let classes = |v: &[i64]| to_json(&v);
+        let persons: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM (
+                SELECT COALESCE(json_extract(m.people, '$.representative'), 'merchant:' || m.id)
+                FROM affected_merchants a JOIN merchants m ON m.id = a.merchant_id
+                WHERE a.incident_id = $1 AND m.kind <> 'enterprise'
+                  AND a.class_no IN (SELECT value FROM json_each($2))
+                UNION
+                SELECT j.value FROM affected_merchants a JOIN merchants m ON m.id = a.merchant_id,
+                       json_each(m.people, '$.contacts') j
+                WHERE a.incident_id = $1 AND a.class_no IN (SELECT value FROM json_each($3))
+                UNION
+                SELECT j.value FROM affected_merchants a JOIN merchants m ON m.id = a.merchant_id,
+                       json_each(m.people, '$.sub_accounts') j
+                WHERE a.incident_id = $1 AND a.class_no IN (SELECT value FROM json_each($4)))",
+        )
+        .bind(id)
+        .bind(classes(&scope.person_classes.merchant))
+        .bind(classes(&scope.person_classes.contacts))
+        .bind(classes(&scope.person_classes.sub_accounts))
+        .fetch_one(&mut *self.tx)
+        .await
+        .doing("counting natural persons")?;
+        Ok(persons as u64)
+    }
+
+    async fn counts(&mut self) -> Result<Vec<ScopeCount>, StoreError> {
+        scope_counts_in(&mut self.tx, &self.incident).await
+    }
+
+    async fn finish(
+        mut self: Box<Self>,
+        from: IncidentState,
+        step: Step<'_>,
+        result: ScopeResult<'_>,
+    ) -> Result<(), StoreError> {
+        let now = Utc::now();
+        set_state_in(&mut self.tx, &self.incident, from, IncidentState::Scoped, now).await?;
+        sqlx::query("UPDATE incidents SET scope_rule = $1, grade_suggestion = $2 WHERE id = $3")
+            .bind(to_json(result.rule))
+            .bind(to_json(result.suggestion))
+            .bind(self.incident.as_str())
+            .execute(&mut *self.tx)
+            .await
+            .doing("storing a scope rule")?;
+        if let Some(facts) = result.facts {
+            sqlx::query("UPDATE incidents SET facts = $1 WHERE id = $2")
+                .bind(to_json(facts))
+                .bind(self.incident.as_str())
+                .execute(&mut *self.tx)
+                .await
+                .doing("storing incident facts")?;
+        }
+        record_transition_in(&mut self.tx, &self.incident, Some(from), &step, now).await?;
+        self.tx.commit().await.doing("committing a scope")
+    }
+}
+
 async fn append_ledger_in(conn: &mut SqliteConnection, e: &NewLedgerEntry) -> Result<(), StoreError> {
     let last: Option<(i64, String)> = sqlx::query_as("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1")
         .fetch_optional(&mut *conn)
@@ -379,7 +718,8 @@ async fn insert_delivery_in(conn: &mut SqliteConnection, d: &NewDelivery, now: &
 }
 
 const DELIVERY_COLUMNS: &str = "id, idempotency_key, incident_id, draft_id, notice_id, merchant_id, channel, address, \
-     plan_position, status, attempts, next_attempt_at, last_error, error_class, provider_message_id, created_at, sent_at";
+     plan_position, status, attempts, next_attempt_at, last_error, error_class, provider_message_id, content_hash, \
+     created_at, sent_at";
 
 #[async_trait]
 impl Store for SqliteStore {
@@ -387,47 +727,72 @@ impl Store for SqliteStore {
         let mut tx = self.begin().await?;
         let mut counts = UpsertCounts::default();
         let now = fmt_ts(Utc::now());
-        for m in merchants {
-            let existing = sqlx::query("SELECT * FROM merchants WHERE id = $1")
-                .bind(m.id.as_str())
-                .fetch_optional(&mut *tx)
-                .await
-                .doing("looking up a merchant")?;
-            match existing {
-                Some(row) if merchant_from(&row)? == *m => {
-                    counts.unchanged += 1;
-                    continue;
-                }
-                Some(_) => counts.updated += 1,
-                None => counts.inserted += 1,
+        // In chunks: one lookup and one multi-row upsert per chunk instead of two statements per
+        // merchant (a statement costs about as much as a hundred rows in a batch).
+        for chunk in merchants.chunks(400) {
+            let ids: Vec<&str> = chunk.iter().map(|m| m.id.as_str()).collect();
+            let existing: std::collections::HashMap<MerchantId, Merchant> =
+                sqlx::query("SELECT * FROM merchants WHERE id IN (SELECT value FROM json_each($1))")
+                    .bind(to_json(&ids))
+                    .fetch_all(&mut *tx)
+                    .await
+                    .doing("looking up merchants")?
+                    .iter()
+                    .map(|row| merchant_from(row).map(|m| (m.id.clone(), m)))
+                    .collect::<Result<_, _>>()?;
+            let changed: Vec<&Merchant> = chunk
+                .iter()
+                .filter(|m| match existing.get(&m.id) {
+                    Some(old) if old == *m => {
+                        counts.unchanged += 1;
+                        false
+                    }
+                    Some(_) => {
+                        counts.updated += 1;
+                        true
+                    }
+                    None => {
+                        counts.inserted += 1;
+                        true
+                    }
+                })
+                .collect();
+            if changed.is_empty() {
+                continue;
             }
-            sqlx::query(
+            let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
                 "INSERT INTO merchants (id, name, kind, locale, region, email, phone, push_token, postal_address,
-                                        holdings, created_at, marketing_opt_out, imported_at, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13)
-                 ON CONFLICT (id) DO UPDATE SET
+                                        holdings, created_at, last_active_at, marketing_opt_out, people,
+                                        imported_at, updated_at) ",
+            );
+            qb.push_values(changed, |mut b, m| {
+                b.push_bind(m.id.as_str())
+                    .push_bind(&m.name)
+                    .push_bind(m.kind.as_str())
+                    .push_bind(m.locale.as_str())
+                    .push_bind(&m.region)
+                    .push_bind(m.email.as_ref().map(|e| e.as_str()))
+                    .push_bind(m.phone.as_ref().map(|p| p.as_str()))
+                    .push_bind(m.push_token.as_ref().map(|t| t.as_str()))
+                    .push_bind(m.postal_address.as_deref())
+                    .push_bind(to_json(&m.holdings))
+                    .push_bind(m.created_at.map(fmt_ts))
+                    .push_bind(m.last_active_at.map(fmt_ts))
+                    .push_bind(m.marketing_opt_out as i64)
+                    .push_bind(to_json(&m.people))
+                    .push_bind(&now)
+                    .push_bind(&now);
+            });
+            qb.push(
+                " ON CONFLICT (id) DO UPDATE SET
                     name = excluded.name, kind = excluded.kind, locale = excluded.locale, region = excluded.region,
                     email = excluded.email, phone = excluded.phone, push_token = excluded.push_token,
                     postal_address = excluded.postal_address, holdings = excluded.holdings,
-                    created_at = excluded.created_at, marketing_opt_out = excluded.marketing_opt_out,
+                    created_at = excluded.created_at, last_active_at = excluded.last_active_at,
+                    marketing_opt_out = excluded.marketing_opt_out, people = excluded.people,
                     updated_at = excluded.updated_at",
-            )
-            .bind(m.id.as_str())
-            .bind(&m.name)
-            .bind(m.kind.as_str())
-            .bind(m.locale.as_str())
-            .bind(&m.region)
-            .bind(m.email.as_ref().map(|e| e.as_str()))
-            .bind(m.phone.as_ref().map(|p| p.as_str()))
-            .bind(m.push_token.as_ref().map(|t| t.as_str()))
-            .bind(m.postal_address.as_deref())
-            .bind(to_json(&m.holdings))
-            .bind(m.created_at.map(fmt_ts))
-            .bind(m.marketing_opt_out as i64)
-            .bind(&now)
-            .execute(&mut *tx)
-            .await
-            .doing("storing a merchant")?;
+            );
+            qb.build().execute(&mut *tx).await.doing("storing merchants")?;
         }
         if counts.inserted + counts.updated > 0 {
             let entry = NewLedgerEntry::new(
@@ -444,6 +809,18 @@ impl Store for SqliteStore {
 
     async fn merchants(&self) -> Result<Vec<Merchant>, StoreError> {
         sqlx::query("SELECT * FROM merchants ORDER BY id")
+            .fetch_all(&self.pool)
+            .await
+            .doing("listing merchants")?
+            .iter()
+            .map(merchant_from)
+            .collect()
+    }
+
+    async fn merchants_page(&self, after: Option<&MerchantId>, limit: u32) -> Result<Vec<Merchant>, StoreError> {
+        sqlx::query("SELECT * FROM merchants WHERE id > $1 ORDER BY id LIMIT $2")
+            .bind(after.map(|a| a.as_str()).unwrap_or(""))
+            .bind(limit as i64)
             .fetch_all(&self.pool)
             .await
             .doing("listing merchants")?
@@ -656,54 +1033,157 @@ impl Store for SqliteStore {
                 .await
                 .doing("storing incident facts")?;
         }
-        if let Some(rule) = &changes.scope_rule {
-            sqlx::query("UPDATE incidents SET scope_rule = $1 WHERE id = $2")
-                .bind(to_json(rule))
-                .bind(id.as_str())
-                .execute(&mut *tx)
-                .await
-                .doing("storing a scope rule")?;
-        }
-        if let Some(affected) = &changes.affected {
-            sqlx::query("DELETE FROM affected_merchants WHERE incident_id = $1")
-                .bind(id.as_str())
-                .execute(&mut *tx)
-                .await
-                .doing("clearing a previous scope")?;
-            for a in affected {
-                sqlx::query(
-                    "INSERT INTO affected_merchants (incident_id, merchant_id, exposed, risk, risk_reasons, notice_required,
-                        notice_reason, channel_plan, locale, reachability, reached_channel)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-                )
-                .bind(id.as_str())
-                .bind(a.merchant_id.as_str())
-                .bind(to_json(&a.exposed))
-                .bind(a.risk.as_str())
-                .bind(to_json(&a.risk_reasons))
-                .bind(a.notice_required as i64)
-                .bind(&a.notice_reason)
-                .bind(to_json(&a.channel_plan))
-                .bind(a.locale.as_str())
-                .bind(a.reachability.as_str())
-                .bind(a.reached_channel.map(|c| c.as_str()))
-                .execute(&mut *tx)
-                .await
-                .doing("storing an affected merchant")?;
-            }
-        }
         record_transition_in(&mut tx, id, Some(from), &step, now).await?;
         tx.commit().await.doing("committing an incident transition")
     }
 
-    async fn affected(&self, id: &IncidentId) -> Result<Vec<AffectedMerchant>, StoreError> {
-        sqlx::query("SELECT * FROM affected_merchants WHERE incident_id = $1 ORDER BY merchant_id")
+    async fn scope_holdings(
+        &self,
+        rule: &ScopeRule,
+        categories: &[CategoryId],
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new("SELECT m.holdings, COUNT(*) FROM merchants m WHERE ");
+        push_rule(&mut qb, rule);
+        // Cheap pre-filter on the stored JSON text; the caller intersects exactly.
+        qb.push(" AND (");
+        for (i, c) in categories.iter().enumerate() {
+            if i > 0 {
+                qb.push(" OR ");
+            }
+            qb.push("instr(m.holdings, ")
+                .push_bind(format!("\"{c}\""))
+                .push(") > 0");
+        }
+        if categories.is_empty() {
+            qb.push("0");
+        }
+        qb.push(") GROUP BY m.holdings");
+        let rows: Vec<(String, i64)> = qb
+            .build_query_as()
+            .fetch_all(&self.pool)
+            .await
+            .doing("grouping the directory by holdings")?;
+        Ok(rows)
+    }
+
+    async fn unknown_merchants(&self, ids: &[MerchantId]) -> Result<Vec<MerchantId>, StoreError> {
+        let ids: Vec<&str> = ids.iter().map(|i| i.as_str()).collect();
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT value FROM json_each($1) WHERE value NOT IN (SELECT id FROM merchants) ORDER BY value",
+        )
+        .bind(to_json(&ids))
+        .fetch_all(&self.pool)
+        .await
+        .doing("checking merchant ids")?;
+        rows.iter()
+            .map(|r| r.parse().map_err(|e: FieldError| corrupt("merchant id", e)))
+            .collect()
+    }
+
+    async fn begin_scope(&self, id: &IncidentId) -> Result<Box<dyn ScopeWriter>, StoreError> {
+        let mut tx = self.begin().await?;
+        for sql in [
+            "DELETE FROM affected_merchants WHERE incident_id = $1",
+            "DELETE FROM scope_classes WHERE incident_id = $1",
+        ] {
+            sqlx::query(sql)
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await
+                .doing("clearing a previous scope")?;
+        }
+        Ok(Box::new(SqliteScopeWriter {
+            tx,
+            incident: id.clone(),
+        }))
+    }
+
+    async fn scope_classes(&self, id: &IncidentId) -> Result<Vec<ScopeClass>, StoreError> {
+        sqlx::query("SELECT * FROM scope_classes WHERE incident_id = $1 ORDER BY class_no")
             .bind(id.as_str())
             .fetch_all(&self.pool)
             .await
-            .doing("listing affected merchants")?
+            .doing("listing scope classes")?
             .iter()
-            .map(affected_from)
+            .map(class_from)
+            .collect()
+    }
+
+    async fn scope_counts(&self, id: &IncidentId) -> Result<Vec<ScopeCount>, StoreError> {
+        let mut conn = self.pool.acquire().await.doing("counting a scope")?;
+        scope_counts_in(&mut conn, id).await
+    }
+
+    async fn set_notice_override(&self, id: &IncidentId, o: &NoticeOverride) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO notice_overrides (incident_id, merchant_id, required, reason, actor, at)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (incident_id, merchant_id) DO UPDATE SET
+                required = excluded.required, reason = excluded.reason, actor = excluded.actor, at = excluded.at",
+        )
+        .bind(id.as_str())
+        .bind(o.merchant_id.as_str())
+        .bind(o.required as i64)
+        .bind(&o.reason)
+        .bind(o.actor.as_str())
+        .bind(fmt_ts(o.at))
+        .execute(&mut *tx)
+        .await
+        .doing("storing a notice override")?;
+        let entry = NewLedgerEntry::new(
+            &o.actor,
+            "scope.notice_override",
+            Some(id),
+            serde_json::json!({ "merchant_id": o.merchant_id.as_str(), "required": o.required, "reason": o.reason }),
+        );
+        append_ledger_in(&mut tx, &entry).await?;
+        tx.commit().await.doing("committing a notice override")
+    }
+
+    async fn notice_overrides(&self, id: &IncidentId) -> Result<Vec<NoticeOverride>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM notice_overrides WHERE incident_id = $1 ORDER BY merchant_id")
+            .bind(id.as_str())
+            .fetch_all(&self.pool)
+            .await
+            .doing("listing notice overrides")?;
+        rows.iter()
+            .map(|row| {
+                Ok(NoticeOverride {
+                    merchant_id: col(row, "merchant_id")?,
+                    required: row.try_get::<i64, _>("required").doing("reading an override")? != 0,
+                    reason: row.try_get("reason").doing("reading an override")?,
+                    actor: col(row, "actor")?,
+                    at: ts_col(row, "at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn affected(&self, id: &IncidentId) -> Result<Vec<AffectedMerchant>, StoreError> {
+        sqlx::query(trusted(format!(
+            "{AFFECTED_SELECT} WHERE a.incident_id = $1 ORDER BY a.merchant_id"
+        )))
+        .bind(id.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .doing("listing affected merchants")?
+        .iter()
+        .map(affected_from)
+        .collect()
+    }
+
+    async fn affected_ids(&self, id: &IncidentId, reachability: Reachability) -> Result<Vec<MerchantId>, StoreError> {
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT merchant_id FROM affected_merchants WHERE incident_id = $1 AND reachability = $2 ORDER BY merchant_id",
+        )
+        .bind(id.as_str())
+        .bind(reachability.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .doing("listing affected merchants")?;
+        rows.iter()
+            .map(|r| r.parse().map_err(|e: FieldError| corrupt("merchant id", e)))
             .collect()
     }
 
@@ -712,15 +1192,17 @@ impl Store for SqliteStore {
         id: &IncidentId,
         merchant: &MerchantId,
     ) -> Result<Option<AffectedMerchant>, StoreError> {
-        sqlx::query("SELECT * FROM affected_merchants WHERE incident_id = $1 AND merchant_id = $2")
-            .bind(id.as_str())
-            .bind(merchant.as_str())
-            .fetch_optional(&self.pool)
-            .await
-            .doing("looking up an affected merchant")?
-            .as_ref()
-            .map(affected_from)
-            .transpose()
+        sqlx::query(trusted(format!(
+            "{AFFECTED_SELECT} WHERE a.incident_id = $1 AND a.merchant_id = $2"
+        )))
+        .bind(id.as_str())
+        .bind(merchant.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .doing("looking up an affected merchant")?
+        .as_ref()
+        .map(affected_from)
+        .transpose()
     }
 
     async fn set_reachability(
@@ -744,19 +1226,51 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn insert_draft(&self, draft: &Draft, notices: &[Notice], from: IncidentState) -> Result<(), StoreError> {
+    async fn variant_groups(&self, id: &IncidentId) -> Result<Vec<VariantGroup>, StoreError> {
+        let rows: Vec<(i64, String, String, i64)> = sqlx::query_as(trusted(format!(
+            "SELECT a.class_no, a.locale, a.region, COUNT(*)
+             FROM affected_merchants a
+             JOIN scope_classes c ON c.incident_id = a.incident_id AND c.class_no = a.class_no
+             LEFT JOIN notice_overrides o ON o.incident_id = a.incident_id AND o.merchant_id = a.merchant_id
+             WHERE a.incident_id = $1 AND {REQUIRED}
+             GROUP BY a.class_no, a.locale, a.region ORDER BY a.class_no, a.locale, a.region"
+        )))
+        .bind(id.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .doing("grouping notices into variants")?;
+        rows.into_iter()
+            .map(|(class_no, locale, region, merchants)| {
+                Ok(VariantGroup {
+                    class_no,
+                    locale: locale.parse().map_err(|e: FieldError| corrupt("locale", e))?,
+                    region,
+                    merchants,
+                })
+            })
+            .collect()
+    }
+
+    async fn create_draft(&self, new: NewDraft<'_>) -> Result<i64, StoreError> {
+        let draft = new.draft;
         let mut tx = self.begin().await?;
         set_state_in(
             &mut tx,
             &draft.incident_id,
-            from,
+            new.from,
             IncidentState::Drafted,
             draft.drafted_at,
         )
         .await?;
+        sqlx::query("INSERT INTO template_sets (hash, sources) VALUES ($1, $2) ON CONFLICT (hash) DO NOTHING")
+            .bind(&new.inputs.template_set)
+            .bind(new.template_sources)
+            .execute(&mut *tx)
+            .await
+            .doing("storing a template set")?;
         sqlx::query(
-            "INSERT INTO drafts (id, incident_id, version, state, content_hash, drafted_by, drafted_at)
-             VALUES ($1, $2, $3, 'drafted', $4, $5, $6)",
+            "INSERT INTO drafts (id, incident_id, version, state, content_hash, drafted_by, drafted_at, inputs, notice_count)
+             VALUES ($1, $2, $3, 'drafted', $4, $5, $6, $7, $8)",
         )
         .bind(draft.id.as_str())
         .bind(draft.incident_id.as_str())
@@ -764,41 +1278,74 @@ impl Store for SqliteStore {
         .bind(&draft.content_hash)
         .bind(draft.drafted_by.as_str())
         .bind(fmt_ts(draft.drafted_at))
+        .bind(to_json(new.inputs))
+        .bind(draft.notice_count)
         .execute(&mut *tx)
         .await
         .doing("storing a draft")?;
-        for n in notices {
+        for v in new.variants {
             sqlx::query(
-                "INSERT INTO notices (id, draft_id, merchant_id, locale, sections, email_subject, email_text, email_html,
-                                      sms_text, push_title, push_body, content_hash)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                "INSERT INTO draft_variants (draft_id, variant_no, class_no, locale, profiles, merchants, sample_hash)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
             )
-            .bind(n.id.as_str())
-            .bind(n.draft_id.as_str())
-            .bind(n.merchant_id.as_str())
-            .bind(n.locale.as_str())
-            .bind(to_json(&n.sections))
-            .bind(&n.email_subject)
-            .bind(&n.email_text)
-            .bind(&n.email_html)
-            .bind(&n.sms_text)
-            .bind(&n.push_title)
-            .bind(&n.push_body)
-            .bind(&n.content_hash)
+            .bind(draft.id.as_str())
+            .bind(v.variant_no)
+            .bind(v.class_no)
+            .bind(v.locale.as_str())
+            .bind(&v.profiles)
+            .bind(v.merchants)
+            .bind(&v.sample_hash)
             .execute(&mut *tx)
             .await
-            .doing("storing a notice")?;
+            .doing("storing a notice variant")?;
         }
+        let now = fmt_ts(draft.drafted_at);
+        // Earlier versions never approved will not be sent.
+        sqlx::query(
+            "UPDATE deliveries SET status = 'superseded', updated_at = $2 WHERE incident_id = $1 AND status = 'held'",
+        )
+        .bind(draft.incident_id.as_str())
+        .bind(&now)
+        .execute(&mut *tx)
+        .await
+        .doing("superseding unapproved deliveries")?;
+        // One statement queues every first delivery: ids follow the scope rows, so they insert in
+        // order; the address is the one scoping found on the plan's first channel.
+        let prefix = draft_prefix(&draft.id);
+        let first = "CASE WHEN instr(a.channel_plan, ',') > 0
+                          THEN substr(a.channel_plan, 1, instr(a.channel_plan, ',') - 1) ELSE a.channel_plan END";
+        let queued = sqlx::query(trusted(format!(
+            "INSERT INTO deliveries (id, idempotency_key, incident_id, draft_id, notice_id, merchant_id, channel, address,
+                                     plan_position, status, attempts, next_attempt_at, created_at, updated_at)
+             SELECT 'dlv_' || $1 || printf('%012x', a.seq), $2 || ':' || a.merchant_id || ':' || {first},
+                    a.incident_id, $2, 'ntc_' || $1 || printf('%012x', a.seq), a.merchant_id, {first}, a.first_address,
+                    0, 'held', 0, $3, $3, $3
+             FROM affected_merchants a
+             JOIN scope_classes c ON c.incident_id = a.incident_id AND c.class_no = a.class_no
+             LEFT JOIN notice_overrides o ON o.incident_id = a.incident_id AND o.merchant_id = a.merchant_id
+             WHERE a.incident_id = $4 AND {REQUIRED} AND a.first_address IS NOT NULL AND a.channel_plan <> ''
+             ORDER BY a.seq"
+        )))
+        .bind(prefix)
+        .bind(draft.id.as_str())
+        .bind(&now)
+        .bind(draft.incident_id.as_str())
+        .execute(&mut *tx)
+        .await
+        .doing("queueing first deliveries")?
+        .rows_affected();
         let reason = format!("notice version {} drafted", draft.version);
         let step = Step {
             to: IncidentState::Drafted,
             actor: &draft.drafted_by,
             reason: &reason,
             detail: serde_json::json!({ "draft_id": draft.id.as_str(), "version": draft.version,
-                                        "notices": notices.len(), "content_hash": draft.content_hash }),
+                                        "notices": draft.notice_count, "variants": new.variants.len(),
+                                        "held_deliveries": queued, "content_hash": draft.content_hash }),
         };
-        record_transition_in(&mut tx, &draft.incident_id, Some(from), &step, draft.drafted_at).await?;
-        tx.commit().await.doing("committing a draft")
+        record_transition_in(&mut tx, &draft.incident_id, Some(new.from), &step, draft.drafted_at).await?;
+        tx.commit().await.doing("committing a draft")?;
+        Ok(draft.notice_count)
     }
 
     async fn drafts(&self, incident: &IncidentId) -> Result<Vec<Draft>, StoreError> {
@@ -823,26 +1370,159 @@ impl Store for SqliteStore {
             .transpose()
     }
 
-    async fn notices(&self, draft: &DraftId) -> Result<Vec<Notice>, StoreError> {
-        sqlx::query("SELECT * FROM notices WHERE draft_id = $1 ORDER BY merchant_id")
-            .bind(draft.as_str())
+    async fn draft_inputs(&self, id: &DraftId) -> Result<Option<DraftInputs>, StoreError> {
+        let raw: Option<Option<String>> = sqlx::query_scalar("SELECT inputs FROM drafts WHERE id = $1")
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .doing("reading a draft's inputs")?;
+        raw.flatten()
+            .map(|r| serde_json::from_str(&r).map_err(|e| corrupt("drafts.inputs", e)))
+            .transpose()
+    }
+
+    async fn draft_variants(&self, id: &DraftId) -> Result<Vec<DraftVariant>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM draft_variants WHERE draft_id = $1 ORDER BY variant_no")
+            .bind(id.as_str())
             .fetch_all(&self.pool)
             .await
-            .doing("listing notices")?
-            .iter()
-            .map(notice_from)
+            .doing("listing notice variants")?;
+        rows.iter()
+            .map(|row| {
+                Ok(DraftVariant {
+                    variant_no: row.try_get("variant_no").doing("reading a variant")?,
+                    class_no: row.try_get("class_no").doing("reading a variant")?,
+                    locale: col(row, "locale")?,
+                    profiles: row.try_get("profiles").doing("reading a variant")?,
+                    merchants: row.try_get("merchants").doing("reading a variant")?,
+                    sample_hash: row.try_get("sample_hash").doing("reading a variant")?,
+                })
+            })
             .collect()
     }
 
-    async fn notice(&self, id: &NoticeId) -> Result<Option<Notice>, StoreError> {
-        sqlx::query("SELECT * FROM notices WHERE id = $1")
+    async fn template_set(&self, hash: &str) -> Result<Option<String>, StoreError> {
+        sqlx::query_scalar("SELECT sources FROM template_sets WHERE hash = $1")
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await
+            .doing("reading a template set")
+    }
+
+    async fn notice_records(
+        &self,
+        draft: &DraftId,
+        after: Option<&MerchantId>,
+        limit: u32,
+    ) -> Result<Vec<NoticeRecord>, StoreError> {
+        let legacy =
+            sqlx::query("SELECT * FROM notices WHERE draft_id = $1 AND merchant_id > $2 ORDER BY merchant_id LIMIT $3")
+                .bind(draft.as_str())
+                .bind(after.map(|a| a.as_str()).unwrap_or(""))
+                .bind(limit as i64)
+                .fetch_all(&self.pool)
+                .await
+                .doing("listing notices")?;
+        if !legacy.is_empty() {
+            return legacy.iter().map(legacy_record_from).collect();
+        }
+        sqlx::query(trusted(format!(
+            "{NOTICE_SELECT} WHERE d.id = $1 AND {REQUIRED} AND a.merchant_id > $2 ORDER BY a.merchant_id LIMIT $3"
+        )))
+        .bind(draft.as_str())
+        .bind(after.map(|a| a.as_str()).unwrap_or(""))
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .doing("listing notices")?
+        .iter()
+        .map(record_from)
+        .collect()
+    }
+
+    async fn notice_record(&self, id: &NoticeId) -> Result<Option<NoticeRecord>, StoreError> {
+        if let Some(row) = sqlx::query("SELECT * FROM notices WHERE id = $1")
             .bind(id.as_str())
             .fetch_optional(&self.pool)
             .await
             .doing("looking up a notice")?
-            .as_ref()
-            .map(notice_from)
-            .transpose()
+        {
+            return legacy_record_from(&row).map(Some);
+        }
+        // A derived id: 20 hex digits of its draft, then the scope row.
+        let hex = id.as_str().strip_prefix("ntc_").unwrap_or("");
+        let (Some(prefix), Some(seq)) = (
+            hex.get(..20),
+            hex.get(20..).and_then(|s| i64::from_str_radix(s, 16).ok()),
+        ) else {
+            return Ok(None);
+        };
+        sqlx::query(trusted(format!(
+            "{NOTICE_SELECT} WHERE substr(d.id, 5, 20) = $1 AND a.seq = $2"
+        )))
+        .bind(prefix)
+        .bind(seq)
+        .fetch_optional(&self.pool)
+        .await
+        .doing("looking up a notice")?
+        .as_ref()
+        .map(record_from)
+        .transpose()
+    }
+
+    async fn notice_for(&self, draft: &DraftId, merchant: &MerchantId) -> Result<Option<NoticeRecord>, StoreError> {
+        if let Some(row) = sqlx::query("SELECT * FROM notices WHERE draft_id = $1 AND merchant_id = $2")
+            .bind(draft.as_str())
+            .bind(merchant.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .doing("looking up a notice")?
+        {
+            return legacy_record_from(&row).map(Some);
+        }
+        sqlx::query(trusted(format!(
+            "{NOTICE_SELECT} WHERE d.id = $1 AND a.merchant_id = $2"
+        )))
+        .bind(draft.as_str())
+        .bind(merchant.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .doing("looking up a notice")?
+        .as_ref()
+        .map(record_from)
+        .transpose()
+    }
+
+    async fn notice_by_token(&self, token: &str) -> Result<Option<NoticeRecord>, StoreError> {
+        let (Some(seq), Some(secret)) = (
+            token.get(..8).and_then(|s| i64::from_str_radix(s, 16).ok()),
+            token.get(8..),
+        ) else {
+            return Ok(None);
+        };
+        // The latest approved version the merchant was sent.
+        let row = sqlx::query(trusted(format!(
+            "{NOTICE_SELECT} WHERE a.seq = $1 AND d.state = 'approved' ORDER BY d.version DESC LIMIT 1"
+        )))
+        .bind(seq)
+        .fetch_optional(&self.pool)
+        .await
+        .doing("looking up a notice link")?;
+        let Some(row) = row else { return Ok(None) };
+        let stored: String = row.try_get("link_secret").doing("reading a notice link")?;
+        if !constant_time_eq(stored.as_bytes(), secret.as_bytes()) {
+            return Ok(None);
+        }
+        record_from(&row).map(Some)
+    }
+
+    async fn first_sent(&self, draft: &DraftId) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let raw: Option<String> = sqlx::query_scalar("SELECT MIN(sent_at) FROM deliveries WHERE draft_id = $1")
+            .bind(draft.as_str())
+            .fetch_one(&self.pool)
+            .await
+            .doing("finding when a version was sent")?;
+        raw.map(|r| parse_ts(&r).map_err(|e| corrupt("sent_at", e))).transpose()
     }
 
     async fn approve_draft(&self, draft_id: &DraftId, approver: &Actor, at: DateTime<Utc>) -> Result<(), StoreError> {
@@ -893,6 +1573,72 @@ impl Store for SqliteStore {
         tx.commit().await.doing("committing an approval")
     }
 
+    async fn release_draft(
+        &self,
+        incident: &IncidentId,
+        draft: &DraftId,
+        from: IncidentState,
+        actor: &Actor,
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.begin().await?;
+        let now = Utc::now();
+        let at = fmt_ts(now);
+        let superseded = sqlx::query(
+            "UPDATE deliveries SET status = 'superseded', updated_at = $3
+             WHERE incident_id = $1 AND draft_id <> $2 AND status IN ('pending', 'held')",
+        )
+        .bind(incident.as_str())
+        .bind(draft.as_str())
+        .bind(&at)
+        .execute(&mut *tx)
+        .await
+        .doing("superseding an earlier version's deliveries")?
+        .rows_affected();
+        let released = sqlx::query(
+            "UPDATE deliveries SET status = 'pending', next_attempt_at = $3, updated_at = $3
+             WHERE incident_id = $1 AND draft_id = $2 AND status = 'held'",
+        )
+        .bind(incident.as_str())
+        .bind(draft.as_str())
+        .bind(&at)
+        .execute(&mut *tx)
+        .await
+        .doing("releasing held deliveries")?
+        .rows_affected();
+        sqlx::query(
+            "UPDATE affected_merchants SET reached_channel = NULL, reachability = CASE
+                WHEN COALESCE((SELECT o.required FROM notice_overrides o
+                               WHERE o.incident_id = affected_merchants.incident_id
+                                 AND o.merchant_id = affected_merchants.merchant_id),
+                              (SELECT c.notice_required FROM scope_classes c
+                               WHERE c.incident_id = affected_merchants.incident_id
+                                 AND c.class_no = affected_merchants.class_no)) = 0 THEN 'not_required'
+                WHEN EXISTS (SELECT 1 FROM deliveries d
+                             WHERE d.incident_id = affected_merchants.incident_id
+                               AND d.merchant_id = affected_merchants.merchant_id AND d.draft_id = $2) THEN 'pending'
+                ELSE 'unreachable' END
+             WHERE incident_id = $1",
+        )
+        .bind(incident.as_str())
+        .bind(draft.as_str())
+        .execute(&mut *tx)
+        .await
+        .doing("recording whom the version can reach")?;
+        if from != IncidentState::Notifying {
+            set_state_in(&mut tx, incident, from, IncidentState::Notifying, now).await?;
+        }
+        let reason = format!("{released} deliveries released");
+        let step = Step {
+            to: IncidentState::Notifying,
+            actor,
+            reason: &reason,
+            detail: serde_json::json!({ "draft_id": draft.as_str(), "released": released, "superseded": superseded }),
+        };
+        record_transition_in(&mut tx, incident, Some(from), &step, now).await?;
+        tx.commit().await.doing("committing a release")?;
+        Ok(released)
+    }
+
     async fn enqueue(&self, deliveries: &[NewDelivery]) -> Result<u64, StoreError> {
         let mut tx = self.begin().await?;
         let now = fmt_ts(Utc::now());
@@ -918,7 +1664,8 @@ impl Store for SqliteStore {
                              OR (status = 'sending' AND lease_until <= $2)
                           ORDER BY next_attempt_at LIMIT $3)
              RETURNING id, idempotency_key, incident_id, draft_id, notice_id, merchant_id, channel, address, \
-             plan_position, status, attempts, next_attempt_at, last_error, error_class, provider_message_id, created_at, sent_at";
+             plan_position, status, attempts, next_attempt_at, last_error, error_class, provider_message_id, content_hash, \
+             created_at, sent_at";
         debug_assert!(sql.ends_with(DELIVERY_COLUMNS));
         let rows = sqlx::query(sql)
             .bind(fmt_ts(lease_until))
@@ -943,15 +1690,19 @@ impl Store for SqliteStore {
         let claim = delivery.attempts;
         let mut tx = self.begin().await?;
         let query = match outcome {
-            AttemptOutcome::Sent { provider_message_id } => sqlx::query(
+            AttemptOutcome::Sent {
+                provider_message_id,
+                content_hash,
+            } => sqlx::query(
                 "UPDATE deliveries SET status = 'sent', sent_at = $1, updated_at = $1, lease_until = NULL,
-                        provider_message_id = $2, last_error = NULL, error_class = NULL
+                        provider_message_id = $2, last_error = NULL, error_class = NULL, content_hash = $5
                  WHERE id = $3 AND status = 'sending' AND attempts = $4",
             )
             .bind(now.clone())
             .bind(provider_message_id.clone())
             .bind(id)
-            .bind(claim),
+            .bind(claim)
+            .bind(content_hash.clone()),
             AttemptOutcome::Retry { error, at } => sqlx::query(
                 "UPDATE deliveries SET status = 'pending', next_attempt_at = $1, updated_at = $2, lease_until = NULL,
                         last_error = $3, error_class = 'transient'
@@ -1000,8 +1751,12 @@ impl Store for SqliteStore {
             v
         };
         match outcome {
-            AttemptOutcome::Sent { provider_message_id } => {
+            AttemptOutcome::Sent {
+                provider_message_id,
+                content_hash,
+            } => {
                 let detail = with(base.clone(), "provider_message_id", provider_message_id.clone().into());
+                let detail = with(detail, "content_hash", content_hash.clone().into());
                 append_ledger_in(&mut tx, &ledger("delivery.sent", detail)).await?;
             }
             AttemptOutcome::Failed { class, .. } => {
@@ -1046,8 +1801,9 @@ impl Store for SqliteStore {
     async fn deliveries(&self, incident: &IncidentId) -> Result<Vec<Delivery>, StoreError> {
         sqlx::query(
             "SELECT id, idempotency_key, incident_id, draft_id, notice_id, merchant_id, channel, address, \
-             plan_position, status, attempts, next_attempt_at, last_error, error_class, provider_message_id, created_at, sent_at
-             FROM deliveries WHERE incident_id = $1 ORDER BY merchant_id, plan_position",
+             plan_position, status, attempts, next_attempt_at, last_error, error_class, provider_message_id, content_hash, \
+             created_at, sent_at
+             FROM deliveries WHERE incident_id = $1 ORDER BY merchant_id, created_at",
         )
         .bind(incident.as_str())
         .fetch_all(&self.pool)
@@ -1301,8 +2057,239 @@ mod tests {
         }
     }
 
-    /// An incident with one approved draft and one notice, ready for deliveries.
+    fn merchant(id: &str, region: &str, kind: MerchantKind, holdings: &[&str], people: People) -> Merchant {
+        Merchant {
+            id: id.parse().expect("id"),
+            name: format!("Shop {id}"),
+            kind,
+            locale: Locale::ZhCn,
+            region: region.into(),
+            email: Some(format!("{id}@example.com").parse().expect("email")),
+            phone: None,
+            push_token: None,
+            postal_address: None,
+            holdings: holdings.iter().map(|h| h.parse().expect("category")).collect(),
+            created_at: Some(crate::time::parse_ts("2025-06-01T00:00:00Z").expect("time")),
+            last_active_at: None,
+            marketing_opt_out: false,
+            people,
+        }
+    }
+
+    fn facts() -> IncidentFacts {
+        serde_json::from_str(include_str!("../../config/demo/incident.json")).expect("facts")
+    }
+
+    async fn to_state(s: &SqliteStore, incident: &IncidentId, to: IncidentState) {
+        let from = s.incident(incident.as_str()).await.expect("get").expect("exists").state;
+        let alice: Actor = "alice".parse().expect("actor");
+        let step = Step {
+            to,
+            actor: &alice,
+            reason: "test",
+            detail: serde_json::json!({}),
+        };
+        let changes = IncidentChanges {
+            facts: (to == IncidentState::Confirmed).then(facts),
+        };
+        s.transition(incident, from, step, changes).await.expect("transition");
+    }
+
+    /// Scopes `rule` with one class per distinct holdings; returns the natural persons counted.
+    async fn scope_with(s: &SqliteStore, incident: &IncidentId, rule: &ScopeRule) -> u64 {
+        let holdings = s.scope_holdings(rule, &facts().categories).await.expect("holdings");
+        let classes: Vec<ScopeClass> = holdings
+            .iter()
+            .enumerate()
+            .map(|(i, (h, n))| ScopeClass {
+                class_no: i as i64 + 1,
+                exposed: serde_json::from_str(h).expect("holdings"),
+                risk: RiskLevel::High,
+                risk_reasons: vec![],
+                notice_required: true,
+                notice_reason: "required".into(),
+                merchants: *n,
+            })
+            .collect();
+        let map: Vec<(String, i64)> = holdings
+            .iter()
+            .zip(&classes)
+            .map(|((h, _), c)| (h.clone(), c.class_no))
+            .collect();
+        let all: Vec<i64> = classes.iter().map(|c| c.class_no).collect();
+        let mut w = s.begin_scope(incident).await.expect("begin");
+        let persons = w
+            .insert(&ScopeInsert {
+                rule,
+                holdings_class: &map,
+                classes: &classes,
+                channel_order: &[Channel::Email, Channel::Sms],
+                person_classes: PersonClasses {
+                    merchant: all.clone(),
+                    contacts: all.clone(),
+                    sub_accounts: all,
+                },
+            })
+            .await
+            .expect("insert");
+        let alice: Actor = "alice".parse().expect("actor");
+        let suggestion = crate::scope::suggest_grade(persons, &[]);
+        let from = s.incident(incident.as_str()).await.expect("get").expect("exists").state;
+        w.finish(
+            from,
+            Step {
+                to: IncidentState::Scoped,
+                actor: &alice,
+                reason: "test",
+                detail: serde_json::json!({}),
+            },
+            ScopeResult {
+                rule,
+                suggestion: &suggestion,
+                facts: None,
+            },
+        )
+        .await
+        .expect("finish");
+        persons
+    }
+
+    fn inputs(version: i64) -> DraftInputs {
+        DraftInputs {
+            version,
+            facts: facts(),
+            settings: crate::draft::NoticeSettings {
+                operator_name: "Op".into(),
+                platform: "P".into(),
+                short_name_en: "Op".into(),
+                short_name_zh: "Op".into(),
+                officer_en: "o".into(),
+                officer_zh: "o".into(),
+                contact_email: "p@example.com".into(),
+                contact_phone: "1".into(),
+                public_base_url: "http://x".into(),
+                notice_base_url: "http://x".into(),
+            },
+            template_set: "t".into(),
+            classes: vec![],
+            update: None,
+            reference: "INC-1".into(),
+            detected_at: Utc::now(),
+            drafted_at: Utc::now(),
+            labels: Default::default(),
+        }
+    }
+
+    async fn draft_version(s: &SqliteStore, incident: &IncidentId, version: i64) -> Draft {
+        let from = s.incident(incident.as_str()).await.expect("get").expect("exists").state;
+        let mut draft = crate::draft::new_draft(
+            incident,
+            version,
+            format!("h{version}"),
+            1,
+            &"alice".parse().expect("a"),
+        );
+        draft.notice_count = 1;
+        s.create_draft(NewDraft {
+            draft: &draft,
+            inputs: &inputs(version),
+            template_sources: "{}",
+            variants: &[],
+            from,
+        })
+        .await
+        .expect("draft");
+        draft
+    }
+
+    /// An incident with one approved draft for merchant m-1 (without an address, so nothing is
+    /// queued: the tests queue their own deliveries), ready for deliveries.
     async fn ready(s: &SqliteStore) -> (IncidentId, DraftId, NoticeId) {
+        ready_with(s, false).await
+    }
+
+    async fn ready_with(s: &SqliteStore, with_email: bool) -> (IncidentId, DraftId, NoticeId) {
+        let alice: Actor = "alice".parse().expect("actor");
+        let mut m = merchant(
+            "m-1",
+            "CN-ZJ",
+            MerchantKind::Enterprise,
+            &["account_credentials"],
+            People::default(),
+        );
+        if !with_email {
+            m.email = None;
+        }
+        s.upsert_merchants(&[m]).await.expect("merchant");
+        let IngestOutcome::Opened { incident_id, .. } = s
+            .ingest_event(&event("e-1", None), "INC", &alice)
+            .await
+            .expect("ingest")
+        else {
+            panic!("expected a new incident")
+        };
+        to_state(s, &incident_id, IncidentState::Confirmed).await;
+        let rule = ScopeRule {
+            regions: vec!["CN".into()],
+            ..Default::default()
+        };
+        scope_with(s, &incident_id, &rule).await;
+        let draft = draft_version(s, &incident_id, 1).await;
+        s.approve_draft(&draft.id, &"bob".parse().expect("actor"), Utc::now())
+            .await
+            .expect("approve");
+        let notice = s
+            .notice_for(&draft.id, &"m-1".parse().expect("id"))
+            .await
+            .expect("lookup")
+            .expect("notice");
+        (incident_id, draft.id, notice.id)
+    }
+
+    #[tokio::test]
+    async fn scope_rules_select_in_the_database_and_people_are_counted_once() {
+        let (_dir, s) = store().await;
+        let people = |contacts: &[&str]| People {
+            representative: None,
+            contacts: contacts.iter().map(|c| c.to_string()).collect(),
+            sub_accounts: vec![],
+        };
+        let mut late = merchant(
+            "m-4",
+            "CN-GD",
+            MerchantKind::NaturalPerson,
+            &["phone_number"],
+            people(&[]),
+        );
+        late.created_at = Some(crate::time::parse_ts("2026-06-01T00:00:00Z").expect("time"));
+        late.last_active_at = late.created_at;
+        s.upsert_merchants(&[
+            merchant(
+                "m-1",
+                "CN-ZJ",
+                MerchantKind::Enterprise,
+                &["contact_persons"],
+                people(&["p1", "p2"]),
+            ),
+            merchant(
+                "m-2",
+                "CN-ZJ",
+                MerchantKind::IndividualBusiness,
+                &["account_credentials", "contact_persons"],
+                people(&["p2"]),
+            ),
+            merchant(
+                "m-3",
+                "CNX",
+                MerchantKind::NaturalPerson,
+                &["phone_number"],
+                people(&[]),
+            ),
+            late,
+            merchant("m-5", "SG", MerchantKind::NaturalPerson, &["media"], people(&[])),
+        ])
+        .await
+        .expect("merchants");
         let alice: Actor = "alice".parse().expect("actor");
         let IngestOutcome::Opened { incident_id, .. } = s
             .ingest_event(&event("e-1", None), "INC", &alice)
@@ -1311,56 +2298,122 @@ mod tests {
         else {
             panic!("expected a new incident")
         };
-        let draft = Draft {
-            id: DraftId::generate(),
-            incident_id: incident_id.clone(),
-            version: 1,
-            state: DraftState::Drafted,
-            content_hash: "h".into(),
-            drafted_by: alice.clone(),
-            drafted_at: Utc::now(),
-            approved_by: None,
-            approved_at: None,
-        };
-        let notice = Notice {
-            id: NoticeId::generate(),
-            draft_id: draft.id.clone(),
-            merchant_id: "m-1".parse().expect("id"),
-            locale: Locale::En,
-            sections: NoticeSections::default(),
-            email_subject: String::new(),
-            email_text: String::new(),
-            email_html: String::new(),
-            sms_text: String::new(),
-            push_title: String::new(),
-            push_body: String::new(),
-            content_hash: "n".into(),
-        };
-        // Walk the state machine the way the engine does.
-        for to in [IncidentState::Confirmed, IncidentState::Scoped] {
-            let from = s
-                .incident(incident_id.as_str())
+        to_state(&s, &incident_id, IncidentState::Confirmed).await;
+        async fn ids(s: &SqliteStore, incident_id: &IncidentId, rule: ScopeRule) -> Vec<String> {
+            scope_with(s, incident_id, &rule).await;
+            let mut ids: Vec<String> = s
+                .affected(incident_id)
                 .await
-                .expect("get")
-                .expect("exists")
-                .state;
-            let step = Step {
-                to,
-                actor: &alice,
-                reason: "test",
-                detail: serde_json::json!({}),
-            };
-            s.transition(&incident_id, from, step, IncidentChanges::default())
-                .await
-                .expect("transition");
+                .expect("affected")
+                .iter()
+                .map(|a| a.merchant_id.to_string())
+                .collect();
+            ids.sort();
+            ids
         }
-        s.insert_draft(&draft, std::slice::from_ref(&notice), IncidentState::Scoped)
+        // "CN" means China and its provinces, not any code that starts with the letters.
+        let cn = ScopeRule {
+            regions: vec!["CN".into()],
+            ..Default::default()
+        };
+        assert_eq!(ids(&s, &incident_id, cn.clone()).await, ["m-1", "m-2", "m-4"]);
+        let t = |x: &str| Some(crate::time::parse_ts(x).expect("time"));
+        let window = ScopeRule {
+            created_after: t("2026-01-01T00:00:00Z"),
+            ..cn.clone()
+        };
+        assert_eq!(ids(&s, &incident_id, window).await, ["m-4"]);
+        let active = ScopeRule {
+            active_before: t("2027-01-01T00:00:00Z"),
+            regions: vec!["CN".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            ids(&s, &incident_id, active).await,
+            ["m-4"],
+            "merchants without an activity date are outside an activity window"
+        );
+        let either = ScopeRule {
+            any_of: vec![
+                ScopeRule {
+                    merchant_ids: vec!["m-3".parse().expect("id")],
+                    ..Default::default()
+                },
+                ScopeRule {
+                    any_categories: vec!["account_credentials".parse().expect("c")],
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        assert_eq!(ids(&s, &incident_id, either).await, ["m-2", "m-3"]);
+        let except = ScopeRule {
+            except: vec![ScopeRule {
+                regions: vec!["CN-ZJ".into()],
+                ..Default::default()
+            }],
+            ..cn.clone()
+        };
+        assert_eq!(ids(&s, &incident_id, except).await, ["m-4"]);
+        // m-1 enterprise: its contacts p1, p2; m-2: itself and p2 again; m-4: itself. p2 counts once.
+        assert_eq!(scope_with(&s, &incident_id, &cn).await, 4);
+        let unknown = s
+            .unknown_merchants(&["m-1".parse().expect("id"), "zz".parse().expect("id")])
             .await
-            .expect("draft");
-        s.approve_draft(&draft.id, &"bob".parse().expect("actor"), Utc::now())
+            .expect("ids");
+        assert_eq!(unknown, vec!["zz".parse::<MerchantId>().expect("id")]);
+    }
+
+    #[tokio::test]
+    async fn a_draft_holds_its_deliveries_until_released_and_an_update_supersedes_what_was_not_sent() {
+        let (_dir, s) = store().await;
+        let (incident, v1, _) = ready_with(&s, true).await;
+        let held = s.deliveries(&incident).await.expect("deliveries");
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].status, DeliveryStatus::Held);
+        assert!(
+            s.claim_due(Utc::now(), Utc::now(), 10).await.expect("claim").is_empty(),
+            "held rows are not due"
+        );
+        let bob: Actor = "bob".parse().expect("actor");
+        assert_eq!(
+            s.release_draft(&incident, &v1, IncidentState::Approved, &bob)
+                .await
+                .expect("release"),
+            1
+        );
+        // An update drafted and released before v1 went out supersedes v1's pending delivery.
+        let v2 = draft_version(&s, &incident, 2).await;
+        s.approve_draft(&v2.id, &bob, Utc::now()).await.expect("approve");
+        assert_eq!(
+            s.release_draft(&incident, &v2.id, IncidentState::Approved, &bob)
+                .await
+                .expect("release"),
+            1
+        );
+        let rows = s.deliveries(&incident).await.expect("deliveries");
+        let status = |d: &DraftId| rows.iter().find(|r| &r.draft_id == d).map(|r| r.status);
+        assert_eq!(status(&v1), Some(DeliveryStatus::Superseded));
+        assert_eq!(status(&v2.id), Some(DeliveryStatus::Pending));
+        // A notice is found by its id, by merchant and by its link token, whose secret part is checked.
+        let n = s
+            .notice_for(&v2.id, &"m-1".parse().expect("id"))
             .await
-            .expect("approve");
-        (incident_id, draft.id, notice.id)
+            .expect("get")
+            .expect("notice");
+        assert_eq!(
+            s.notice_record(&n.id).await.expect("get").map(|r| r.merchant_id),
+            Some(n.merchant_id.clone())
+        );
+        assert_eq!(
+            s.notice_by_token(&n.link_token)
+                .await
+                .expect("token")
+                .map(|r| r.draft_id),
+            Some(v2.id.clone())
+        );
+        let forged = format!("{}0000000000", &n.link_token[..8]);
+        assert!(s.notice_by_token(&forged).await.expect("token").is_none());
     }
 
     fn delivery(

@@ -1,0 +1,188 @@
+//! `tocsin bench draft`: the cost of everything between "confirm" and "ready to approve" for a
+//! synthetic cohort. The directory is generated and stored first (not timed); the clock then
+//! covers scoping (rule, classification, natural-person count), drafting (the completeness
+//! check of every notice variant) and queueing one held delivery per notice.
+
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::domain::*;
+use crate::engine::{EngineError, Tocsin};
+use crate::model::{Merchant, People, ScopeRule};
+
+/// One run's figures, printed as one JSON line.
+#[derive(Debug, Clone, Serialize)]
+pub struct DraftBench {
+    pub merchants: u64,
+    pub seconds: f64,
+    pub merchants_per_second: f64,
+    pub scope_seconds: f64,
+    pub draft_seconds: f64,
+    pub setup_seconds: f64,
+    pub affected: i64,
+    pub notices: usize,
+    pub variants: usize,
+    pub natural_persons: Option<u64>,
+    pub peak_rss_mb: Option<f64>,
+}
+
+/// Holdings the synthetic merchants draw from: each a plausible profile of what the platform
+/// keeps about a shop.
+const PROFILES: &[&[&str]] = &[
+    &["account_credentials", "phone_number", "email_address"],
+    &["account_credentials", "phone_number", "real_name", "id_number"],
+    &[
+        "account_credentials",
+        "settlement_account",
+        "real_name",
+        "contact_persons",
+    ],
+    &[
+        "phone_number",
+        "postal_address",
+        "contact_persons",
+        "sub_account_phones",
+    ],
+    &["account_credentials", "business_license", "settlement_account"],
+    &["real_name", "id_number", "id_photo", "face_image", "phone_number"],
+    &["email_address", "transaction_records", "alipay_account"],
+    &[
+        "account_credentials",
+        "phone_number",
+        "sub_account_phones",
+        "settlement_account",
+        "real_name",
+    ],
+];
+
+const REGIONS: &[&str] = &["CN-ZJ", "CN-GD", "CN-BJ", "CN-SH", "CN-JS", "SG", "DE", "US-CA"];
+
+/// A cheap deterministic mix (splitmix64), so runs are repeatable.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+fn synthetic(i: u64) -> Result<Merchant, FieldError> {
+    let r = mix(i);
+    let kind = match r % 10 {
+        0..=2 => MerchantKind::NaturalPerson,
+        3..=6 => MerchantKind::IndividualBusiness,
+        _ => MerchantKind::Enterprise,
+    };
+    let locale = if (r >> 8) % 5 == 0 { Locale::En } else { Locale::ZhCn };
+    let region = REGIONS[((r >> 12) % REGIONS.len() as u64) as usize];
+    let holdings: BTreeSet<CategoryId> = PROFILES[((r >> 16) % PROFILES.len() as u64) as usize]
+        .iter()
+        .map(|c| c.parse())
+        .collect::<Result<_, _>>()?;
+    let contacts = (0..(r >> 20) % 3)
+        .map(|k| format!("p{:x}", mix(i * 4 + k) % 50_000_000))
+        .collect();
+    let sub_accounts = (0..(r >> 24) % 2)
+        .map(|k| format!("p{:x}", mix(i * 8 + k + 1) % 50_000_000))
+        .collect();
+    Ok(Merchant {
+        id: format!("bench-{i:09}").parse()?,
+        name: format!("Shop {i}"),
+        kind,
+        locale,
+        region: region.to_owned(),
+        email: ((r >> 28) % 10 != 0)
+            .then(|| format!("shop{i}@example.com").parse())
+            .transpose()?,
+        phone: ((r >> 32) % 10 < 8)
+            .then(|| format!("+86138{:08}", i % 100_000_000).parse())
+            .transpose()?,
+        push_token: ((r >> 36) % 10 < 4)
+            .then(|| format!("tok-{i:012}").parse())
+            .transpose()?,
+        postal_address: None,
+        holdings,
+        created_at: None,
+        last_active_at: None,
+        marketing_opt_out: (r >> 40) % 7 == 0,
+        people: People {
+            representative: None,
+            contacts,
+            sub_accounts,
+        },
+    })
+}
+
+/// Peak resident memory of this process so far (Linux), in MiB.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+pub async fn draft(engine: &Tocsin, n: u64) -> Result<DraftBench, EngineError> {
+    let setup = Instant::now();
+    // The directory is generated once per data directory; a rerun reuses it.
+    let last = engine
+        .store
+        .merchant(&format!("bench-{:09}", n.saturating_sub(1)).parse()?)
+        .await?;
+    if last.is_none() {
+        let mut i = 0;
+        while i < n {
+            let end = (i + 20_000).min(n);
+            let batch: Vec<Merchant> = (i..end).map(synthetic).collect::<Result<_, _>>()?;
+            engine.store.upsert_merchants(&batch).await?;
+            i = end;
+        }
+    }
+    let categories: BTreeSet<&str> = PROFILES.iter().flat_map(|p| p.iter().copied()).collect();
+    let stamp = chrono::Utc::now().timestamp_micros();
+    let event = serde_json::json!({
+        "source": "bench", "external_id": format!("bench-{stamp}"), "kind": "leak", "severity": "high",
+        "title": "Benchmark incident", "detected_at": crate::time::fmt_ts(chrono::Utc::now()),
+        "correlation_key": format!("bench-{stamp}"),
+    });
+    let system = Actor::system();
+    let outcome = engine.ingest_text(&event.to_string(), &system).await?;
+    let id = match outcome.first() {
+        Some(crate::store::IngestOutcome::Opened { incident_id, .. }) => incident_id.to_string(),
+        _ => return Err(FieldError::new("bench", "the benchmark event did not open an incident").into()),
+    };
+    let mut facts: serde_json::Value =
+        serde_json::from_str(crate::demo::FACTS).map_err(|e| FieldError::new("facts", e.to_string()))?;
+    facts["categories"] = serde_json::json!(categories);
+    let now = chrono::Utc::now();
+    facts["aware_at"] = serde_json::json!(crate::time::fmt_ts(now));
+    facts["occurred_at"] = serde_json::json!(crate::time::fmt_ts(now - chrono::Duration::hours(2)));
+    facts["contained_at"] = serde_json::Value::Null;
+    let alice: Actor = "bench-responder".parse()?;
+    engine.confirm(&id, &facts, &alice).await?;
+    let rule = ScopeRule {
+        any_categories: categories.iter().map(|c| c.parse()).collect::<Result<_, _>>()?,
+        ..Default::default()
+    };
+    let setup_seconds = setup.elapsed().as_secs_f64();
+
+    let clock = Instant::now();
+    let summary = engine.scope(&id, &rule, &alice, false).await?;
+    let scope_seconds = clock.elapsed().as_secs_f64();
+    let drafted = engine.draft(&id, &alice, None).await?;
+    let seconds = clock.elapsed().as_secs_f64();
+    let variants = engine.store.draft_variants(&drafted.draft.id).await?.len();
+    Ok(DraftBench {
+        merchants: n,
+        seconds,
+        merchants_per_second: n as f64 / seconds.max(f64::EPSILON),
+        scope_seconds,
+        draft_seconds: seconds - scope_seconds,
+        setup_seconds,
+        affected: summary.affected,
+        notices: drafted.notices,
+        variants,
+        natural_persons: summary.natural_persons,
+        peak_rss_mb: peak_rss_mb(),
+    })
+}
