@@ -74,7 +74,11 @@ fn synthetic(i: u64) -> Result<Merchant, FieldError> {
         3..=6 => MerchantKind::IndividualBusiness,
         _ => MerchantKind::Enterprise,
     };
-    let locale = if (r >> 8) % 5 == 0 { Locale::En } else { Locale::ZhCn };
+    let locale = if (r >> 8).is_multiple_of(5) {
+        Locale::En
+    } else {
+        Locale::ZhCn
+    };
     let region = REGIONS[((r >> 12) % REGIONS.len() as u64) as usize];
     let holdings: BTreeSet<CategoryId> = PROFILES[((r >> 16) % PROFILES.len() as u64) as usize]
         .iter()
@@ -92,7 +96,7 @@ fn synthetic(i: u64) -> Result<Merchant, FieldError> {
         kind,
         locale,
         region: region.to_owned(),
-        email: ((r >> 28) % 10 != 0)
+        email: (!(r >> 28).is_multiple_of(10))
             .then(|| format!("shop{i}@example.com").parse())
             .transpose()?,
         phone: ((r >> 32) % 10 < 8)
@@ -105,7 +109,7 @@ fn synthetic(i: u64) -> Result<Merchant, FieldError> {
         holdings,
         created_at: None,
         last_active_at: None,
-        marketing_opt_out: (r >> 40) % 7 == 0,
+        marketing_opt_out: (r >> 40).is_multiple_of(7),
         people: People {
             representative: None,
             contacts,

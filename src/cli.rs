@@ -184,7 +184,7 @@ pub enum IncidentsCmd {
         id: String,
         merchant: String,
         /// `true` to notify, `false` to skip (PIPL Art. 57 para 2).
-        #[arg(long)]
+        #[arg(long, action = clap::ArgAction::Set)]
         required: bool,
         #[arg(long)]
         reason: String,
@@ -336,6 +336,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve { listen } => {
             let listen = listen.clone().unwrap_or_else(|| engine.settings.server.listen.clone());
             crate::http::serve(std::sync::Arc::new(engine), &listen, crate::http::shutdown_signal()).await?;
+            return Ok(ExitCode::SUCCESS);
         }
         Command::Merchants(MerchantsCmd::Import { file }) => {
             let report = engine.import_merchants(file).await?;
@@ -371,7 +372,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .join("\n")
             });
         }
-        Command::Incidents(cmd) => return incidents(&engine, &cli, cmd).await,
+        Command::Incidents(cmd) => {
+            let code = incidents(&engine, &cli, cmd).await?;
+            engine.store.checkpoint().await?;
+            return Ok(code);
+        }
         Command::Bench(BenchCmd::Draft { merchants }) => {
             let report = crate::bench::draft(&engine, *merchants).await?;
             println!("{}", serde_json::to_string(&report).unwrap_or_default());
@@ -472,6 +477,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    // Large commits leave their write-ahead log to be copied back; do it before exiting.
+    engine.store.checkpoint().await?;
     Ok(ExitCode::SUCCESS)
 }
 

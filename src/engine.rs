@@ -329,10 +329,7 @@ impl Tocsin {
                     reason: &reason,
                     detail,
                 },
-                store::IncidentChanges {
-                    facts: Some(facts),
-                    ..Default::default()
-                },
+                store::IncidentChanges { facts: Some(facts) },
             )
             .await?;
         self.incident(incident.id.as_str()).await
@@ -564,12 +561,12 @@ impl Tocsin {
             return Err(FieldError::new("merchant_ids", format!("not in the directory: {}", ids.join(", "))).into());
         }
         let order = self.settings.delivery.channel_order()?;
-        let holdings = self.store.scope_holdings(rule, &facts.categories).await?;
+        let holdings = self.store.scope_holdings(&facts.categories).await?;
         let plan = scope::plan_classes(&holdings, facts, &self.rules, &self.taxonomy)?;
         // Everything is written in one transaction; a dry run rolls it back, so its counts are
         // exactly what applying the rule would store.
         let mut writer = self.store.begin_scope(&incident.id).await?;
-        let persons = writer
+        let totals = writer
             .insert(&store::ScopeInsert {
                 rule,
                 holdings_class: &plan.holdings_class,
@@ -578,8 +575,8 @@ impl Tocsin {
                 person_classes: plan.persons.clone(),
             })
             .await?;
-        let counts = writer.counts().await?;
-        let suggestion = scope::suggest_grade(persons, &self.cac.grade_threshold);
+        let counts = totals.counts;
+        let suggestion = scope::suggest_grade(totals.natural_persons, &self.cac.grade_threshold);
         let explained = facts.grade_reason.en.is_some() || facts.grade_reason.zh_cn.is_some();
         let adopted = (facts.grade != suggestion.grade && !explained).then(|| {
             let mut f = facts.clone();

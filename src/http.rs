@@ -448,6 +448,11 @@ async fn worker(state: AppState, schedule: Schedule, mut stop: tokio::sync::watc
                 }
             }
         }
+        // Large commits do not wait for the WAL to be copied back; it is done here, off the
+        // request path.
+        if let Err(e) = engine.store.checkpoint().await {
+            tracing::warn!(error = %e, "checkpointing the database failed");
+        }
         let now = Utc::now();
         let next_tick = schedule
             .next_after(now)

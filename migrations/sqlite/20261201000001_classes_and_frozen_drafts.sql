@@ -17,8 +17,28 @@ ALTER TABLE merchants ADD COLUMN last_active_at TEXT;
 -- ({"representative": key?, "contacts": [key], "sub_accounts": [key]}); counted for grading.
 ALTER TABLE merchants ADD COLUMN people TEXT NOT NULL DEFAULT '{}';
 
+-- Scoping groups the directory by holdings; the index answers that without reading the table.
+CREATE INDEX merchants_by_holdings ON merchants (holdings);
+
+-- The natural persons behind each merchant, one row per person and role (0: the merchant itself,
+-- when a natural person or individual business; 1: a contact person; 2: a sub-account
+-- employee), kept in step with `people` on import so that counting distinct persons over a
+-- large scope is a join, not JSON parsing.
+CREATE TABLE merchant_people (
+    merchant_id TEXT NOT NULL,
+    role        INTEGER NOT NULL,
+    person      TEXT NOT NULL,
+    PRIMARY KEY (merchant_id, role, person)
+) WITHOUT ROWID;
+INSERT INTO merchant_people (merchant_id, role, person)
+    SELECT id, 0, 'merchant:' || id FROM merchants WHERE kind <> 'enterprise';
+
 -- JSON GradeSuggestion: the natural persons counted at scoping and the grade they suggest.
 ALTER TABLE incidents ADD COLUMN grade_suggestion TEXT;
+-- The scope's rows are one contiguous run of `affected_merchants.seq`: reading them by range is
+-- a sequential scan.
+ALTER TABLE incidents ADD COLUMN scope_seq_from INTEGER;
+ALTER TABLE incidents ADD COLUMN scope_seq_to INTEGER;
 
 CREATE TABLE scope_classes (
     incident_id     TEXT NOT NULL REFERENCES incidents (id),
@@ -35,9 +55,12 @@ CREATE TABLE scope_classes (
 -- One row per affected merchant, pointing at its class. `seq` orders the rows as they were
 -- scoped (merchant id order) and makes the ids of notices and first deliveries, which are
 -- derived from it, sequential: a million of them insert in order instead of at random.
+-- No foreign key on incident_id here or in deliveries: a key check per row doubles the cost of
+-- inserting a million-merchant scope, and both are only ever written by the store for an
+-- incident (and draft) it has just read.
 CREATE TABLE affected_merchants_v2 (
     seq             INTEGER PRIMARY KEY,
-    incident_id     TEXT NOT NULL REFERENCES incidents (id),
+    incident_id     TEXT NOT NULL,
     merchant_id     TEXT NOT NULL,
     class_no        INTEGER NOT NULL,
     locale          TEXT NOT NULL,
@@ -63,7 +86,26 @@ INSERT INTO affected_merchants_v2 (incident_id, merchant_id, class_no, locale, r
     FROM affected_merchants a LEFT JOIN merchants m ON m.id = a.merchant_id ORDER BY a.incident_id, a.merchant_id;
 DROP TABLE affected_merchants;
 ALTER TABLE affected_merchants_v2 RENAME TO affected_merchants;
-CREATE INDEX affected_by_class ON affected_merchants (incident_id, class_no);
+
+-- How an incident's affected merchants group (class, language, region, first channel), counted
+-- when scoping: drafting finds its notice variants here instead of re-reading every row.
+CREATE TABLE scope_groups (
+    incident_id   TEXT NOT NULL REFERENCES incidents (id),
+    class_no      INTEGER NOT NULL,
+    locale        TEXT NOT NULL,
+    region        TEXT NOT NULL,
+    first_channel TEXT NOT NULL,              -- '' when the merchant has no channel
+    merchants     INTEGER NOT NULL,
+    PRIMARY KEY (incident_id, class_no, locale, region, first_channel)
+);
+INSERT INTO scope_groups (incident_id, class_no, locale, region, first_channel, merchants)
+    SELECT incident_id, class_no, locale, region,
+           CASE WHEN instr(channel_plan, ',') > 0 THEN substr(channel_plan, 1, instr(channel_plan, ',') - 1)
+                ELSE channel_plan END, COUNT(*)
+    FROM affected_merchants GROUP BY 1, 2, 3, 4, 5;
+UPDATE incidents SET
+    scope_seq_from = (SELECT MIN(seq) FROM affected_merchants a WHERE a.incident_id = incidents.id),
+    scope_seq_to = (SELECT MAX(seq) FROM affected_merchants a WHERE a.incident_id = incidents.id);
 
 -- A responder's decision that overrides whether one merchant must be notified. Kept apart
 -- from the scope so that re-scoping does not lose it.
@@ -105,8 +147,8 @@ CREATE TABLE draft_variants (
 CREATE TABLE deliveries_v2 (
     id                  TEXT PRIMARY KEY,
     idempotency_key     TEXT NOT NULL UNIQUE,
-    incident_id         TEXT NOT NULL REFERENCES incidents (id),
-    draft_id            TEXT NOT NULL REFERENCES drafts (id),
+    incident_id         TEXT NOT NULL,
+    draft_id            TEXT NOT NULL,
     notice_id           TEXT NOT NULL,
     merchant_id         TEXT NOT NULL,
     channel             TEXT NOT NULL,
@@ -123,7 +165,7 @@ CREATE TABLE deliveries_v2 (
     created_at          TEXT NOT NULL,
     updated_at          TEXT NOT NULL,
     sent_at             TEXT
-);
+) WITHOUT ROWID;                              -- the id is the key: one b-tree less to write per row
 INSERT INTO deliveries_v2 (id, idempotency_key, incident_id, draft_id, notice_id, merchant_id, channel, address,
                            plan_position, status, attempts, next_attempt_at, lease_until, last_error, error_class,
                            provider_message_id, content_hash, created_at, updated_at, sent_at)

@@ -129,14 +129,20 @@ pub struct PersonClasses {
     pub sub_accounts: Vec<i64>,
 }
 
+/// What a scope holds: the distinct natural persons and the counts a responder checks.
+#[derive(Debug, Clone, Default)]
+pub struct ScopeTotals {
+    pub natural_persons: u64,
+    /// By risk, language, first channel, notice decision and reachability; overrides applied.
+    pub counts: Vec<ScopeCount>,
+}
+
 /// Writes a new scope in one transaction: the previous one is gone only once `finish` commits;
 /// dropping the writer without finishing (a dry run) leaves everything as it was.
 #[async_trait]
 pub trait ScopeWriter: Send {
-    /// Inserts the classes and the affected merchants; returns the distinct natural persons.
-    async fn insert(&mut self, scope: &ScopeInsert<'_>) -> Result<u64, StoreError>;
-    /// Counts of what `insert` stored, overrides applied.
-    async fn counts(&mut self) -> Result<Vec<ScopeCount>, StoreError>;
+    /// Inserts the classes and the affected merchants, and counts them.
+    async fn insert(&mut self, scope: &ScopeInsert<'_>) -> Result<ScopeTotals, StoreError>;
     /// Stores the rule and the grade suggestion, moves the incident to `scoped` and commits.
     async fn finish(
         self: Box<Self>,
@@ -251,13 +257,9 @@ pub trait Store: Send + Sync {
     ) -> Result<(), StoreError>;
 
     // Scope
-    /// The distinct holdings of the merchants `rule` selects that hold any of `categories`,
-    /// with how many merchants hold each: what classification works on.
-    async fn scope_holdings(
-        &self,
-        rule: &ScopeRule,
-        categories: &[CategoryId],
-    ) -> Result<Vec<(String, i64)>, StoreError>;
+    /// The distinct holdings in the directory that include any of `categories`, with how many
+    /// merchants hold each: what classification works on (the rule is applied afterwards).
+    async fn scope_holdings(&self, categories: &[CategoryId]) -> Result<Vec<(String, i64)>, StoreError>;
     /// Merchant ids the rule names that the directory does not hold.
     async fn unknown_merchants(&self, ids: &[MerchantId]) -> Result<Vec<MerchantId>, StoreError>;
     /// Starts replacing the incident's scope (see [`ScopeWriter`]).
@@ -374,6 +376,10 @@ pub trait Store: Send + Sync {
         location: &str,
         actor: &Actor,
     ) -> Result<(), StoreError>;
+
+    /// Housekeeping the database needs from time to time (SQLite: copying the write-ahead log
+    /// back into the database file, which large commits leave to this instead of doing inline).
+    async fn checkpoint(&self) -> Result<(), StoreError>;
 
     // Ledger
     async fn append_ledger(&self, entry: &NewLedgerEntry) -> Result<(), StoreError>;

@@ -34,10 +34,15 @@ impl SqliteStore {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
+            // Set when the file is created: bulk scopes and outboxes write a quarter of the pages.
+            .page_size(16384)
             .foreign_keys(true)
-            // 64 MiB of page cache per connection: a million-row scope inserts in index order
-            // without re-reading pages (SQLite's default is 2 MiB).
-            .pragma("cache_size", "-65536")
+            // 8 MiB of page cache per connection (SQLite's default is 2 MiB): large scopes insert
+            // in index order, so a bigger cache buys little and costs memory on every connection.
+            .pragma("cache_size", "-8192")
+            // A commit of a million rows would otherwise copy them back into the database file
+            // before returning; `checkpoint` does it in the background (and closing does it too).
+            .pragma("wal_autocheckpoint", "0")
             .busy_timeout(Duration::from_secs(30));
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
@@ -365,9 +370,8 @@ fn push_rule(qb: &mut sqlx::QueryBuilder<sqlx::Sqlite>, rule: &ScopeRule) {
             .push("))");
     }
     if !rule.any_categories.is_empty() {
-        qb.push(" AND EXISTS (SELECT 1 FROM json_each(m.holdings) h WHERE h.value IN (SELECT value FROM json_each(")
-            .push_bind(to_json(&rule.any_categories))
-            .push(")))");
+        qb.push(" AND ");
+        push_holds_any(qb, &rule.any_categories);
     }
     if !rule.regions.is_empty() {
         qb.push(" AND (");
@@ -410,6 +414,36 @@ fn push_rule(qb: &mut sqlx::QueryBuilder<sqlx::Sqlite>, rule: &ScopeRule) {
     qb.push(")");
 }
 
+/// The natural persons behind a merchant as `merchant_people` rows (see the migration).
+fn person_rows(m: &Merchant) -> Vec<(&str, i64, String)> {
+    let id = m.id.as_str();
+    let mut rows = Vec::new();
+    if m.kind != MerchantKind::Enterprise {
+        let me = m
+            .people
+            .representative
+            .clone()
+            .unwrap_or_else(|| format!("merchant:{id}"));
+        rows.push((id, 0, me));
+    }
+    rows.extend(m.people.contacts.iter().map(|p| (id, 1, p.clone())));
+    rows.extend(m.people.sub_accounts.iter().map(|p| (id, 2, p.clone())));
+    rows
+}
+
+/// Whether the merchant holds any of `categories`. Holdings are stored as a JSON array of
+/// quoted ids, and no id contains a quote, so a quoted id matches only that category; this is
+/// much cheaper per row than unpacking the JSON.
+fn push_holds_any(qb: &mut sqlx::QueryBuilder<sqlx::Sqlite>, categories: &[CategoryId]) {
+    qb.push("(0");
+    for c in categories {
+        qb.push(" OR instr(m.holdings, ")
+            .push_bind(format!("\"{c}\""))
+            .push(") > 0");
+    }
+    qb.push(")");
+}
+
 /// The merchants' column holding the address for a channel.
 fn address_column(channel: Channel) -> &'static str {
     match channel {
@@ -419,159 +453,400 @@ fn address_column(channel: Channel) -> &'static str {
     }
 }
 
-async fn scope_counts_in(conn: &mut SqliteConnection, id: &IncidentId) -> Result<Vec<ScopeCount>, StoreError> {
-    let rows: Vec<(String, String, String, i64, String, i64)> = sqlx::query_as(trusted(format!(
-        "SELECT c.risk, a.locale,
-                CASE WHEN instr(a.channel_plan, ',') > 0
-                     THEN substr(a.channel_plan, 1, instr(a.channel_plan, ',') - 1) ELSE a.channel_plan END,
-                COALESCE(o.required, c.notice_required), a.reachability, COUNT(*)
-         FROM affected_merchants a
-         JOIN scope_classes c ON c.incident_id = a.incident_id AND c.class_no = a.class_no
-         LEFT JOIN notice_overrides o ON o.incident_id = a.incident_id AND o.merchant_id = a.merchant_id
-         WHERE a.incident_id = $1 GROUP BY 1, 2, 3, 4, 5"
+/// The plan's first channel, from the stored comma-separated plan (alias `a`).
+const FIRST_CHANNEL: &str = "CASE WHEN instr(a.channel_plan, ',') > 0
+     THEN substr(a.channel_plan, 1, instr(a.channel_plan, ',') - 1) ELSE a.channel_plan END";
+
+/// One group of an incident's affected merchants that share everything counted.
+struct Group {
+    class: ScopeClass,
+    locale: Locale,
+    region: String,
+    first_channel: Option<Channel>,
+    reachability: Reachability,
+    required: bool,
+    merchants: i64,
+}
+
+/// Affected merchants grouped by class, language, region, first channel and reachability, with
+/// overrides applied. One pass over the rows without joins: the classes and the (few) overrides
+/// are read separately and combined here.
+type GroupKey = (i64, String, String, String, String);
+
+/// The overridden merchants' group keys and decisions (few rows).
+async fn override_rows_in(conn: &mut SqliteConnection, id: &IncidentId) -> Result<Vec<(GroupKey, bool)>, StoreError> {
+    let rows: Vec<(i64, String, String, String, String, i64)> = sqlx::query_as(trusted(format!(
+        "SELECT a.class_no, a.locale, a.region, {FIRST_CHANNEL}, a.reachability, o.required
+         FROM notice_overrides o JOIN affected_merchants a ON a.incident_id = o.incident_id AND a.merchant_id = o.merchant_id
+         WHERE o.incident_id = $1"
     )))
     .bind(id.as_str())
     .fetch_all(&mut *conn)
     .await
-    .doing("counting a scope")?;
-    rows.into_iter()
-        .map(|(risk, locale, first, required, reachability, merchants)| {
-            let parse = |what: &'static str, e: FieldError| corrupt(what, e);
-            Ok(ScopeCount {
-                risk: risk.parse().map_err(|e| parse("risk", e))?,
+    .doing("reading notice overrides")?;
+    Ok(rows
+        .into_iter()
+        .map(|(c, l, r, f, reach, required)| ((c, l, r, f, reach), required != 0))
+        .collect())
+}
+
+async fn classes_in(conn: &mut SqliteConnection, id: &IncidentId) -> Result<Vec<ScopeClass>, StoreError> {
+    sqlx::query("SELECT * FROM scope_classes WHERE incident_id = $1 ORDER BY class_no")
+        .bind(id.as_str())
+        .fetch_all(&mut *conn)
+        .await
+        .doing("reading scope classes")?
+        .iter()
+        .map(class_from)
+        .collect()
+}
+
+/// Combines counted groups with the classes' notice decisions and the overrides. When the rows
+/// were counted without reachability ('' in the key), the overrides' reachability is ignored.
+fn combine_groups(
+    classes: &[ScopeClass],
+    rows: impl IntoIterator<Item = (GroupKey, i64)>,
+    overrides: Vec<(GroupKey, bool)>,
+) -> Result<Vec<Group>, StoreError> {
+    let classes: std::collections::HashMap<i64, &ScopeClass> = classes.iter().map(|c| (c.class_no, c)).collect();
+    let mut counts: std::collections::BTreeMap<(GroupKey, bool), i64> = std::collections::BTreeMap::new();
+    let mut counted_reach = true;
+    for (key, n) in rows {
+        counted_reach &= !key.4.is_empty();
+        let required = classes.get(&key.0).is_some_and(|c| c.notice_required);
+        *counts.entry((key, required)).or_default() += n;
+    }
+    for (mut key, required) in overrides {
+        if !counted_reach {
+            key.4 = String::new();
+        }
+        let by_class = classes.get(&key.0).is_some_and(|c| c.notice_required);
+        if required != by_class {
+            *counts.entry((key.clone(), by_class)).or_default() -= 1;
+            *counts.entry((key, required)).or_default() += 1;
+        }
+    }
+    let parse = |what: &'static str, e: FieldError| corrupt(what, e);
+    counts
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(((class, locale, region, first, reach), required), merchants)| {
+            Ok(Group {
+                class: classes
+                    .get(&class)
+                    .map(|c| (*c).clone())
+                    .ok_or_else(|| corrupt("affected_merchants.class_no", class))?,
                 locale: locale.parse().map_err(|e| parse("locale", e))?,
+                region,
                 first_channel: if first.is_empty() {
                     None
                 } else {
                     Some(first.parse().map_err(|e| parse("channel", e))?)
                 },
-                notice_required: required != 0,
-                reachability: reachability.parse().map_err(|e| parse("reachability", e))?,
+                reachability: if reach.is_empty() {
+                    if first.is_empty() {
+                        Reachability::Unreachable
+                    } else {
+                        Reachability::Pending
+                    }
+                } else {
+                    reach.parse().map_err(|e| parse("reachability", e))?
+                },
+                required,
                 merchants,
             })
         })
         .collect()
 }
 
+/// Affected merchants grouped by class, language, region, first channel and reachability, with
+/// overrides applied: one pass over the rows without joins.
+async fn groups_in(conn: &mut SqliteConnection, id: &IncidentId) -> Result<Vec<Group>, StoreError> {
+    let classes = classes_in(conn, id).await?;
+    let rows: Vec<(i64, String, String, String, String, i64)> = sqlx::query_as(trusted(format!(
+        "SELECT a.class_no, a.locale, a.region, {FIRST_CHANNEL}, a.reachability, COUNT(*)
+         FROM affected_merchants a WHERE a.incident_id = $1 GROUP BY 1, 2, 3, 4, 5"
+    )))
+    .bind(id.as_str())
+    .fetch_all(&mut *conn)
+    .await
+    .doing("counting a scope")?;
+    let overrides = override_rows_in(conn, id).await?;
+    combine_groups(
+        &classes,
+        rows.into_iter().map(|(c, l, r, f, reach, n)| ((c, l, r, f, reach), n)),
+        overrides,
+    )
+}
+
+/// The notice groups as counted when scoping, with today's overrides (no pass over the rows).
+async fn stored_groups_in(conn: &mut SqliteConnection, id: &IncidentId) -> Result<Vec<Group>, StoreError> {
+    let classes = classes_in(conn, id).await?;
+    let rows: Vec<(i64, String, String, String, i64)> = sqlx::query_as(
+        "SELECT class_no, locale, region, first_channel, merchants FROM scope_groups WHERE incident_id = $1",
+    )
+    .bind(id.as_str())
+    .fetch_all(&mut *conn)
+    .await
+    .doing("reading scope groups")?;
+    let overrides = override_rows_in(conn, id).await?;
+    combine_groups(
+        &classes,
+        rows.into_iter().map(|(c, l, r, f, n)| ((c, l, r, f, String::new()), n)),
+        overrides,
+    )
+}
+
+async fn scope_counts_in(conn: &mut SqliteConnection, id: &IncidentId) -> Result<Vec<ScopeCount>, StoreError> {
+    Ok(groups_in(conn, id)
+        .await?
+        .into_iter()
+        .map(|g| ScopeCount {
+            risk: g.class.risk,
+            locale: g.locale,
+            first_channel: g.first_channel,
+            notice_required: g.required,
+            reachability: g.reachability,
+            merchants: g.merchants,
+        })
+        .collect())
+}
+
 struct SqliteScopeWriter {
     tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+    pool: SqlitePool,
     incident: IncidentId,
+    groups: Vec<(ScopeGroupKey, i64)>,
+    seq_range: (i64, i64),
+}
+
+/// class, locale, region, first channel ('' for none)
+type ScopeGroupKey = (i64, String, String, String);
+
+/// Fills a connection's temporary holdings-to-class map (temporary tables are per connection).
+async fn load_scope_map(conn: &mut SqliteConnection, map: &[(String, i64)]) -> Result<(), StoreError> {
+    for sql in [
+        "CREATE TEMP TABLE IF NOT EXISTS scope_map (holdings TEXT PRIMARY KEY, class_no INTEGER NOT NULL)",
+        "DELETE FROM scope_map",
+    ] {
+        sqlx::query(sql).execute(&mut *conn).await.doing("preparing a scope")?;
+    }
+    for chunk in map.chunks(400) {
+        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new("INSERT INTO scope_map (holdings, class_no) ");
+        qb.push_values(chunk, |mut b, (holdings, class)| {
+            b.push_bind(holdings.clone()).push_bind(*class);
+        });
+        qb.build().execute(&mut *conn).await.doing("preparing a scope")?;
+    }
+    Ok(())
+}
+
+/// The channel plan and its first channel as SQL over merchants (alias `m`).
+fn plan_sql(order: &[Channel]) -> (String, String) {
+    let parts: Vec<String> = order
+        .iter()
+        .map(|c| {
+            format!(
+                "CASE WHEN {} IS NOT NULL THEN '{},' ELSE '' END",
+                address_column(*c),
+                c.as_str()
+            )
+        })
+        .collect();
+    let plan = if parts.is_empty() {
+        "''".to_owned()
+    } else {
+        format!("rtrim({}, ',')", parts.join(" || "))
+    };
+    let first: Vec<String> = order
+        .iter()
+        .map(|c| format!("CASE WHEN {} IS NOT NULL THEN '{}' END", address_column(*c), c.as_str()))
+        .chain(["''".to_owned()])
+        .collect();
+    (plan, format!("COALESCE({})", first.join(", ")))
+}
+
+/// Reads the merchants a scope selects, in pages packed into one string each (a row per merchant
+/// costs the driver far more than the bytes), and counts them: groups for the summary and the
+/// notice variants, and the distinct natural persons. Runs on its own connection, beside the
+/// insert, so that the two use both cores.
+async fn aggregate_scope(
+    pool: &SqlitePool,
+    scope: &ScopeInsert<'_>,
+) -> Result<(u64, Vec<(ScopeGroupKey, i64)>), StoreError> {
+    use std::collections::{HashMap, HashSet};
+    use std::hash::{Hash, Hasher};
+    let mut conn = pool.acquire().await.doing("counting a scope")?;
+    load_scope_map(&mut conn, scope.holdings_class).await?;
+    let (_, first) = plan_sql(scope.channel_order);
+    let in_list = |v: &[i64]| v.iter().copied().collect::<HashSet<i64>>();
+    let (self_classes, contact_classes, sub_classes) = (
+        in_list(&scope.person_classes.merchant),
+        in_list(&scope.person_classes.contacts),
+        in_list(&scope.person_classes.sub_accounts),
+    );
+    // 64-bit hashes of the person keys: exact enough (a collision among 10^8 people has odds of
+    // about 1 in 3,700) and a tenth of the memory of the keys themselves.
+    let mut persons: HashSet<u64> = HashSet::new();
+    let mut person = |key: &str| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut h);
+        persons.insert(h.finish());
+    };
+    let mut groups: HashMap<ScopeGroupKey, i64> = HashMap::new();
+    let mut after: i64 = 0;
+    loop {
+        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!(
+            "SELECT MAX(r), group_concat(line, char(30)) FROM (
+                SELECT m.rowid AS r, s.class_no || char(31) || m.locale || char(31) || m.region || char(31) || {first}
+                       || char(31) || m.kind || char(31) || m.id || char(31) || m.people AS line
+                FROM merchants m JOIN scope_map s ON s.holdings = m.holdings WHERE m.rowid > "
+        ));
+        qb.push_bind(after).push(" AND ");
+        push_rule(&mut qb, scope.rule);
+        qb.push(" ORDER BY m.rowid LIMIT 20000)");
+        let (last, page): (Option<i64>, Option<String>) = qb
+            .build_query_as()
+            .fetch_one(&mut *conn)
+            .await
+            .doing("counting a scope")?;
+        let (Some(last), Some(page)) = (last, page) else { break };
+        after = last;
+        for line in page.split('\u{1e}') {
+            let mut f = line.split('\u{1f}');
+            let mut next = || f.next().unwrap_or("");
+            let class: i64 = next().parse().map_err(|e| corrupt("scope class", e))?;
+            let (locale, region, first, kind, id, people) = (next(), next(), next(), next(), next(), next());
+            *groups
+                .entry((class, locale.to_owned(), region.to_owned(), first.to_owned()))
+                .or_default() += 1;
+            let people: People = if people.len() > 2 {
+                serde_json::from_str(people).map_err(|e| corrupt("merchants.people", e))?
+            } else {
+                People::default()
+            };
+            if kind != "enterprise" && self_classes.contains(&class) {
+                match &people.representative {
+                    Some(r) => person(r),
+                    None => person(&format!("merchant:{id}")),
+                }
+            }
+            if contact_classes.contains(&class) {
+                people.contacts.iter().for_each(|p| person(p));
+            }
+            if sub_classes.contains(&class) {
+                people.sub_accounts.iter().for_each(|p| person(p));
+            }
+        }
+    }
+    Ok((persons.len() as u64, groups.into_iter().collect()))
 }
 
 #[async_trait]
 impl ScopeWriter for SqliteScopeWriter {
-    async fn insert(&mut self, scope: &ScopeInsert<'_>) -> Result<u64, StoreError> {
-        let id = self.incident.as_str();
+    async fn insert(&mut self, scope: &ScopeInsert<'_>) -> Result<ScopeTotals, StoreError> {
+        let id = self.incident.clone();
         for c in scope.classes {
             sqlx::query(
                 "INSERT INTO scope_classes (incident_id, class_no, exposed, risk, risk_reasons, notice_required,
                                             notice_reason, merchants)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, 0)",
             )
-            .bind(id)
+            .bind(id.as_str())
             .bind(c.class_no)
             .bind(to_json(&c.exposed))
             .bind(c.risk.as_str())
             .bind(to_json(&c.risk_reasons))
             .bind(c.notice_required as i64)
             .bind(&c.notice_reason)
-            .bind(c.merchants)
             .execute(&mut *self.tx)
             .await
             .doing("storing a scope class")?;
         }
-        sqlx::query("CREATE TEMP TABLE IF NOT EXISTS scope_map (holdings TEXT PRIMARY KEY, class_no INTEGER NOT NULL)")
-            .execute(&mut *self.tx)
+        load_scope_map(&mut self.tx, scope.holdings_class).await?;
+        let before: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM affected_merchants")
+            .fetch_one(&mut *self.tx)
             .await
-            .doing("preparing a scope")?;
-        sqlx::query("DELETE FROM scope_map")
-            .execute(&mut *self.tx)
-            .await
-            .doing("preparing a scope")?;
-        for chunk in scope.holdings_class.chunks(400) {
-            let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new("INSERT INTO scope_map (holdings, class_no) ");
-            qb.push_values(chunk, |mut b, (holdings, class)| {
-                b.push_bind(holdings.clone()).push_bind(*class);
-            });
-            qb.build().execute(&mut *self.tx).await.doing("preparing a scope")?;
-        }
-        // The plan: the configured channel order, keeping the channels the merchant has an address for.
-        let plan = scope
-            .channel_order
-            .iter()
-            .map(|c| {
-                format!(
-                    "CASE WHEN {} IS NOT NULL THEN '{},' ELSE '' END",
-                    address_column(*c),
-                    c.as_str()
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(" || ");
-        let plan = if plan.is_empty() {
-            "''".to_owned()
-        } else {
-            format!("rtrim({plan}, ',')")
-        };
-        let first_address = match scope.channel_order.len() {
-            0 => "NULL".to_owned(),
-            _ => format!(
-                "COALESCE({})",
-                scope
-                    .channel_order
-                    .iter()
-                    .map(|c| address_column(*c))
-                    .chain(["NULL"])
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        };
-        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!(
-            "INSERT INTO affected_merchants (incident_id, merchant_id, class_no, locale, region, channel_plan,
+            .doing("storing the affected merchants")?;
+        let (plan, first) = plan_sql(scope.channel_order);
+        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT OR IGNORE INTO affected_merchants (incident_id, merchant_id, class_no, locale, region, channel_plan,
                 first_address, merchant_name, merchant_kind, link_secret, reachability)
-             SELECT "
-        ));
-        qb.push_bind(id).push(format!(
+             SELECT ",
+        );
+        let first_address = format!(
+            "COALESCE({}, NULL)",
+            scope
+                .channel_order
+                .iter()
+                .map(|c| address_column(*c))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        qb.push_bind(id.as_str()).push(format!(
             ", m.id, s.class_no, m.locale, m.region, {plan}, {first_address}, m.name, m.kind, lower(hex(randomblob(5))),
-               CASE WHEN {first_address} IS NULL THEN 'unreachable' ELSE 'pending' END
+               CASE WHEN {first} = '' THEN 'unreachable' ELSE 'pending' END
              FROM merchants m JOIN scope_map s ON s.holdings = m.holdings WHERE "
         ));
         push_rule(&mut qb, scope.rule);
-        qb.push(" ORDER BY m.id");
-        qb.build()
-            .execute(&mut *self.tx)
-            .await
-            .doing("storing the affected merchants")?;
-        // Distinct natural persons: the merchant itself unless an enterprise, and the contacts and
-        // sub-account employees whose data is exposed; the same key behind several shops counts once.
-        let classes = |v: &[i64]| to_json(&v);
-        let persons: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM (
-                SELECT COALESCE(json_extract(m.people, '$.representative'), 'merchant:' || m.id)
-                FROM affected_merchants a JOIN merchants m ON m.id = a.merchant_id
-                WHERE a.incident_id = $1 AND m.kind <> 'enterprise'
-                  AND a.class_no IN (SELECT value FROM json_each($2))
-                UNION
-                SELECT j.value FROM affected_merchants a JOIN merchants m ON m.id = a.merchant_id,
-                       json_each(m.people, '$.contacts') j
-                WHERE a.incident_id = $1 AND a.class_no IN (SELECT value FROM json_each($3))
-                UNION
-                SELECT j.value FROM affected_merchants a JOIN merchants m ON m.id = a.merchant_id,
-                       json_each(m.people, '$.sub_accounts') j
-                WHERE a.incident_id = $1 AND a.class_no IN (SELECT value FROM json_each($4)))",
-        )
-        .bind(id)
-        .bind(classes(&scope.person_classes.merchant))
-        .bind(classes(&scope.person_classes.contacts))
-        .bind(classes(&scope.person_classes.sub_accounts))
-        .fetch_one(&mut *self.tx)
-        .await
-        .doing("counting natural persons")?;
-        Ok(persons as u64)
-    }
-
-    async fn counts(&mut self) -> Result<Vec<ScopeCount>, StoreError> {
-        scope_counts_in(&mut self.tx, &self.incident).await
+        let pool = self.pool.clone();
+        let (inserted, aggregated) = tokio::join!(qb.build().execute(&mut *self.tx), aggregate_scope(&pool, scope));
+        let inserted = inserted.doing("storing the affected merchants")?.rows_affected() as i64;
+        let (natural_persons, groups) = aggregated?;
+        self.seq_range = (before + 1, before + inserted);
+        // Classes were planned from the whole directory's holdings; keep those the rule selected.
+        let mut per_class: std::collections::HashMap<i64, i64> = std::collections::HashMap::new();
+        for ((class, ..), n) in &groups {
+            *per_class.entry(*class).or_default() += n;
+        }
+        for c in scope.classes {
+            let n = per_class.get(&c.class_no).copied().unwrap_or(0);
+            let sql = if n == 0 {
+                "DELETE FROM scope_classes WHERE incident_id = $2 AND class_no = $3 AND $1 = 0"
+            } else {
+                "UPDATE scope_classes SET merchants = $1 WHERE incident_id = $2 AND class_no = $3"
+            };
+            sqlx::query(sql)
+                .bind(n)
+                .bind(id.as_str())
+                .bind(c.class_no)
+                .execute(&mut *self.tx)
+                .await
+                .doing("counting merchants per class")?;
+        }
+        let classes: Vec<ScopeClass> = scope
+            .classes
+            .iter()
+            .filter(|c| per_class.contains_key(&c.class_no))
+            .cloned()
+            .collect();
+        let overrides = override_rows_in(&mut self.tx, &id).await?;
+        let counts = combine_groups(
+            &classes,
+            groups
+                .iter()
+                .map(|((c, l, r, f), n)| ((*c, l.clone(), r.clone(), f.clone(), String::new()), *n)),
+            overrides,
+        )?
+        .into_iter()
+        .map(|g| ScopeCount {
+            risk: g.class.risk,
+            locale: g.locale,
+            first_channel: g.first_channel,
+            notice_required: g.required,
+            reachability: if g.first_channel.is_some() {
+                Reachability::Pending
+            } else {
+                Reachability::Unreachable
+            },
+            merchants: g.merchants,
+        })
+        .collect();
+        self.groups = groups;
+        Ok(ScopeTotals {
+            natural_persons,
+            counts,
+        })
     }
 
     async fn finish(
@@ -582,13 +857,18 @@ impl ScopeWriter for SqliteScopeWriter {
     ) -> Result<(), StoreError> {
         let now = Utc::now();
         set_state_in(&mut self.tx, &self.incident, from, IncidentState::Scoped, now).await?;
-        sqlx::query("UPDATE incidents SET scope_rule = $1, grade_suggestion = $2 WHERE id = $3")
-            .bind(to_json(result.rule))
-            .bind(to_json(result.suggestion))
-            .bind(self.incident.as_str())
-            .execute(&mut *self.tx)
-            .await
-            .doing("storing a scope rule")?;
+        sqlx::query(
+            "UPDATE incidents SET scope_rule = $1, grade_suggestion = $2, scope_seq_from = $4, scope_seq_to = $5
+             WHERE id = $3",
+        )
+        .bind(to_json(result.rule))
+        .bind(to_json(result.suggestion))
+        .bind(self.incident.as_str())
+        .bind(self.seq_range.0)
+        .bind(self.seq_range.1)
+        .execute(&mut *self.tx)
+        .await
+        .doing("storing a scope rule")?;
         if let Some(facts) = result.facts {
             sqlx::query("UPDATE incidents SET facts = $1 WHERE id = $2")
                 .bind(to_json(facts))
@@ -596,6 +876,26 @@ impl ScopeWriter for SqliteScopeWriter {
                 .execute(&mut *self.tx)
                 .await
                 .doing("storing incident facts")?;
+        }
+        sqlx::query("DELETE FROM scope_groups WHERE incident_id = $1")
+            .bind(self.incident.as_str())
+            .execute(&mut *self.tx)
+            .await
+            .doing("storing scope groups")?;
+        let incident = self.incident.to_string();
+        for chunk in self.groups.chunks(300) {
+            let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "INSERT INTO scope_groups (incident_id, class_no, locale, region, first_channel, merchants) ",
+            );
+            qb.push_values(chunk, |mut b, ((class, locale, region, first), n)| {
+                b.push_bind(incident.clone())
+                    .push_bind(*class)
+                    .push_bind(locale.clone())
+                    .push_bind(region.clone())
+                    .push_bind(first.clone())
+                    .push_bind(*n);
+            });
+            qb.build().execute(&mut *self.tx).await.doing("storing scope groups")?;
         }
         record_transition_in(&mut self.tx, &self.incident, Some(from), &step, now).await?;
         self.tx.commit().await.doing("committing a scope")
@@ -765,7 +1065,7 @@ impl Store for SqliteStore {
                                         holdings, created_at, last_active_at, marketing_opt_out, people,
                                         imported_at, updated_at) ",
             );
-            qb.push_values(changed, |mut b, m| {
+            qb.push_values(changed.iter().copied(), |mut b, m| {
                 b.push_bind(m.id.as_str())
                     .push_bind(&m.name)
                     .push_bind(m.kind.as_str())
@@ -793,6 +1093,22 @@ impl Store for SqliteStore {
                     updated_at = excluded.updated_at",
             );
             qb.build().execute(&mut *tx).await.doing("storing merchants")?;
+            let changed_ids: Vec<&str> = changed.iter().map(|m| m.id.as_str()).collect();
+            sqlx::query("DELETE FROM merchant_people WHERE merchant_id IN (SELECT value FROM json_each($1))")
+                .bind(to_json(&changed_ids))
+                .execute(&mut *tx)
+                .await
+                .doing("replacing merchants' people")?;
+            let people: Vec<(&str, i64, String)> = changed.iter().flat_map(|m| person_rows(m)).collect();
+            for rows in people.chunks(300) {
+                let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                    "INSERT OR IGNORE INTO merchant_people (merchant_id, role, person) ",
+                );
+                qb.push_values(rows, |mut b, (id, role, person)| {
+                    b.push_bind(*id).push_bind(*role).push_bind(person.clone());
+                });
+                qb.build().execute(&mut *tx).await.doing("storing merchants' people")?;
+            }
         }
         if counts.inserted + counts.updated > 0 {
             let entry = NewLedgerEntry::new(
@@ -1037,27 +1353,11 @@ impl Store for SqliteStore {
         tx.commit().await.doing("committing an incident transition")
     }
 
-    async fn scope_holdings(
-        &self,
-        rule: &ScopeRule,
-        categories: &[CategoryId],
-    ) -> Result<Vec<(String, i64)>, StoreError> {
+    async fn scope_holdings(&self, categories: &[CategoryId]) -> Result<Vec<(String, i64)>, StoreError> {
+        // Answered from the holdings index alone; the scope's rule is applied when inserting.
         let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new("SELECT m.holdings, COUNT(*) FROM merchants m WHERE ");
-        push_rule(&mut qb, rule);
-        // Cheap pre-filter on the stored JSON text; the caller intersects exactly.
-        qb.push(" AND (");
-        for (i, c) in categories.iter().enumerate() {
-            if i > 0 {
-                qb.push(" OR ");
-            }
-            qb.push("instr(m.holdings, ")
-                .push_bind(format!("\"{c}\""))
-                .push(") > 0");
-        }
-        if categories.is_empty() {
-            qb.push("0");
-        }
-        qb.push(") GROUP BY m.holdings");
+        push_holds_any(&mut qb, categories);
+        qb.push(" GROUP BY m.holdings");
         let rows: Vec<(String, i64)> = qb
             .build_query_as()
             .fetch_all(&self.pool)
@@ -1094,7 +1394,10 @@ impl Store for SqliteStore {
         }
         Ok(Box::new(SqliteScopeWriter {
             tx,
+            pool: self.pool.clone(),
             incident: id.clone(),
+            groups: Vec::new(),
+            seq_range: (0, -1),
         }))
     }
 
@@ -1227,28 +1530,24 @@ impl Store for SqliteStore {
     }
 
     async fn variant_groups(&self, id: &IncidentId) -> Result<Vec<VariantGroup>, StoreError> {
-        let rows: Vec<(i64, String, String, i64)> = sqlx::query_as(trusted(format!(
-            "SELECT a.class_no, a.locale, a.region, COUNT(*)
-             FROM affected_merchants a
-             JOIN scope_classes c ON c.incident_id = a.incident_id AND c.class_no = a.class_no
-             LEFT JOIN notice_overrides o ON o.incident_id = a.incident_id AND o.merchant_id = a.merchant_id
-             WHERE a.incident_id = $1 AND {REQUIRED}
-             GROUP BY a.class_no, a.locale, a.region ORDER BY a.class_no, a.locale, a.region"
-        )))
-        .bind(id.as_str())
-        .fetch_all(&self.pool)
-        .await
-        .doing("grouping notices into variants")?;
-        rows.into_iter()
-            .map(|(class_no, locale, region, merchants)| {
-                Ok(VariantGroup {
-                    class_no,
-                    locale: locale.parse().map_err(|e: FieldError| corrupt("locale", e))?,
-                    region,
-                    merchants,
-                })
+        let mut conn = self.pool.acquire().await.doing("grouping notices into variants")?;
+        let mut by_key: std::collections::BTreeMap<(i64, Locale, String), i64> = std::collections::BTreeMap::new();
+        for g in stored_groups_in(&mut conn, id)
+            .await?
+            .into_iter()
+            .filter(|g| g.required)
+        {
+            *by_key.entry((g.class.class_no, g.locale, g.region)).or_default() += g.merchants;
+        }
+        Ok(by_key
+            .into_iter()
+            .map(|((class_no, locale, region), merchants)| VariantGroup {
+                class_no,
+                locale,
+                region,
+                merchants,
             })
-            .collect()
+            .collect())
     }
 
     async fn create_draft(&self, new: NewDraft<'_>) -> Result<i64, StoreError> {
@@ -1312,10 +1611,18 @@ impl Store for SqliteStore {
         // One statement queues every first delivery: ids follow the scope rows, so they insert in
         // order; the address is the one scoping found on the plan's first channel.
         let prefix = draft_prefix(&draft.id);
-        let first = "CASE WHEN instr(a.channel_plan, ',') > 0
-                          THEN substr(a.channel_plan, 1, instr(a.channel_plan, ',') - 1) ELSE a.channel_plan END";
+        let first = FIRST_CHANNEL;
+        // The scope's rows are a contiguous run of `seq`: read them as a range, in order.
+        let range: (Option<i64>, Option<i64>) =
+            sqlx::query_as("SELECT scope_seq_from, scope_seq_to FROM incidents WHERE id = $1")
+                .bind(draft.incident_id.as_str())
+                .fetch_one(&mut *tx)
+                .await
+                .doing("finding the scope's rows")?;
+        // OR IGNORE: an id or key that exists was queued already (and it spares SQLite a statement
+        // journal the size of the insert, kept to undo a constraint failure half way).
         let queued = sqlx::query(trusted(format!(
-            "INSERT INTO deliveries (id, idempotency_key, incident_id, draft_id, notice_id, merchant_id, channel, address,
+            "INSERT OR IGNORE INTO deliveries (id, idempotency_key, incident_id, draft_id, notice_id, merchant_id, channel, address,
                                      plan_position, status, attempts, next_attempt_at, created_at, updated_at)
              SELECT 'dlv_' || $1 || printf('%012x', a.seq), $2 || ':' || a.merchant_id || ':' || {first},
                     a.incident_id, $2, 'ntc_' || $1 || printf('%012x', a.seq), a.merchant_id, {first}, a.first_address,
@@ -1330,6 +1637,8 @@ impl Store for SqliteStore {
         .bind(draft.id.as_str())
         .bind(&now)
         .bind(draft.incident_id.as_str())
+        .bind(range.0.unwrap_or(0))
+        .bind(range.1.unwrap_or(i64::MAX))
         .execute(&mut *tx)
         .await
         .doing("queueing first deliveries")?
@@ -2011,6 +2320,14 @@ impl Store for SqliteStore {
         tx.commit().await.doing("committing a filing submission")
     }
 
+    async fn checkpoint(&self) -> Result<(), StoreError> {
+        sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&self.pool)
+            .await
+            .doing("checkpointing the write-ahead log")?;
+        Ok(())
+    }
+
     async fn append_ledger(&self, entry: &NewLedgerEntry) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
         append_ledger_in(&mut tx, entry).await?;
@@ -2097,7 +2414,7 @@ mod tests {
 
     /// Scopes `rule` with one class per distinct holdings; returns the natural persons counted.
     async fn scope_with(s: &SqliteStore, incident: &IncidentId, rule: &ScopeRule) -> u64 {
-        let holdings = s.scope_holdings(rule, &facts().categories).await.expect("holdings");
+        let holdings = s.scope_holdings(&facts().categories).await.expect("holdings");
         let classes: Vec<ScopeClass> = holdings
             .iter()
             .enumerate()
@@ -2118,7 +2435,7 @@ mod tests {
             .collect();
         let all: Vec<i64> = classes.iter().map(|c| c.class_no).collect();
         let mut w = s.begin_scope(incident).await.expect("begin");
-        let persons = w
+        let totals = w
             .insert(&ScopeInsert {
                 rule,
                 holdings_class: &map,
@@ -2133,6 +2450,7 @@ mod tests {
             .await
             .expect("insert");
         let alice: Actor = "alice".parse().expect("actor");
+        let persons = totals.natural_persons;
         let suggestion = crate::scope::suggest_grade(persons, &[]);
         let from = s.incident(incident.as_str()).await.expect("get").expect("exists").state;
         w.finish(
