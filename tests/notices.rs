@@ -1248,3 +1248,27 @@ async fn a_notice_link_too_long_for_one_sms_segment_is_refused_at_drafting() {
         .json();
     assert_eq!(drafted["draft"]["version"], 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_marketing_opt_out_does_not_stop_a_mandatory_notice() {
+    let t = Tocsin::new();
+    import(
+        &t,
+        &[merchant_line(
+            "o-1",
+            "en",
+            "SG",
+            &["account_credentials"],
+            json!({"email": "optout@example.com", "marketing_opt_out": true}),
+        )],
+    );
+    let incident = open_incident(&t, "optout", &demo_facts());
+    let scope = scope_merchants(&t, &incident, "o-1");
+    assert_eq!(scope["notice_required"], 1, "{scope}");
+    draft_approve_dispatch(&t, &incident);
+    let mails = emails_to(&t, "optout@example.com");
+    assert_eq!(mails.len(), 1, "the opted-out merchant still gets the security notice");
+    assert!(mails[0].contains("regardless of your marketing preferences"), "{}", mails[0]);
+    let raw = outbox(&t, "email");
+    assert!(raw.iter().all(|eml| !eml.contains("List-Unsubscribe")));
+}
