@@ -1268,7 +1268,11 @@ async fn a_marketing_opt_out_does_not_stop_a_mandatory_notice() {
     draft_approve_dispatch(&t, &incident);
     let mails = emails_to(&t, "optout@example.com");
     assert_eq!(mails.len(), 1, "the opted-out merchant still gets the security notice");
-    assert!(mails[0].contains("regardless of your marketing preferences"), "{}", mails[0]);
+    assert!(
+        mails[0].contains("regardless of your marketing preferences"),
+        "{}",
+        mails[0]
+    );
     let raw = outbox(&t, "email");
     assert!(raw.iter().all(|eml| !eml.contains("List-Unsubscribe")));
 }
