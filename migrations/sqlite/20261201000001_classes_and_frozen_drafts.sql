@@ -80,7 +80,9 @@ INSERT INTO scope_classes (incident_id, class_no, exposed, risk, risk_reasons, n
 INSERT INTO affected_merchants_v2 (incident_id, merchant_id, class_no, locale, region, channel_plan, first_address,
                                    merchant_name, merchant_kind, link_secret, reachability, reached_channel)
     SELECT a.incident_id, a.merchant_id, a.rowid, a.locale, COALESCE(m.region, ''),
-           replace(replace(replace(a.channel_plan, '[', ''), ']', ''), '"', ''), NULL,
+           replace(replace(replace(a.channel_plan, '[', ''), ']', ''), '"', ''),
+           CASE json_extract(a.channel_plan, '$[0]') WHEN 'email' THEN m.email WHEN 'sms' THEN m.phone
+                                                     WHEN 'push' THEN m.push_token END,
            COALESCE(m.name, ''), COALESCE(m.kind, 'enterprise'), lower(hex(randomblob(5))),
            a.reachability, a.reached_channel
     FROM affected_merchants a LEFT JOIN merchants m ON m.id = a.merchant_id ORDER BY a.incident_id, a.merchant_id;

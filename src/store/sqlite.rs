@@ -231,9 +231,20 @@ fn record_from(row: &SqliteRow) -> Result<NoticeRecord, StoreError> {
     })
 }
 
-/// A notice of the first schema, stored rendered.
+/// A notice of the first schema, stored rendered in full in `notices`.
 fn legacy_record_from(row: &SqliteRow) -> Result<NoticeRecord, StoreError> {
-    let legacy: serde_json::Value = json_col(row, "legacy")?;
+    let text = |name: &'static str| -> Result<String, StoreError> { row.try_get(name).doing("reading a notice") };
+    let sections: serde_json::Value = json_col(row, "sections")?;
+    let legacy = serde_json::json!({
+        "sections": sections,
+        "email_subject": text("email_subject")?,
+        "email_text": text("email_text")?,
+        "email_html": text("email_html")?,
+        "sms_text": text("sms_text")?,
+        "push_title": text("push_title")?,
+        "push_body": text("push_body")?,
+        "content_hash": text("content_hash")?,
+    });
     Ok(NoticeRecord {
         id: col(row, "id")?,
         draft_id: col(row, "draft_id")?,
@@ -2937,5 +2948,87 @@ mod tests {
         assert!(update.is_err(), "the ledger must refuse updates");
         let delete = sqlx::query("DELETE FROM ledger WHERE seq = 1").execute(&s.pool).await;
         assert!(delete.is_err(), "the ledger must refuse deletes");
+    }
+}
+
+#[cfg(test)]
+mod migration_tests {
+    use super::*;
+
+    /// A database written by the first schema (notices rendered in full, one row per affected
+    /// merchant with its own reasons) keeps everything when migrated, and can draft again.
+    #[tokio::test]
+    async fn a_database_of_the_first_schema_migrates_without_losing_anything() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let options = SqliteConnectOptions::new()
+            .filename(dir.path().join("tocsin.db"))
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal);
+        let pool = SqlitePoolOptions::new().connect_with(options).await.expect("pool");
+        MIGRATOR.run_to(20261130000001, &pool).await.expect("first schema");
+        for sql in [
+            "INSERT INTO merchants (id, name, kind, locale, region, email, phone, holdings, imported_at, updated_at)
+             VALUES ('m-1', 'Shop', 'natural_person', 'en', 'SG', 'a@example.com', '+6590000000',
+                     '[\"account_credentials\"]', '2026-11-30T08:00:00.000000Z', '2026-11-30T08:00:00.000000Z')",
+            "INSERT INTO incidents (id, reference, state, title, kind, severity, detected_at, opened_at, updated_at)
+             VALUES ('inc_00000000000000000000000000000001', 'INC-2026-0001', 'monitoring', 't', 'leak', 'high',
+                     '2026-11-30T08:00:00.000000Z', '2026-11-30T08:00:00.000000Z', '2026-11-30T08:00:00.000000Z')",
+            "INSERT INTO affected_merchants VALUES ('inc_00000000000000000000000000000001', 'm-1',
+                     '[\"account_credentials\"]', 'high', '[\"credentials exposed\"]', 1, 'required', '[\"sms\",\"email\"]',
+                     'en', 'reached', 'sms')",
+            "INSERT INTO drafts (id, incident_id, version, state, content_hash, drafted_by, drafted_at)
+             VALUES ('drf_00000000000000000000000000000001', 'inc_00000000000000000000000000000001', 1, 'approved', 'h',
+                     'alice', '2026-11-30T08:00:00.000000Z')",
+            "INSERT INTO notices VALUES ('ntc_00000000000000000000000000000001', 'drf_00000000000000000000000000000001',
+                     'm-1', 'en', '{\"impact\":\"i\",\"measures\":\"m\",\"advice\":\"a\",\"remedies\":\"r\",\"contact\":\"c\"}',
+                     'subject', 'text', '<p>html</p>', 'sms', 'title', 'body', 'nh')",
+            "INSERT INTO deliveries (id, idempotency_key, incident_id, draft_id, notice_id, merchant_id, channel, address,
+                     plan_position, status, attempts, next_attempt_at, created_at, updated_at, sent_at)
+             VALUES ('dlv_00000000000000000000000000000001', 'k', 'inc_00000000000000000000000000000001',
+                     'drf_00000000000000000000000000000001', 'ntc_00000000000000000000000000000001', 'm-1', 'sms',
+                     '+6590000000', 0, 'sent', 1, '2026-11-30T08:00:00.000000Z', '2026-11-30T08:00:00.000000Z',
+                     '2026-11-30T08:00:00.000000Z', '2026-11-30T08:00:00.000000Z')",
+        ] {
+            sqlx::query(sql).execute(&pool).await.expect(sql);
+        }
+        pool.close().await;
+        let s = SqliteStore::open(dir.path()).await.expect("migrated");
+        let incident: IncidentId = "inc_00000000000000000000000000000001".parse().expect("id");
+        let affected = s.affected(&incident).await.expect("affected");
+        assert_eq!(affected.len(), 1);
+        assert_eq!(affected[0].risk_reasons, ["credentials exposed"]);
+        assert_eq!(affected[0].channel_plan, [Channel::Sms, Channel::Email]);
+        assert_eq!(affected[0].reachability, Reachability::Reached);
+        let draft: DraftId = "drf_00000000000000000000000000000001".parse().expect("id");
+        let notice = s
+            .notice_record(&"ntc_00000000000000000000000000000001".parse().expect("id"))
+            .await
+            .expect("lookup")
+            .expect("the first schema's notice is still there");
+        assert_eq!(
+            notice.legacy.as_ref().map(|l| l["sms_text"].clone()),
+            Some("sms".into())
+        );
+        assert_eq!(s.notice_records(&draft, None, 10).await.expect("list").len(), 1);
+        let deliveries = s.deliveries(&incident).await.expect("deliveries");
+        assert_eq!(
+            deliveries[0].content_hash.as_deref(),
+            Some("nh"),
+            "what was sent stays hashed"
+        );
+        // A new version finds the migrated scope: its groups, and the first channel's address.
+        let groups = s.variant_groups(&incident).await.expect("groups");
+        assert_eq!(groups.iter().map(|g| g.merchants).sum::<i64>(), 1);
+        let first: Option<String> =
+            sqlx::query_scalar("SELECT first_address FROM affected_merchants WHERE merchant_id = 'm-1'")
+                .fetch_one(&s.pool)
+                .await
+                .expect("address");
+        assert_eq!(first.as_deref(), Some("+6590000000"));
+        let people: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM merchant_people WHERE merchant_id = 'm-1'")
+            .fetch_one(&s.pool)
+            .await
+            .expect("people");
+        assert_eq!(people, 1, "a natural person counts as itself");
     }
 }
