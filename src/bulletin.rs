@@ -108,6 +108,9 @@ pub fn render_files(
             "locale": locale.as_str(),
             "operator": { "name": settings.operator_name, "platform": settings.platform,
                           "short_name": if locale == Locale::En { &settings.short_name_en } else { &settings.short_name_zh } },
+            "measures_in_place": {
+                "credentials_reset": facts.mitigations.iter().any(|m| m.id == "credentials_reset"),
+            },
         });
         let labels = frozen_labels(&facts.categories, taxonomy);
         let categories = categories_context(&facts.categories, locale, &base, &labels, templates)?;

@@ -207,6 +207,18 @@ pub enum IncidentsCmd {
     File { id: String },
     /// List the incident's deliveries.
     Deliveries { id: String },
+    /// List the affected merchants: exposure, risk with its reasons, notice decision and why.
+    Affected {
+        id: String,
+        /// Only merchants that are (`true`) or are not (`false`) to be notified.
+        #[arg(long)]
+        notice_required: Option<bool>,
+        /// Start after this merchant id (pages are in merchant id order).
+        #[arg(long)]
+        after: Option<String>,
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -651,6 +663,31 @@ async fn incidents(engine: &Tocsin, cli: &Cli, cmd: &IncidentsCmd) -> anyhow::Re
                     f.location.as_deref().unwrap_or("not submitted")
                 ),
                 None => "no regulator profile applies to this incident's grade".into(),
+            });
+        }
+        IncidentsCmd::Affected {
+            id,
+            notice_required,
+            after,
+            limit,
+        } => {
+            let after = after.as_deref().map(merchant_arg).transpose()?;
+            let list = engine.affected(id, after.as_ref(), *limit, *notice_required).await?;
+            print(json, &list, || {
+                list.iter()
+                    .map(|a| {
+                        format!(
+                            "{}  risk {:<6} {}  [{}]\n    risk: {}\n    notice: {}",
+                            a.merchant_id,
+                            a.risk,
+                            if a.notice_required { "notify" } else { "skip  " },
+                            a.exposed.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(", "),
+                            a.risk_reasons.join("; "),
+                            a.notice_reason
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
             });
         }
         IncidentsCmd::Deliveries { id } => {

@@ -49,6 +49,8 @@ pub struct RenderedNotice<'a> {
     pub email_subject: &'a str,
     pub email_text: &'a str,
     pub email_html: &'a str,
+    /// The printable letter (HTML); an empty string if letters are not rendered.
+    pub letter_html: &'a str,
 }
 
 /// One required element a notice lacks: `element` is the element's label from the profile file.
@@ -140,6 +142,7 @@ enum Rendering {
     Subject,
     Text,
     Html,
+    Letter,
 }
 
 impl Rendering {
@@ -148,6 +151,7 @@ impl Rendering {
             "email_subject" => Some(Self::Subject),
             "email_text" => Some(Self::Text),
             "email_html" => Some(Self::Html),
+            "letter_html" => Some(Self::Letter),
             _ => None,
         }
     }
@@ -157,6 +161,7 @@ impl Rendering {
             Self::Subject => "the subject line",
             Self::Text => "the plain-text email",
             Self::Html => "the HTML email",
+            Self::Letter => "the letter",
         }
     }
 }
@@ -291,7 +296,7 @@ fn is_profile_id(id: &str) -> bool {
 }
 
 const CHECK_KINDS: &str = "section, fact, categories_listed, contains, contact";
-const RENDERING_NAMES: &str = "email_subject, email_text, email_html";
+const RENDERING_NAMES: &str = "email_subject, email_text, email_html, letter_html";
 
 impl RawElement {
     fn into_element(self, profile: &str) -> Result<(String, Element), ProfileError> {
@@ -629,9 +634,9 @@ fn html_text(html: &str) -> String {
 /// The renderings of one notice, normalised once for every check; the lower-case and phone
 /// forms only when a contact check asks for them.
 struct Views {
-    collapsed: [String; 3],
-    lower: [OnceCell<String>; 3],
-    phone: [OnceCell<String>; 3],
+    collapsed: [String; 4],
+    lower: [OnceCell<String>; 4],
+    phone: [OnceCell<String>; 4],
 }
 
 impl Views {
@@ -641,6 +646,7 @@ impl Views {
                 collapse(notice.email_subject),
                 collapse(notice.email_text),
                 html_text(notice.email_html),
+                html_text(notice.letter_html),
             ],
             lower: Default::default(),
             phone: Default::default(),
@@ -652,6 +658,7 @@ impl Views {
             Rendering::Subject => 0,
             Rendering::Text => 1,
             Rendering::Html => 2,
+            Rendering::Letter => 3,
         }
     }
 
@@ -900,7 +907,7 @@ mod tests {
                 "发生了什么",
                 "涉及哪些信息",
                 "我们正在做什么",
-                "您可以怎么做",
+                "您可以做什么",
                 "更多信息",
             ],
         }
@@ -944,6 +951,9 @@ mod tests {
         subject: String,
         text: String,
         html: String,
+        /// The letter: the complete HTML as built, so that tests which cut the email's HTML
+        /// check what the email lacks.
+        letter: String,
     }
 
     impl Built {
@@ -959,6 +969,7 @@ mod tests {
                 email_subject: &self.subject,
                 email_text: &self.text,
                 email_html: &self.html,
+                letter_html: &self.letter,
             }
         }
 
@@ -1076,6 +1087,7 @@ mod tests {
             phone: PHONE.into(),
             subject: format!("{}: an incident involving your account", text_h[0]),
             text,
+            letter: html.clone(),
             html,
         }
     }
@@ -1211,7 +1223,7 @@ mod tests {
         assert!(
             missing[1]
                 .reason
-                .contains("'officer@example.com' not found in the plain-text email and the HTML email")
+                .contains("'officer@example.com' not found in the plain-text email, the HTML email and the letter")
         );
         built.email.clear();
         assert!(built.check()[0].reason.contains("no contact email is configured"));
@@ -1250,7 +1262,7 @@ mod tests {
         let missing = build_with(Locale::ZhCn, "US-CA", ca_headings(Locale::ZhCn), without).check();
         assert_eq!(
             missing[0].to_string(),
-            "us-ca-1798-82: 'What Happened' heading (zh-CN): '发生了什么' not found in the HTML email"
+            "us-ca-1798-82: 'What Happened' heading (zh-CN): '发生了什么' not found in the HTML email and the letter"
         );
     }
 

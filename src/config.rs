@@ -262,6 +262,11 @@ pub struct FilingSettings {
 pub struct PathSettings {
     /// Templates directory overriding the embedded templates (for operators who edit wording).
     pub templates: Option<PathBuf>,
+    /// A directory laid out like `config/` whose rule files replace the built-in ones:
+    /// `categories.toml`, `classification.toml`, `notice_profiles.toml`,
+    /// `regulators/cn-cac.toml` (each optional), so an operator corrects a rule without a rebuild.
+    #[serde(default)]
+    pub rules: Option<PathBuf>,
 }
 
 impl Settings {

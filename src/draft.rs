@@ -312,6 +312,10 @@ impl Frozen {
             "notice_url": settings.notice_url(to.link_token),
             "bulletin_url": settings.bulletin_url(reference),
             "notice": { "version": version, "date": crate::time::human_date_for(*drafted_at, locale) },
+            // Measures in place that templates may state as done (only what the facts say).
+            "measures_in_place": {
+                "credentials_reset": facts.mitigations.iter().any(|m| m.id == "credentials_reset"),
+            },
             "update": update.as_ref().map(|u| json!({
                 "previous_version": u.previous_version,
                 "previous_sent_at": human(u.previous_sent_at),
@@ -377,8 +381,8 @@ impl Frozen {
             kind: MerchantKind::IndividualBusiness,
             locale,
             class_no: group.class_no,
-            // As long as a real link: 8 + 10 characters.
-            link_token: "0000000000sample",
+            // Exactly as long as a real link token (8 + 10 characters), so the SMS length holds.
+            link_token: "00000000sample0000",
             postal_address: Some("1 Sample Road; Hangzhou"),
         };
         let n = self.render(&NoticeId::generate(), &DraftId::generate(), &sample)?;
@@ -421,6 +425,7 @@ impl Frozen {
             email_subject: &n.email_subject,
             email_text: &n.email_text,
             email_html: &n.email_html,
+            letter_html: &n.letter_html,
         };
         missing.extend(profiles.check(&rendered).iter().map(|m| m.to_string()));
         let (encoding, units, segments) = sms_segments(&n.sms_text);

@@ -189,6 +189,18 @@ pub struct Tocsin {
     pub renderer: Arc<NoticeRenderer>,
 }
 
+/// A rule file from `paths.rules`, if that directory has it.
+fn rule_file(dir: Option<&Path>, name: &str) -> Result<Option<String>, EngineError> {
+    let Some(path) = dir.map(|d| d.join(name)) else {
+        return Ok(None);
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(FieldError::new("paths.rules", format!("reading {}: {e}", path.display())).into()),
+    }
+}
+
 impl Tocsin {
     /// Opens the embedded store in `data_dir` and builds the channels the settings name.
     pub async fn open(settings: Settings, data_dir: &Path) -> Result<Self, EngineError> {
@@ -203,17 +215,33 @@ impl Tocsin {
             None => Templates::embedded()?,
         };
         let channels = ChannelSet::from_settings(&settings, data_dir)?;
-        let taxonomy = Taxonomy::builtin()?;
+        let rules_dir = settings.paths.rules.as_deref();
+        let taxonomy = match rule_file(rules_dir, "categories.toml")? {
+            Some(text) => Taxonomy::parse(&text)?,
+            None => Taxonomy::builtin()?,
+        };
+        let rules = match rule_file(rules_dir, "classification.toml")? {
+            Some(text) => Rules::parse(&text, &taxonomy)?,
+            None => Rules::builtin(&taxonomy)?,
+        };
+        let profiles = match rule_file(rules_dir, "notice_profiles.toml")? {
+            Some(text) => NoticeProfiles::parse(&text)?,
+            None => NoticeProfiles::builtin()?,
+        };
+        let cac = match rule_file(rules_dir, "regulators/cn-cac.toml")? {
+            Some(text) => RegulatorProfile::parse(&text)?,
+            None => RegulatorProfile::cac()?,
+        };
         let templates = Arc::new(templates);
         Ok(Self {
-            rules: Rules::builtin(&taxonomy)?,
-            profiles: NoticeProfiles::builtin()?,
+            rules,
+            profiles,
             renderer: Arc::new(NoticeRenderer::new(store.clone(), templates.clone())),
             taxonomy,
             templates,
             channels,
             paths: OutputPaths::new(data_dir),
-            cac: RegulatorProfile::cac()?,
+            cac,
             settings,
             store,
         })
@@ -546,6 +574,7 @@ impl Tocsin {
         dry_run: bool,
     ) -> Result<ScopeSummary, EngineError> {
         scope::check_rule(rule)?;
+        scope::check_categories(rule, &self.taxonomy)?;
         let incident = self.incident(id).await?;
         let facts = Self::facts(&incident)?;
         if !incident::can_transition(incident.state, IncidentState::Scoped) {
@@ -553,6 +582,22 @@ impl Tocsin {
                 &incident,
                 "confirmed, scoped or drafted",
                 "scope it",
+            ));
+        }
+        // Once a version went out, its merchants, notice ids and links are the record: the
+        // cohort is fixed (updates go to the same merchants).
+        if self
+            .store
+            .drafts(&incident.id)
+            .await?
+            .iter()
+            .any(|d| d.state == DraftState::Approved)
+        {
+            return Err(EngineError::wrong_state(
+                &incident,
+                "not yet approved (the merchants of an approved notice stay its cohort; open a new incident \
+                 for merchants found affected later)",
+                "scope it again",
             ));
         }
         let unknown = self.store.unknown_merchants(&scope::named_ids(rule)).await?;
@@ -622,6 +667,7 @@ impl Tocsin {
                 },
                 store::ScopeResult {
                     rule,
+                    basis: ScopeBasis::of(facts),
                     suggestion: &suggestion,
                     facts: adopted.as_ref(),
                 },
@@ -657,6 +703,17 @@ impl Tocsin {
                 "scoped or drafted, or notifying for an update",
                 "draft its notices",
             ));
+        }
+        // A notice must describe the classification of today's facts.
+        if incident.scope_basis.as_ref() != Some(&ScopeBasis::of(facts)) {
+            if previous.is_none() {
+                return Err(FieldError::new(
+                    "scope",
+                    "the exposed categories, kind or mitigations changed since scoping: scope again before drafting",
+                )
+                .into());
+            }
+            self.reclassify_cohort(&incident, facts, actor).await?;
         }
         let groups = self.store.variant_groups(&incident.id).await?;
         if groups.is_empty() {
@@ -725,6 +782,37 @@ impl Tocsin {
             draft: new_draft,
             created: true,
         })
+    }
+
+    /// Classifies an approved version's cohort again under changed facts, keeping every merchant
+    /// (and its notice ids and link). Categories only grow for people already told: a merchant
+    /// keeps the categories it was told about, and a correction says so in the update's text.
+    async fn reclassify_cohort(
+        &self,
+        incident: &Incident,
+        facts: &IncidentFacts,
+        actor: &Actor,
+    ) -> Result<(), EngineError> {
+        let mut told = facts.clone();
+        for class in self.store.scope_classes(&incident.id).await? {
+            for c in class.exposed {
+                if !told.categories.contains(&c) {
+                    told.categories.push(c);
+                }
+            }
+        }
+        let holdings = self.store.cohort_holdings(&incident.id).await?;
+        let plan = scope::plan_classes(&holdings, &told, &self.rules, &self.taxonomy)?;
+        self.store
+            .reclassify(
+                &incident.id,
+                &plan.holdings_class,
+                &plan.classes,
+                &ScopeBasis::of(facts),
+                actor,
+            )
+            .await?;
+        Ok(())
     }
 
     /// Approves the latest draft; the approver must not be its drafter.
@@ -1160,6 +1248,22 @@ impl Tocsin {
             return Ok(None);
         };
         Ok(Some(self.renderer.render(&record, None, None).await?.email_html))
+    }
+
+    /// The affected merchants with their exposure, risk and its reasons, and whether and why they
+    /// are notified (including those skipped under PIPL Art. 57 para 2), a page at a time.
+    pub async fn affected(
+        &self,
+        id: &str,
+        after: Option<&MerchantId>,
+        limit: u32,
+        notice_required: Option<bool>,
+    ) -> Result<Vec<AffectedMerchant>, EngineError> {
+        let incident = self.incident(id).await?;
+        Ok(self
+            .store
+            .affected_page(&incident.id, after, limit, notice_required)
+            .await?)
     }
 
     pub async fn deliveries(&self, id: &str) -> Result<Vec<Delivery>, EngineError> {

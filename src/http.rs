@@ -189,6 +189,7 @@ fn router_with(state: AppState) -> Router {
         .route("/api/v1/incidents/{id}/filings", post(file))
         .route("/api/v1/incidents/{id}/notices", get(list_notices))
         .route("/api/v1/incidents/{id}/deliveries", get(list_deliveries))
+        .route("/api/v1/incidents/{id}/affected", get(list_affected))
         .route("/api/v1/incidents/{id}/amend", post(amend))
         .route("/api/v1/incidents/{id}/grade", post(grade))
         .route("/api/v1/incidents/{id}/notice-decisions", post(notice_decision))
@@ -401,6 +402,14 @@ async fn file(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) ->
 struct PageQuery {
     after: Option<String>,
     limit: Option<u32>,
+    notice_required: Option<bool>,
+}
+
+async fn list_affected(State(s): State<AppState>, Path(id): Path<String>, Query(q): Query<PageQuery>) -> ApiResult {
+    let after = q.after.as_deref().map(merchant_param).transpose()?;
+    ok(s.engine
+        .affected(&id, after.as_ref(), q.limit.unwrap_or(500).min(5000), q.notice_required)
+        .await?)
 }
 
 async fn list_notices(State(s): State<AppState>, Path(id): Path<String>, Query(q): Query<PageQuery>) -> ApiResult {

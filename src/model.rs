@@ -171,6 +171,27 @@ pub struct GradeSuggestion {
     pub at: DateTime<Utc>,
 }
 
+/// The facts a classification depends on: when they change, the classes must be recomputed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScopeBasis {
+    pub categories: Vec<CategoryId>,
+    pub kind: IncidentKind,
+    pub mitigations: Vec<crate::classify::AppliedMitigation>,
+}
+
+impl ScopeBasis {
+    pub fn of(facts: &IncidentFacts) -> Self {
+        let mut categories = facts.categories.clone();
+        categories.sort();
+        categories.dedup();
+        Self {
+            categories,
+            kind: facts.kind,
+            mitigations: facts.mitigations.clone(),
+        }
+    }
+}
+
 /// One classification shared by every affected merchant with the same exposed categories.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ScopeClass {
@@ -206,6 +227,8 @@ pub struct Incident {
     pub scope_rule: Option<ScopeRule>,
     /// The grade suggested by the count of natural persons at the last scoping.
     pub grade_suggestion: Option<GradeSuggestion>,
+    /// What the scope's classes were computed from (see [`ScopeBasis`]).
+    pub scope_basis: Option<ScopeBasis>,
     /// The earliest detection time among the incident's events.
     pub detected_at: DateTime<Utc>,
     pub opened_at: DateTime<Utc>,

@@ -14,6 +14,18 @@ use crate::model::{GradeSuggestion, IncidentFacts, ScopeClass, ScopeRule};
 use crate::store::{PersonClasses, ScopeCount};
 use crate::taxonomy::{Sensitivity, Taxonomy};
 
+/// Categories about other people than the merchant (its contact persons, its staff).
+const THIRD_PARTY: &[&str] = &["contact_persons", "sub_account_phones"];
+
+/// Categories that identify an enterprise's legal representative, a natural person.
+const REPRESENTATIVE: &[&str] = &[
+    "real_name",
+    "id_number",
+    "id_photo",
+    "face_image",
+    "trademark_registrant",
+];
+
 /// The classes of a scope and which stored holdings fall in each.
 #[derive(Debug, Clone, Default)]
 pub struct ClassPlan {
@@ -46,13 +58,19 @@ pub fn plan_classes(
             None => {
                 let c = rules.classify(&exposed, facts.kind, &facts.mitigations, taxonomy);
                 let class_no = plan.classes.len() as i64 + 1;
-                let personal = exposed.iter().any(|e| {
-                    taxonomy
-                        .get(e)
-                        .is_some_and(|i| i.sensitivity != Sensitivity::NotPersonal)
+                // Data about the merchant's own person: personal categories other than those
+                // describing third parties (its contacts and staff, counted below).
+                let about_self = exposed.iter().any(|e| {
+                    !THIRD_PARTY.contains(&e.as_str())
+                        && taxonomy
+                            .get(e)
+                            .is_some_and(|i| i.sensitivity != Sensitivity::NotPersonal)
                 });
-                if personal {
+                if about_self {
                     plan.persons.merchant.push(class_no);
+                }
+                if exposed.iter().any(|e| REPRESENTATIVE.contains(&e.as_str())) {
+                    plan.persons.representative.push(class_no);
                 }
                 if exposed.iter().any(|e| e.as_str() == "contact_persons") {
                     plan.persons.contacts.push(class_no);
@@ -212,6 +230,24 @@ fn check_rule_at(rule: &ScopeRule, path: &str) -> Result<(), FieldError> {
     Ok(())
 }
 
+/// Checks that every category the rule names is in the taxonomy, naming the field.
+pub fn check_categories(rule: &ScopeRule, taxonomy: &Taxonomy) -> Result<(), FieldError> {
+    check_categories_at(rule, taxonomy, "")
+}
+
+fn check_categories_at(rule: &ScopeRule, taxonomy: &Taxonomy, path: &str) -> Result<(), FieldError> {
+    for (i, c) in rule.any_categories.iter().enumerate() {
+        taxonomy.parse_category(c.as_str(), &format!("{path}any_categories[{i}]"))?;
+    }
+    for (i, sub) in rule.any_of.iter().enumerate() {
+        check_categories_at(sub, taxonomy, &format!("{path}any_of[{i}]."))?;
+    }
+    for (i, sub) in rule.except.iter().enumerate() {
+        check_categories_at(sub, taxonomy, &format!("{path}except[{i}]."))?;
+    }
+    Ok(())
+}
+
 /// Every merchant id the rule names, at any depth.
 pub fn named_ids(rule: &ScopeRule) -> Vec<MerchantId> {
     let mut ids: Vec<MerchantId> = rule.merchant_ids.clone();
@@ -255,8 +291,11 @@ mod tests {
         assert!(!plan.holdings_class.iter().any(|(h, _)| h == r#"["media"]"#));
         // Only classes exposing personal data count the merchant as a person; contacts count
         // only where contact_persons leaked.
-        assert_eq!(plan.persons.merchant, vec![1, 2]);
+        // The class exposing only contact data is about third parties: it counts the contacts,
+        // not the merchant.
+        assert_eq!(plan.persons.merchant, vec![1]);
         assert_eq!(plan.persons.contacts, vec![2]);
+        assert!(plan.persons.representative.is_empty());
         let licence_only = &plan.classes[2];
         assert_eq!(licence_only.risk, RiskLevel::Low);
         assert!(
@@ -320,5 +359,18 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(named_ids(&ids).len(), 2);
+        let taxonomy = Taxonomy::builtin().expect("taxonomy");
+        let unknown = ScopeRule {
+            regions: vec!["CN".into()],
+            except: vec![ScopeRule {
+                any_categories: vec!["favourite_colour".parse().expect("well-formed id")],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert_eq!(
+            check_categories(&unknown, &taxonomy).expect_err("unknown").field,
+            "except[0].any_categories[0]"
+        );
     }
 }

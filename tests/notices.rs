@@ -1276,3 +1276,292 @@ async fn a_marketing_opt_out_does_not_stop_a_mandatory_notice() {
     let raw = outbox(&t, "email");
     assert!(raw.iter().all(|eml| !eml.contains("List-Unsubscribe")));
 }
+
+/// The zh-CN SMS of a one-merchant incident drafted with `base` as the notice base URL, or the
+/// drafting error.
+fn zh_sms_with_base(base: Option<&str>) -> Result<String, String> {
+    let mut t = Tocsin::new();
+    t.set("TOCSIN_SMS__MAX_SEGMENTS", "1");
+    if let Some(base) = base {
+        t.set("TOCSIN_OPERATOR__NOTICE_BASE_URL", base);
+    }
+    import(
+        &t,
+        &[merchant_line(
+            "b-zh",
+            "zh-CN",
+            "CN-ZJ",
+            &["account_credentials"],
+            json!({"phone": "+8613800000902"}),
+        )],
+    );
+    let incident = open_incident(&t, "boundary", &demo_facts());
+    scope_merchants(&t, &incident, "b-zh");
+    let drafted = t.run(&["--actor", "alice", "incidents", "draft", &incident]);
+    if drafted.code != 0 {
+        return Err(drafted.stderr);
+    }
+    let preview = t.run(&["--json", "notices", "preview", &incident, "b-zh"]).ok().json();
+    Ok(preview["notices"][0]["sms_text"].as_str().expect("sms").to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sms_check_holds_at_exactly_one_segment() {
+    let sms = zh_sms_with_base(None).expect("the default configuration fits one segment");
+    let n = sms.chars().count();
+    assert!(n <= 70, "{n}: {sms}");
+    // Lengthen the link until the real SMS is exactly 70 characters: still one segment.
+    let default_base = "http://127.0.0.1:8080".len();
+    let base = |len: usize| format!("http://{}", "x".repeat(len - "http://".len()));
+    let pad = 70 - n;
+    assert_eq!(
+        zh_sms_with_base(Some(&base(default_base + pad))).map(|s| s.chars().count()),
+        Ok(70),
+        "an SMS of exactly 70 UCS-2 characters is one segment"
+    );
+    // One character more is refused before anything is stored.
+    let over = zh_sms_with_base(Some(&base(default_base + pad + 1))).expect_err("71 characters take two segments");
+    assert!(
+        over.contains("71 UCS-2 characters") && over.contains("2 segments"),
+        "{over}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_notified_the_cohort_is_fixed_and_an_update_reclassifies_it_with_the_new_facts() {
+    let t = Tocsin::new();
+    import(
+        &t,
+        &[
+            merchant_line(
+                "c-1",
+                "en",
+                "SG",
+                &["account_credentials", "postal_address"],
+                json!({"email": "c1@example.com"}),
+            ),
+            merchant_line(
+                "c-2",
+                "en",
+                "SG",
+                &["account_credentials"],
+                json!({"email": "c2@example.com"}),
+            ),
+        ],
+    );
+    let mut facts = demo_facts();
+    facts["categories"] = json!(["account_credentials"]);
+    let incident = open_incident(&t, "cohort", &facts);
+    scope_merchants(&t, &incident, "c-1,c-2");
+    draft_approve_dispatch(&t, &incident);
+    let v1_link = t.run(&["--json", "notices", "preview", &incident, "c-1"]).ok().json()["notices"][0]["url"].clone();
+
+    // The attacker also took shipping addresses: amend, and the update tells c-1 (who has one).
+    facts["categories"] = json!(["account_credentials", "postal_address"]);
+    let amended = t.file("more.json", &facts.to_string());
+    t.run(&[
+        "--actor",
+        "alice",
+        "incidents",
+        "amend",
+        &incident,
+        "--facts",
+        &amended,
+        "--reason",
+        "addresses too",
+    ])
+    .ok();
+    t.run(&[
+        "--actor",
+        "alice",
+        "incidents",
+        "draft",
+        &incident,
+        "--changes-en",
+        "Shipping addresses were also taken.",
+        "--changes-zh",
+        "收货地址也被窃取。",
+    ])
+    .ok();
+    // With the update drafted, scoping again would still replace the merchants (and the links) the first version went to.
+    let rescope = t.run(&[
+        "--actor",
+        "alice",
+        "incidents",
+        "scope",
+        &incident,
+        "--merchants",
+        "c-1",
+    ]);
+    assert_ne!(rescope.code, 0);
+    assert!(rescope.stderr.contains("cohort"), "{}", rescope.stderr);
+
+    let v2 = t.run(&["--json", "notices", "preview", &incident, "c-1"]).ok().json();
+    let text = v2["notices"][0]["email_text"].as_str().expect("text");
+    let involved = text.split("What Information Was Involved").nth(1).expect("section");
+    assert!(involved.to_lowercase().contains("address"), "{involved}");
+    assert_eq!(v2["notices"][0]["url"], v1_link, "the merchant's link stays the same");
+    let c2 = t.run(&["--json", "notices", "preview", &incident, "c-2"]).ok().json();
+    let c2_text = c2["notices"][0]["email_text"].as_str().expect("text");
+    assert!(
+        !c2_text
+            .split("What Information Was Involved")
+            .nth(1)
+            .expect("section")
+            .to_lowercase()
+            .contains("shipping")
+    );
+    // Version 1 still reads as it was sent.
+    let v1 = t
+        .run(&["--json", "notices", "preview", &incident, "c-1", "--version", "1"])
+        .ok()
+        .json();
+    assert!(
+        !v1["notices"][0]["email_text"]
+            .as_str()
+            .expect("text")
+            .contains("Shipping addresses were also taken")
+    );
+    assert!(t.run(&["audit", "verify"]).ok().stdout.contains("intact"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_facts_before_approval_require_scoping_again_and_unknown_categories_are_refused() {
+    let t = Tocsin::new();
+    import(
+        &t,
+        &[merchant_line(
+            "f-1",
+            "en",
+            "SG",
+            &["account_credentials"],
+            json!({"email": "f1@example.com"}),
+        )],
+    );
+    let mut facts = demo_facts();
+    let incident = open_incident(&t, "stale", &facts);
+    let unknown = t.run(&[
+        "--actor",
+        "alice",
+        "incidents",
+        "scope",
+        &incident,
+        "--categories",
+        "favourite_colour",
+        "--dry-run",
+    ]);
+    assert_ne!(unknown.code, 0);
+    assert!(
+        unknown.stderr.contains("any_categories[0]") && unknown.stderr.contains("unknown data category"),
+        "{}",
+        unknown.stderr
+    );
+    scope_merchants(&t, &incident, "f-1");
+    facts["mitigations"] = json!([{"id": "encrypted_uncompromised_key"}]);
+    let amended = t.file("mitigated.json", &facts.to_string());
+    t.run(&[
+        "--actor",
+        "alice",
+        "incidents",
+        "amend",
+        &incident,
+        "--facts",
+        &amended,
+        "--reason",
+        "encrypted",
+    ])
+    .ok();
+    let stale = t.run(&["--actor", "alice", "incidents", "draft", &incident]);
+    assert_ne!(stale.code, 0);
+    assert!(stale.stderr.contains("scope again"), "{}", stale.stderr);
+    scope_merchants(&t, &incident, "f-1");
+    // Now the classification follows the mitigation: listed, with its reasons, but skipped.
+    let listed = t
+        .run(&[
+            "--json",
+            "incidents",
+            "affected",
+            &incident,
+            "--notice-required",
+            "false",
+        ])
+        .ok()
+        .json();
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(listed[0]["merchant_id"], "f-1");
+    assert!(
+        listed[0]["notice_reason"].as_str().is_some_and(|r| r.contains("57")),
+        "{listed}"
+    );
+    assert!(
+        listed[0]["risk_reasons"].as_array().is_some_and(|r| !r.is_empty()),
+        "{listed}"
+    );
+    let required = t
+        .run(&[
+            "--json",
+            "incidents",
+            "affected",
+            &incident,
+            "--notice-required",
+            "true",
+        ])
+        .ok()
+        .json();
+    assert_eq!(required, json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_corrects_a_classification_rule_without_a_rebuild() {
+    let mut t = Tocsin::new();
+    import(
+        &t,
+        &[merchant_line(
+            "r-1",
+            "en",
+            "SG",
+            &["phone_number"],
+            json!({"email": "r1@example.com"}),
+        )],
+    );
+    let incident = open_incident(&t, "rules", &demo_facts());
+    let dry = |t: &Tocsin| {
+        t.run(&[
+            "--json",
+            "--actor",
+            "alice",
+            "incidents",
+            "scope",
+            &incident,
+            "--merchants",
+            "r-1",
+            "--dry-run",
+        ])
+        .ok()
+        .json()
+    };
+    assert_eq!(dry(&t)["by_risk"], json!({"medium": 1}));
+    // The operator decides a leaked phone number is high risk on this platform.
+    let rules_dir = t.data_dir().join("rules");
+    std::fs::create_dir_all(&rules_dir).expect("rules dir");
+    let shipped = std::fs::read_to_string(repo("config/classification.toml")).expect("shipped rules");
+    let corrected = shipped.replacen(
+        "id = \"phone_number\"\nlevel = \"medium\"",
+        "id = \"phone_number\"\nlevel = \"high\"",
+        1,
+    );
+    assert_ne!(corrected, shipped, "the shipped file has the phone_number rule");
+    std::fs::write(rules_dir.join("classification.toml"), corrected).expect("write rules");
+    t.set("TOCSIN_PATHS__RULES", rules_dir.display().to_string());
+    let high = dry(&t);
+    assert_eq!(high["by_risk"], json!({"high": 1}), "{high}");
+    // A broken rules file stops every command with the rule named, rather than running on guesses.
+    std::fs::write(
+        t.data_dir().join("rules").join("classification.toml"),
+        "[[category]]\nid = \"favourite_colour\"\nlevel = \"high\"\nreason = \"x\"\n",
+    )
+    .expect("write rules");
+    let broken = t.run(&["incidents", "list"]);
+    assert_ne!(broken.code, 0);
+    assert!(broken.stderr.contains("classification rules"), "{}", broken.stderr);
+}

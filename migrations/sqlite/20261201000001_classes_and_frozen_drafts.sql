@@ -20,25 +20,15 @@ ALTER TABLE merchants ADD COLUMN people TEXT NOT NULL DEFAULT '{}';
 -- Scoping groups the directory by holdings; the index answers that without reading the table.
 CREATE INDEX merchants_by_holdings ON merchants (holdings);
 
--- The natural persons behind each merchant, one row per person and role (0: the merchant itself,
--- when a natural person or individual business; 1: a contact person; 2: a sub-account
--- employee), kept in step with `people` on import so that counting distinct persons over a
--- large scope is a join, not JSON parsing.
-CREATE TABLE merchant_people (
-    merchant_id TEXT NOT NULL,
-    role        INTEGER NOT NULL,
-    person      TEXT NOT NULL,
-    PRIMARY KEY (merchant_id, role, person)
-) WITHOUT ROWID;
-INSERT INTO merchant_people (merchant_id, role, person)
-    SELECT id, 0, 'merchant:' || id FROM merchants WHERE kind <> 'enterprise';
-
 -- JSON GradeSuggestion: the natural persons counted at scoping and the grade they suggest.
 ALTER TABLE incidents ADD COLUMN grade_suggestion TEXT;
 -- The scope's rows are one contiguous run of `affected_merchants.seq`: reading them by range is
 -- a sequential scan.
 ALTER TABLE incidents ADD COLUMN scope_seq_from INTEGER;
 ALTER TABLE incidents ADD COLUMN scope_seq_to INTEGER;
+-- JSON: the exposed categories, kind and mitigations the scope's classes were computed from;
+-- drafting compares it with the facts so that a notice never describes a stale classification.
+ALTER TABLE incidents ADD COLUMN scope_basis TEXT;
 
 CREATE TABLE scope_classes (
     incident_id     TEXT NOT NULL REFERENCES incidents (id),

@@ -102,6 +102,7 @@ pub struct IncidentChanges {
 #[derive(Debug, Clone)]
 pub struct ScopeResult<'a> {
     pub rule: &'a ScopeRule,
+    pub basis: ScopeBasis,
     pub suggestion: &'a GradeSuggestion,
     /// The facts, when scoping changed them (an unexplained grade replaced by the suggestion).
     pub facts: Option<&'a IncidentFacts>,
@@ -118,13 +119,17 @@ pub struct ScopeInsert<'a> {
     pub classes: &'a [ScopeClass],
     pub channel_order: &'a [Channel],
     /// Classes whose exposure makes the merchant itself (if a natural person or individual
-    /// business), its contact persons, its sub-account employees count as affected people.
+    /// business), an enterprise's representative, its contact persons, its sub-account
+    /// employees count as affected people.
     pub person_classes: PersonClasses,
 }
 
 #[derive(Debug, Clone, Default)]
 pub struct PersonClasses {
+    /// The merchant itself, when a natural person or individual business.
     pub merchant: Vec<i64>,
+    /// An enterprise's legal representative (by `representative_key`, else the merchant).
+    pub representative: Vec<i64>,
     pub contacts: Vec<i64>,
     pub sub_accounts: Vec<i64>,
 }
@@ -260,6 +265,17 @@ pub trait Store: Send + Sync {
     /// The distinct holdings in the directory that include any of `categories`, with how many
     /// merchants hold each: what classification works on (the rule is applied afterwards).
     async fn scope_holdings(&self, categories: &[CategoryId]) -> Result<Vec<(String, i64)>, StoreError>;
+    /// The holdings of an incident's cohort (its affected merchants), for reclassifying it.
+    async fn cohort_holdings(&self, id: &IncidentId) -> Result<Vec<(String, i64)>, StoreError>;
+    /// Puts the same cohort into new classes (after the facts they depend on changed).
+    async fn reclassify(
+        &self,
+        id: &IncidentId,
+        holdings_class: &[(String, i64)],
+        classes: &[ScopeClass],
+        basis: &ScopeBasis,
+        actor: &Actor,
+    ) -> Result<(), StoreError>;
     /// Merchant ids the rule names that the directory does not hold.
     async fn unknown_merchants(&self, ids: &[MerchantId]) -> Result<Vec<MerchantId>, StoreError>;
     /// Starts replacing the incident's scope (see [`ScopeWriter`]).
@@ -271,6 +287,15 @@ pub trait Store: Send + Sync {
     async fn notice_overrides(&self, id: &IncidentId) -> Result<Vec<NoticeOverride>, StoreError>;
     /// Every affected merchant, with its class and any override applied.
     async fn affected(&self, id: &IncidentId) -> Result<Vec<AffectedMerchant>, StoreError>;
+    /// Affected merchants in merchant order after `after`, with their class (exposure, risk and
+    /// its reasons) and notice decision; only those with the given decision if set.
+    async fn affected_page(
+        &self,
+        id: &IncidentId,
+        after: Option<&MerchantId>,
+        limit: u32,
+        notice_required: Option<bool>,
+    ) -> Result<Vec<AffectedMerchant>, StoreError>;
     /// Affected merchants in one reachability state (the bulletin covers the unreachable).
     async fn affected_ids(&self, id: &IncidentId, reachability: Reachability) -> Result<Vec<MerchantId>, StoreError>;
     async fn affected_merchant(

@@ -142,6 +142,7 @@ fn incident_from(row: &SqliteRow) -> Result<Incident, StoreError> {
         facts: opt_json_col(row, "facts")?,
         scope_rule: opt_json_col(row, "scope_rule")?,
         grade_suggestion: opt_json_col(row, "grade_suggestion")?,
+        scope_basis: opt_json_col(row, "scope_basis")?,
         detected_at: ts_col(row, "detected_at")?,
         opened_at: ts_col(row, "opened_at")?,
         updated_at: ts_col(row, "updated_at")?,
@@ -425,23 +426,6 @@ fn push_rule(qb: &mut sqlx::QueryBuilder<sqlx::Sqlite>, rule: &ScopeRule) {
     qb.push(")");
 }
 
-/// The natural persons behind a merchant as `merchant_people` rows (see the migration).
-fn person_rows(m: &Merchant) -> Vec<(&str, i64, String)> {
-    let id = m.id.as_str();
-    let mut rows = Vec::new();
-    if m.kind != MerchantKind::Enterprise {
-        let me = m
-            .people
-            .representative
-            .clone()
-            .unwrap_or_else(|| format!("merchant:{id}"));
-        rows.push((id, 0, me));
-    }
-    rows.extend(m.people.contacts.iter().map(|p| (id, 1, p.clone())));
-    rows.extend(m.people.sub_accounts.iter().map(|p| (id, 2, p.clone())));
-    rows
-}
-
 /// Whether the merchant holds any of `categories`. Holdings are stored as a JSON array of
 /// quoted ids, and no id contains a quote, so a quoted id matches only that category; this is
 /// much cheaper per row than unpacking the JSON.
@@ -691,6 +675,7 @@ async fn aggregate_scope(
     load_scope_map(&mut conn, scope.holdings_class).await?;
     let (_, first) = plan_sql(scope.channel_order);
     let in_list = |v: &[i64]| v.iter().copied().collect::<HashSet<i64>>();
+    let representative_classes = in_list(&scope.person_classes.representative);
     let (self_classes, contact_classes, sub_classes) = (
         in_list(&scope.person_classes.merchant),
         in_list(&scope.person_classes.contacts),
@@ -736,7 +721,12 @@ async fn aggregate_scope(
             } else {
                 People::default()
             };
-            if kind != "enterprise" && self_classes.contains(&class) {
+            let own = if kind == "enterprise" {
+                &representative_classes
+            } else {
+                &self_classes
+            };
+            if own.contains(&class) {
                 match &people.representative {
                     Some(r) => person(r),
                     None => person(&format!("merchant:{id}")),
@@ -869,7 +859,8 @@ impl ScopeWriter for SqliteScopeWriter {
         let now = Utc::now();
         set_state_in(&mut self.tx, &self.incident, from, IncidentState::Scoped, now).await?;
         sqlx::query(
-            "UPDATE incidents SET scope_rule = $1, grade_suggestion = $2, scope_seq_from = $4, scope_seq_to = $5
+            "UPDATE incidents SET scope_rule = $1, grade_suggestion = $2, scope_seq_from = $4, scope_seq_to = $5,
+                    scope_basis = $6
              WHERE id = $3",
         )
         .bind(to_json(result.rule))
@@ -877,6 +868,7 @@ impl ScopeWriter for SqliteScopeWriter {
         .bind(self.incident.as_str())
         .bind(self.seq_range.0)
         .bind(self.seq_range.1)
+        .bind(to_json(&result.basis))
         .execute(&mut *self.tx)
         .await
         .doing("storing a scope rule")?;
@@ -1104,22 +1096,6 @@ impl Store for SqliteStore {
                     updated_at = excluded.updated_at",
             );
             qb.build().execute(&mut *tx).await.doing("storing merchants")?;
-            let changed_ids: Vec<&str> = changed.iter().map(|m| m.id.as_str()).collect();
-            sqlx::query("DELETE FROM merchant_people WHERE merchant_id IN (SELECT value FROM json_each($1))")
-                .bind(to_json(&changed_ids))
-                .execute(&mut *tx)
-                .await
-                .doing("replacing merchants' people")?;
-            let people: Vec<(&str, i64, String)> = changed.iter().flat_map(|m| person_rows(m)).collect();
-            for rows in people.chunks(300) {
-                let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-                    "INSERT OR IGNORE INTO merchant_people (merchant_id, role, person) ",
-                );
-                qb.push_values(rows, |mut b, (id, role, person)| {
-                    b.push_bind(*id).push_bind(*role).push_bind(person.clone());
-                });
-                qb.build().execute(&mut *tx).await.doing("storing merchants' people")?;
-            }
         }
         if counts.inserted + counts.updated > 0 {
             let entry = NewLedgerEntry::new(
@@ -1377,6 +1353,92 @@ impl Store for SqliteStore {
         Ok(rows)
     }
 
+    async fn cohort_holdings(&self, id: &IncidentId) -> Result<Vec<(String, i64)>, StoreError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT m.holdings, COUNT(*) FROM affected_merchants a JOIN merchants m ON m.id = a.merchant_id
+             WHERE a.incident_id = $1 GROUP BY m.holdings",
+        )
+        .bind(id.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .doing("grouping the cohort by holdings")?;
+        Ok(rows)
+    }
+
+    async fn reclassify(
+        &self,
+        id: &IncidentId,
+        holdings_class: &[(String, i64)],
+        classes: &[ScopeClass],
+        basis: &ScopeBasis,
+        actor: &Actor,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        sqlx::query("DELETE FROM scope_classes WHERE incident_id = $1")
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await
+            .doing("replacing scope classes")?;
+        for c in classes {
+            sqlx::query(
+                "INSERT INTO scope_classes (incident_id, class_no, exposed, risk, risk_reasons, notice_required,
+                                            notice_reason, merchants)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(id.as_str())
+            .bind(c.class_no)
+            .bind(to_json(&c.exposed))
+            .bind(c.risk.as_str())
+            .bind(to_json(&c.risk_reasons))
+            .bind(c.notice_required as i64)
+            .bind(&c.notice_reason)
+            .bind(c.merchants)
+            .execute(&mut *tx)
+            .await
+            .doing("storing a scope class")?;
+        }
+        load_scope_map(&mut tx, holdings_class).await?;
+        // The same merchants, each in the class its holdings now fall in.
+        sqlx::query(
+            "UPDATE affected_merchants SET class_no = COALESCE(
+                (SELECT s.class_no FROM merchants m JOIN scope_map s ON s.holdings = m.holdings
+                 WHERE m.id = affected_merchants.merchant_id), class_no)
+             WHERE incident_id = $1",
+        )
+        .bind(id.as_str())
+        .execute(&mut *tx)
+        .await
+        .doing("reclassifying the cohort")?;
+        sqlx::query("DELETE FROM scope_groups WHERE incident_id = $1")
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await
+            .doing("recounting scope groups")?;
+        sqlx::query(trusted(format!(
+            "INSERT INTO scope_groups (incident_id, class_no, locale, region, first_channel, merchants)
+             SELECT a.incident_id, a.class_no, a.locale, a.region, {FIRST_CHANNEL}, COUNT(*)
+             FROM affected_merchants a WHERE a.incident_id = $1 GROUP BY 1, 2, 3, 4, 5"
+        )))
+        .bind(id.as_str())
+        .execute(&mut *tx)
+        .await
+        .doing("recounting scope groups")?;
+        sqlx::query("UPDATE incidents SET scope_basis = $1 WHERE id = $2")
+            .bind(to_json(basis))
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await
+            .doing("recording the classification basis")?;
+        let entry = NewLedgerEntry::new(
+            actor,
+            "scope.reclassified",
+            Some(id),
+            serde_json::json!({ "basis": basis, "classes": classes.len() }),
+        );
+        append_ledger_in(&mut tx, &entry).await?;
+        tx.commit().await.doing("committing a reclassification")
+    }
+
     async fn unknown_merchants(&self, ids: &[MerchantId]) -> Result<Vec<MerchantId>, StoreError> {
         let ids: Vec<&str> = ids.iter().map(|i| i.as_str()).collect();
         let rows: Vec<String> = sqlx::query_scalar(
@@ -1479,6 +1541,30 @@ impl Store for SqliteStore {
             "{AFFECTED_SELECT} WHERE a.incident_id = $1 ORDER BY a.merchant_id"
         )))
         .bind(id.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .doing("listing affected merchants")?
+        .iter()
+        .map(affected_from)
+        .collect()
+    }
+
+    async fn affected_page(
+        &self,
+        id: &IncidentId,
+        after: Option<&MerchantId>,
+        limit: u32,
+        notice_required: Option<bool>,
+    ) -> Result<Vec<AffectedMerchant>, StoreError> {
+        sqlx::query(trusted(format!(
+            "{AFFECTED_SELECT} WHERE a.incident_id = $1 AND a.merchant_id > $2
+               AND ($3 IS NULL OR COALESCE(o.required, c.notice_required) = $3)
+             ORDER BY a.merchant_id LIMIT $4"
+        )))
+        .bind(id.as_str())
+        .bind(after.map(|a| a.as_str()).unwrap_or(""))
+        .bind(notice_required.map(|r| r as i64))
+        .bind(limit as i64)
         .fetch_all(&self.pool)
         .await
         .doing("listing affected merchants")?
@@ -2453,6 +2539,7 @@ mod tests {
                 classes: &classes,
                 channel_order: &[Channel::Email, Channel::Sms],
                 person_classes: PersonClasses {
+                    representative: vec![],
                     merchant: all.clone(),
                     contacts: all.clone(),
                     sub_accounts: all,
@@ -2474,6 +2561,7 @@ mod tests {
             },
             ScopeResult {
                 rule,
+                basis: ScopeBasis::of(&facts()),
                 suggestion: &suggestion,
                 facts: None,
             },
@@ -3025,10 +3113,5 @@ mod migration_tests {
                 .await
                 .expect("address");
         assert_eq!(first.as_deref(), Some("+6590000000"));
-        let people: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM merchant_people WHERE merchant_id = 'm-1'")
-            .fetch_one(&s.pool)
-            .await
-            .expect("people");
-        assert_eq!(people, 1, "a natural person counts as itself");
     }
 }
