@@ -283,21 +283,24 @@ fn scope_rule(args: &ScopeArgs) -> anyhow::Result<ScopeRule> {
             .map_err(|e| anyhow::anyhow!("scope rule {}: {}: {}", path.display(), e.path(), e.inner()))?,
         None => ScopeRule::default(),
     };
-    let mut ids = args.merchants.clone();
-    if let Some(path) = &args.merchants_file {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        ids.extend(
-            text.lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                .map(str::to_owned),
-        );
-    }
-    for (i, id) in ids.iter().enumerate() {
+    for (i, id) in args.merchants.iter().enumerate() {
         rule.merchant_ids.push(
             id.parse()
-                .map_err(|e: FieldError| anyhow::anyhow!("merchants[{i}]: {}", e.reason))?,
+                .map_err(|e: FieldError| anyhow::anyhow!("--merchants[{i}]: {}", e.reason))?,
         );
+    }
+    if let Some(path) = &args.merchants_file {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        for (n, line) in text.lines().enumerate() {
+            let id = line.trim();
+            if id.is_empty() || id.starts_with('#') {
+                continue;
+            }
+            rule.merchant_ids.push(
+                id.parse()
+                    .map_err(|e: FieldError| anyhow::anyhow!("{} line {}: {}", path.display(), n + 1, e.reason))?,
+            );
+        }
     }
     for (i, c) in args.categories.iter().enumerate() {
         rule.any_categories.push(
@@ -410,7 +413,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
                 for n in &preview.notices {
                     out.push_str(&format!(
-                        "\n\n===== {} =====\n--- email: {}\n{}\n\n--- sms ({} characters)\n{}\n\n--- push: {}\n{}\n\n--- link\n{}",
+                        "\n\n===== {} =====\n--- email: {}\n{}\n\n--- sms ({} characters)\n{}\n\n--- push: {}\n{}\n\n--- link\n{}\n\n--- HTML email and letter: {} and {} bytes of HTML (--json has them)",
                         n.locale,
                         n.email_subject,
                         n.email_text,
@@ -418,7 +421,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         n.sms_text,
                         n.push_title,
                         n.push_body,
-                        n.url
+                        n.url,
+                        n.email_html.len(),
+                        n.letter_html.len()
                     ));
                 }
                 out

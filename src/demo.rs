@@ -256,7 +256,7 @@ impl DemoSummary {
         ] {
             if path.is_dir() {
                 let count = std::fs::read_dir(path).map(|d| d.count()).unwrap_or(0);
-                out.push_str(&format!("  {what:<20} {} ({count} files)\n", path.display()));
+                out.push_str(&format!("  {what:<20} {} ({count} entries)\n", path.display()));
             } else {
                 out.push_str(&format!("  {what:<20} {}\n", path.display()));
             }

@@ -171,7 +171,8 @@ pub struct NoticeDiff {
     pub merchant_id: MerchantId,
     pub from_version: i64,
     pub to_version: i64,
-    /// Unified diffs keyed by rendering (`email_subject`, `email.txt`, `sms`, `push_title`, `push_body`);
+    /// Unified diffs keyed by rendering (`email_subject`, `email.txt`, `sms`, `push_title`,
+    /// `push_body`, `email.html`, `letter.html`), in the merchant's language;
     /// a rendering that did not change is absent.
     pub changes: std::collections::BTreeMap<String, String>,
 }
@@ -606,11 +607,11 @@ impl Tocsin {
             return Err(FieldError::new("merchant_ids", format!("not in the directory: {}", ids.join(", "))).into());
         }
         let order = self.settings.delivery.channel_order()?;
-        let holdings = self.store.scope_holdings(&facts.categories).await?;
-        let plan = scope::plan_classes(&holdings, facts, &self.rules, &self.taxonomy)?;
-        // Everything is written in one transaction; a dry run rolls it back, so its counts are
-        // exactly what applying the rule would store.
+        // Everything is read and written in one transaction; a dry run rolls it back, so its
+        // counts are exactly what applying the rule would store.
         let mut writer = self.store.begin_scope(&incident.id).await?;
+        let holdings = writer.holdings(&facts.categories).await?;
+        let plan = scope::plan_classes(&holdings, facts, &self.rules, &self.taxonomy)?;
         let totals = writer
             .insert(&store::ScopeInsert {
                 rule,
@@ -1225,6 +1226,8 @@ impl Tocsin {
             ("sms", &old.sms_text, &new.sms_text),
             ("push_title", &old.push_title, &new.push_title),
             ("push_body", &old.push_body, &new.push_body),
+            ("email.html", &old.email_html, &new.email_html),
+            ("letter.html", &old.letter_html, &new.letter_html),
         ] {
             if x != y {
                 let diff = similar::TextDiff::from_lines(x.as_str(), y.as_str())

@@ -146,6 +146,11 @@ pub struct ScopeTotals {
 /// dropping the writer without finishing (a dry run) leaves everything as it was.
 #[async_trait]
 pub trait ScopeWriter: Send {
+    /// The distinct holdings in the directory that include any of `categories`, with how many
+    /// merchants hold each: what classification works on (the rule is applied afterwards).
+    /// Read inside the scope's transaction, so a merchant imported meanwhile cannot slip
+    /// between the classes and the insert.
+    async fn holdings(&mut self, categories: &[CategoryId]) -> Result<Vec<(String, i64)>, StoreError>;
     /// Inserts the classes and the affected merchants, and counts them.
     async fn insert(&mut self, scope: &ScopeInsert<'_>) -> Result<ScopeTotals, StoreError>;
     /// Stores the rule and the grade suggestion, moves the incident to `scoped` and commits.
@@ -262,9 +267,6 @@ pub trait Store: Send + Sync {
     ) -> Result<(), StoreError>;
 
     // Scope
-    /// The distinct holdings in the directory that include any of `categories`, with how many
-    /// merchants hold each: what classification works on (the rule is applied afterwards).
-    async fn scope_holdings(&self, categories: &[CategoryId]) -> Result<Vec<(String, i64)>, StoreError>;
     /// The holdings of an incident's cohort (its affected merchants), for reclassifying it.
     async fn cohort_holdings(&self, id: &IncidentId) -> Result<Vec<(String, i64)>, StoreError>;
     /// Puts the same cohort into new classes (after the facts they depend on changed).

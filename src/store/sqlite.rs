@@ -745,6 +745,19 @@ async fn aggregate_scope(
 
 #[async_trait]
 impl ScopeWriter for SqliteScopeWriter {
+    async fn holdings(&mut self, categories: &[CategoryId]) -> Result<Vec<(String, i64)>, StoreError> {
+        // Answered from the holdings index alone; the scope's rule is applied when inserting.
+        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new("SELECT m.holdings, COUNT(*) FROM merchants m WHERE ");
+        push_holds_any(&mut qb, categories);
+        qb.push(" GROUP BY m.holdings");
+        let rows: Vec<(String, i64)> = qb
+            .build_query_as()
+            .fetch_all(&mut *self.tx)
+            .await
+            .doing("grouping the directory by holdings")?;
+        Ok(rows)
+    }
+
     async fn insert(&mut self, scope: &ScopeInsert<'_>) -> Result<ScopeTotals, StoreError> {
         let id = self.incident.clone();
         for c in scope.classes {
@@ -1338,19 +1351,6 @@ impl Store for SqliteStore {
         }
         record_transition_in(&mut tx, id, Some(from), &step, now).await?;
         tx.commit().await.doing("committing an incident transition")
-    }
-
-    async fn scope_holdings(&self, categories: &[CategoryId]) -> Result<Vec<(String, i64)>, StoreError> {
-        // Answered from the holdings index alone; the scope's rule is applied when inserting.
-        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new("SELECT m.holdings, COUNT(*) FROM merchants m WHERE ");
-        push_holds_any(&mut qb, categories);
-        qb.push(" GROUP BY m.holdings");
-        let rows: Vec<(String, i64)> = qb
-            .build_query_as()
-            .fetch_all(&self.pool)
-            .await
-            .doing("grouping the directory by holdings")?;
-        Ok(rows)
     }
 
     async fn cohort_holdings(&self, id: &IncidentId) -> Result<Vec<(String, i64)>, StoreError> {
@@ -2511,7 +2511,8 @@ mod tests {
 
     /// Scopes `rule` with one class per distinct holdings; returns the natural persons counted.
     async fn scope_with(s: &SqliteStore, incident: &IncidentId, rule: &ScopeRule) -> u64 {
-        let holdings = s.scope_holdings(&facts().categories).await.expect("holdings");
+        let mut w = s.begin_scope(incident).await.expect("begin");
+        let holdings = w.holdings(&facts().categories).await.expect("holdings");
         let classes: Vec<ScopeClass> = holdings
             .iter()
             .enumerate()
@@ -2531,7 +2532,6 @@ mod tests {
             .map(|((h, _), c)| (h.clone(), c.class_no))
             .collect();
         let all: Vec<i64> = classes.iter().map(|c| c.class_no).collect();
-        let mut w = s.begin_scope(incident).await.expect("begin");
         let totals = w
             .insert(&ScopeInsert {
                 rule,
