@@ -506,8 +506,13 @@ impl RawProfile {
 // ---- text as a reader sees it ----
 
 /// Whitespace runs become one space; leading and trailing whitespace goes.
+/// Whitespace collapsed, and list markers dropped: the plain text writes a list as "- item"
+/// lines where the HTML uses `<ul>`, and both say the same.
 fn collapse(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
+    s.split_whitespace()
+        .filter(|t| !matches!(*t, "-" | "•" | "*"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Elements whose content a reader never sees in the body of an email.

@@ -323,6 +323,8 @@ impl Frozen {
             })),
         });
         let categories = categories_context(&class.exposed, locale, &context, labels, &self.templates)?;
+        context["category_remedies"] =
+            Value::Bool(categories.iter().any(|c| c["remedy"].as_str().is_some_and(|r| !r.is_empty())));
         context["categories"] = Value::Array(categories);
         Ok(context)
     }
