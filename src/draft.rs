@@ -319,12 +319,16 @@ impl Frozen {
             "update": update.as_ref().map(|u| json!({
                 "previous_version": u.previous_version,
                 "previous_sent_at": human(u.previous_sent_at),
+                "previous_sent": u.previous_sent,
                 "changes": text(&u.changes),
             })),
         });
         let categories = categories_context(&class.exposed, locale, &context, labels, &self.templates)?;
-        context["category_remedies"] =
-            Value::Bool(categories.iter().any(|c| c["remedy"].as_str().is_some_and(|r| !r.is_empty())));
+        context["category_remedies"] = Value::Bool(
+            categories
+                .iter()
+                .any(|c| c["remedy"].as_str().is_some_and(|r| !r.is_empty())),
+        );
         context["categories"] = Value::Array(categories);
         Ok(context)
     }
@@ -842,6 +846,7 @@ mod tests {
         f.inputs.update = Some(UpdateOf {
             previous_version: 1,
             previous_sent_at: sent,
+            previous_sent: true,
             changes: LocalizedText::both("The attacker also read order records.", "攻击者还读取了订单记录。"),
         });
         let f = Frozen::new(f.inputs.clone(), f.templates.clone());
@@ -864,5 +869,20 @@ mod tests {
                     .contains(if locale == Locale::En { "Update" } else { "更新" })
             );
         }
+        // An earlier version that never went out is replaced, not "updated".
+        let mut unsent = f.inputs.clone();
+        if let Some(u) = unsent.update.as_mut() {
+            u.previous_sent = false;
+        }
+        let f = Frozen::new(unsent, f.templates.clone());
+        let n = f
+            .render(&NoticeId::generate(), &DraftId::generate(), &addressee(Locale::En))
+            .expect("render");
+        assert!(
+            n.email_text.contains("which had not yet been sent to you"),
+            "{}",
+            n.email_text
+        );
+        assert!(!n.email_text.contains("to our notice sent on"));
     }
 }

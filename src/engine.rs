@@ -740,6 +740,7 @@ impl Tocsin {
                 Some(UpdateOf {
                     previous_version: prev.version,
                     previous_sent_at: sent.or(prev.approved_at).unwrap_or(prev.drafted_at),
+                    previous_sent: sent.is_some(),
                     changes,
                 })
             }

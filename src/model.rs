@@ -293,7 +293,14 @@ pub struct UpdateOf {
     pub previous_version: i64,
     /// When the earlier version was first sent (its approval time if nothing was sent yet).
     pub previous_sent_at: DateTime<Utc>,
+    /// Whether any of the earlier version was sent; if not, this version replaces it unseen.
+    #[serde(default = "yes")]
+    pub previous_sent: bool,
     pub changes: LocalizedText,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Everything one draft version's notices are rendered from, frozen when it is drafted, so
