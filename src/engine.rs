@@ -390,16 +390,30 @@ impl Tocsin {
         }
         let detail =
             json!({ "grade": facts.grade.as_str(), "kind": facts.kind.as_str(), "categories": facts.categories });
+        self.replace_facts(&incident, facts, actor, &format!("facts amended: {reason}"), detail)
+            .await
+    }
+
+    /// Stores new facts without a change of state, recorded in the timeline and the ledger.
+    async fn replace_facts(
+        &self,
+        incident: &Incident,
+        facts: IncidentFacts,
+        actor: &Actor,
+        reason: &str,
+        detail: Value,
+    ) -> Result<Incident, EngineError> {
+        let step = store::Step {
+            to: incident.state,
+            actor,
+            reason,
+            detail,
+        };
         self.store
             .transition(
                 &incident.id,
                 incident.state,
-                store::Step {
-                    to: incident.state,
-                    actor,
-                    reason: &format!("facts amended: {reason}"),
-                    detail,
-                },
+                step,
                 store::IncidentChanges { facts: Some(facts) },
             )
             .await?;
@@ -435,29 +449,14 @@ impl Tocsin {
             .into());
         }
         facts.grade = grade;
+        // The reason is the responder's words, in whatever language they wrote it.
         facts.grade_reason = LocalizedText {
             en: Some(reason.trim().to_owned()).filter(|r| !r.is_empty()),
-            zh_cn: facts
-                .grade_reason
-                .zh_cn
-                .clone()
-                .filter(|_| facts.grade_reason.en.as_deref() == Some(reason.trim())),
+            zh_cn: None,
         };
         let detail = json!({ "grade": grade.as_str(), "suggested": suggested.map(|g| g.as_str()), "reason": reason });
-        self.store
-            .transition(
-                &incident.id,
-                incident.state,
-                store::Step {
-                    to: incident.state,
-                    actor,
-                    reason: &format!("grade set to {grade}"),
-                    detail,
-                },
-                store::IncidentChanges { facts: Some(facts) },
-            )
-            .await?;
-        self.incident(incident.id.as_str()).await
+        self.replace_facts(&incident, facts, actor, &format!("grade set to {grade}"), detail)
+            .await
     }
 
     /// Overrides whether one affected merchant must be notified (before approval). A drafted

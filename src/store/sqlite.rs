@@ -618,6 +618,32 @@ struct SqliteScopeWriter {
 /// class, locale, region, first channel ('' for none)
 type ScopeGroupKey = (i64, String, String, String);
 
+async fn insert_classes_in(
+    conn: &mut SqliteConnection,
+    id: &IncidentId,
+    classes: &[ScopeClass],
+) -> Result<(), StoreError> {
+    for c in classes {
+        sqlx::query(
+            "INSERT INTO scope_classes (incident_id, class_no, exposed, risk, risk_reasons, notice_required,
+                                        notice_reason, merchants)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(id.as_str())
+        .bind(c.class_no)
+        .bind(to_json(&c.exposed))
+        .bind(c.risk.as_str())
+        .bind(to_json(&c.risk_reasons))
+        .bind(c.notice_required as i64)
+        .bind(&c.notice_reason)
+        .bind(c.merchants)
+        .execute(&mut *conn)
+        .await
+        .doing("storing a scope class")?;
+    }
+    Ok(())
+}
+
 /// Fills a connection's temporary holdings-to-class map (temporary tables are per connection).
 async fn load_scope_map(conn: &mut SqliteConnection, map: &[(String, i64)]) -> Result<(), StoreError> {
     for sql in [
@@ -760,23 +786,8 @@ impl ScopeWriter for SqliteScopeWriter {
 
     async fn insert(&mut self, scope: &ScopeInsert<'_>) -> Result<ScopeTotals, StoreError> {
         let id = self.incident.clone();
-        for c in scope.classes {
-            sqlx::query(
-                "INSERT INTO scope_classes (incident_id, class_no, exposed, risk, risk_reasons, notice_required,
-                                            notice_reason, merchants)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, 0)",
-            )
-            .bind(id.as_str())
-            .bind(c.class_no)
-            .bind(to_json(&c.exposed))
-            .bind(c.risk.as_str())
-            .bind(to_json(&c.risk_reasons))
-            .bind(c.notice_required as i64)
-            .bind(&c.notice_reason)
-            .execute(&mut *self.tx)
-            .await
-            .doing("storing a scope class")?;
-        }
+        // Counts are filled in below, once the rule has selected the merchants.
+        insert_classes_in(&mut self.tx, &id, scope.classes).await?;
         load_scope_map(&mut self.tx, scope.holdings_class).await?;
         let before: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM affected_merchants")
             .fetch_one(&mut *self.tx)
@@ -1379,24 +1390,7 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await
             .doing("replacing scope classes")?;
-        for c in classes {
-            sqlx::query(
-                "INSERT INTO scope_classes (incident_id, class_no, exposed, risk, risk_reasons, notice_required,
-                                            notice_reason, merchants)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-            )
-            .bind(id.as_str())
-            .bind(c.class_no)
-            .bind(to_json(&c.exposed))
-            .bind(c.risk.as_str())
-            .bind(to_json(&c.risk_reasons))
-            .bind(c.notice_required as i64)
-            .bind(&c.notice_reason)
-            .bind(c.merchants)
-            .execute(&mut *tx)
-            .await
-            .doing("storing a scope class")?;
-        }
+        insert_classes_in(&mut tx, id, classes).await?;
         load_scope_map(&mut tx, holdings_class).await?;
         // The same merchants, each in the class its holdings now fall in.
         sqlx::query(
