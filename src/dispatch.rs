@@ -14,7 +14,7 @@ use rand::Rng;
 use serde::Serialize;
 use tokio::task::JoinSet;
 
-use crate::channels::{ChannelSet, Outbound, SendError};
+use crate::channels::{Accepted, ChannelSet, Outbound, SendError};
 use crate::config::DeliverySettings;
 use crate::domain::*;
 use crate::draft::{DraftError, NoticeRenderer, channel_hash};
@@ -188,7 +188,7 @@ impl Dispatcher {
         let result = self.channels.get(delivery.channel).send(&outbound).await;
         let mut report = StepReport::default();
         let (outcome, followup) = match result {
-            Ok(provider_message_id) => {
+            Ok(Accepted { provider_message_id }) => {
                 report.sent = 1;
                 tracing::info!(delivery = %delivery.id, channel = %delivery.channel, "notice sent");
                 (
@@ -200,10 +200,10 @@ impl Dispatcher {
                 )
             }
             Err(SendError {
-                class: ErrorClass::Transient,
+                kind,
                 message,
                 retry_after,
-            }) if delivery.attempts < self.settings.max_attempts as i64 => {
+            }) if kind.class() == ErrorClass::Transient && delivery.attempts < self.settings.max_attempts as i64 => {
                 report.retried = 1;
                 let at = Utc::now()
                     + chrono::Duration::from_std(backoff(&self.settings, delivery.attempts, retry_after))
@@ -211,7 +211,8 @@ impl Dispatcher {
                 tracing::warn!(delivery = %delivery.id, channel = %delivery.channel, attempt = delivery.attempts, error = %message, "send failed; will retry");
                 (AttemptOutcome::Retry { error: message, at }, Followup::Nothing)
             }
-            Err(SendError { class, message, .. }) => {
+            Err(SendError { kind, message, .. }) => {
+                let class = kind.class();
                 report.failed = 1;
                 tracing::warn!(delivery = %delivery.id, channel = %delivery.channel, class = class.as_str(), error = %message, "send failed for good");
                 let followup = self.fallback(&delivery).await?;

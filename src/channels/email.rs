@@ -11,7 +11,7 @@ use lettre::transport::smtp::PoolConfig;
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::{AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
-use super::{ChannelSetupError, Outbound, SendError, Transport, setup_err};
+use super::{Accepted, ChannelSetupError, FailureKind, Outbound, Provider, SendError, setup_err};
 use crate::config::EmailSettings;
 use crate::ledger::content_hash;
 
@@ -159,8 +159,8 @@ fn undeliverable_domain(address: &str) -> bool {
 }
 
 #[async_trait]
-impl Transport for EmailTransport {
-    async fn send(&self, m: &Outbound<'_>) -> Result<Option<String>, SendError> {
+impl Provider for EmailTransport {
+    async fn send(&self, m: &Outbound<'_>) -> Result<Accepted, SendError> {
         let n = m.notice;
         self.send_mail(&Mail {
             to: &m.delivery.address,
@@ -171,6 +171,7 @@ impl Transport for EmailTransport {
             key: &m.delivery.idempotency_key,
         })
         .await
+        .map(|id| Accepted { provider_message_id: id })
     }
 }
 
@@ -183,13 +184,14 @@ fn classify(e: &lettre::transport::smtp::Error) -> SendError {
     if e.is_permanent() && matches!(code.as_str(), "550" | "551" | "552" | "553" | "554") {
         SendError::permanent(format!("SMTP rejected the recipient or message: {code}"))
     } else if e.is_permanent() {
-        SendError::transient(format!(
-            "SMTP refused the relay (configuration or authentication?): {code}"
-        ))
+        SendError::new(
+            FailureKind::Auth,
+            format!("SMTP refused the relay (configuration or authentication?): {code}"),
+        )
     } else if e.is_transient() {
         SendError::transient(format!("SMTP deferred the message: {code}"))
     } else {
-        SendError::transient(format!("SMTP connection failed: {e}"))
+        SendError::new(FailureKind::Network, format!("SMTP connection failed: {e}"))
     }
 }
 

@@ -11,7 +11,7 @@ use hmac::{Hmac, Mac};
 use serde_json::json;
 use sha2::Sha256;
 
-use super::{ChannelSetupError, Outbound, SendError, Transport, setup_err};
+use super::{Accepted, ChannelSetupError, FailureKind, Outbound, Provider, SendError, setup_err};
 use crate::config::{Secret, WebhookChannelSettings};
 use crate::domain::Channel;
 use crate::ledger::content_hash;
@@ -106,8 +106,8 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
 }
 
 #[async_trait]
-impl Transport for WebhookTransport {
-    async fn send(&self, m: &Outbound<'_>) -> Result<Option<String>, SendError> {
+impl Provider for WebhookTransport {
+    async fn send(&self, m: &Outbound<'_>) -> Result<Accepted, SendError> {
         let payload = self.payload(m);
         match &self.inner {
             Inner::File(dir) => {
@@ -117,7 +117,7 @@ impl Transport for WebhookTransport {
                 tokio::fs::write(dir.join(&name), text)
                     .await
                     .map_err(|e| SendError::transient(format!("writing {name}: {e}")))?;
-                Ok(Some(name))
+                Ok(Accepted::with_id(name))
             }
             Inner::Http { client, url, secret } => {
                 let body = serde_json::to_vec(&payload).unwrap_or_default();
@@ -131,7 +131,10 @@ impl Transport for WebhookTransport {
                     .body(body)
                     .send()
                     .await
-                    .map_err(|e| SendError::transient(format!("webhook request failed: {}", without_url(&e))))?;
+                    .map_err(|e| {
+                        let kind = if e.is_timeout() { FailureKind::Timeout } else { FailureKind::Network };
+                        SendError::new(kind, format!("webhook request failed: {}", without_url(&e)))
+                    })?;
                 let status = response.status();
                 if status.is_success() {
                     let id = response.json::<serde_json::Value>().await.ok().and_then(|v| {
@@ -140,7 +143,7 @@ impl Transport for WebhookTransport {
                             .and_then(|i| i.as_str())
                             .map(str::to_owned)
                     });
-                    return Ok(id);
+                    return Ok(Accepted { provider_message_id: id });
                 }
                 let retry_after = retry_after(response.headers());
                 let message = format!("webhook answered HTTP {}", status.as_u16());
@@ -151,10 +154,8 @@ impl Transport for WebhookTransport {
                     )));
                 }
                 if status.as_u16() == 408 || status.as_u16() == 429 || status.is_server_error() {
-                    Err(SendError {
-                        retry_after,
-                        ..SendError::transient(message)
-                    })
+                    let kind = if status.as_u16() == 429 { FailureKind::Throttled } else { FailureKind::ProviderError };
+                    Err(SendError::new(kind, message).retry_after(retry_after))
                 } else {
                     Err(SendError::permanent(message))
                 }
