@@ -69,6 +69,9 @@ pub struct Settings {
     pub filing: FilingSettings,
     #[serde(default)]
     pub paths: PathSettings,
+    /// Named providers that channels list in `providers` (failover order).
+    #[serde(default)]
+    pub providers: std::collections::BTreeMap<String, ProviderSettings>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -131,6 +134,10 @@ pub struct DeliverySettings {
     pub lease_seconds: u64,
     /// Deliveries one worker claims and sends at once (one lease covers them all).
     pub concurrency: u32,
+    /// Claim-send-record loops one process runs side by side, so the store's work for one
+    /// batch overlaps the sends of another.
+    #[serde(default = "one")]
+    pub pipelines: u32,
     /// Channel order of a merchant's plan; channels the merchant has no address for are left out.
     /// A list in files; a comma-separated string in the environment.
     #[serde(deserialize_with = "list_or_csv")]
@@ -177,6 +184,12 @@ pub struct EmailSettings {
     pub from: String,
     pub reply_to: Option<String>,
     pub smtp: SmtpSettings,
+    /// Named providers in failover order; empty: the one `transport` above.
+    #[serde(default, deserialize_with = "list_or_csv")]
+    pub providers: Vec<String>,
+    /// How long an accepted message may wait for its receipt, for providers that send receipts.
+    #[serde(default = "receipt_timeout")]
+    pub receipt_timeout_seconds: u64,
 }
 
 impl EmailSettings {
@@ -226,6 +239,96 @@ pub struct WebhookChannelSettings {
     pub title_max_chars: usize,
     #[serde(default = "push_body_max")]
     pub body_max_chars: usize,
+    /// Named providers in failover order; empty: the one `transport` above.
+    #[serde(default, deserialize_with = "list_or_csv")]
+    pub providers: Vec<String>,
+    /// How long an accepted message may wait for its receipt, for providers that send receipts.
+    #[serde(default = "receipt_timeout")]
+    pub receipt_timeout_seconds: u64,
+}
+
+fn receipt_timeout() -> u64 {
+    3600
+}
+
+/// One provider of a channel: `kind` names it and the table of the same name holds its
+/// settings (`[providers.NAME.smtp]`, `[providers.NAME.twilio]`, ...).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderSettings {
+    /// file | smtp | webhook | twilio | aliyun_sms | fcm | apns
+    pub kind: String,
+    #[serde(default)]
+    pub limits: LimitSettings,
+    #[serde(default)]
+    pub breaker: BreakerSettings,
+    pub smtp: Option<SmtpSettings>,
+    pub webhook: Option<WebhookSettings>,
+}
+
+/// A provider's limits, kept in the store so every instance sharing it respects them together.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSettings {
+    /// Sends per second on average (token bucket refill); 0 = no rate limit.
+    #[serde(default)]
+    pub rate_per_second: f64,
+    /// The most sends in a burst (bucket size); 0 = one second's worth.
+    #[serde(default)]
+    pub burst: u32,
+    /// The most sends in flight at once across all instances; 0 = no limit.
+    #[serde(default)]
+    pub max_in_flight: u32,
+    /// A cap per sliding window, e.g. 10000 per 3600 seconds; 0 = none.
+    #[serde(default)]
+    pub window_seconds: u64,
+    #[serde(default)]
+    pub window_max: u64,
+}
+
+/// When a failing provider is skipped (circuit breaker).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerSettings {
+    /// Consecutive provider failures (network, timeouts, 5xx, throttling, auth) that open it.
+    #[serde(default = "breaker_threshold")]
+    pub failure_threshold: u32,
+    /// How long it stays open before one trial send is let through.
+    #[serde(default = "breaker_cooldown")]
+    pub cooldown_seconds: u64,
+}
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        Self {
+            failure_threshold: breaker_threshold(),
+            cooldown_seconds: breaker_cooldown(),
+        }
+    }
+}
+
+fn breaker_threshold() -> u32 {
+    5
+}
+
+fn breaker_cooldown() -> u64 {
+    60
+}
+
+/// The generic JSON webhook provider.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSettings {
+    pub url: String,
+    /// Key for the `X-Tocsin-Signature` HMAC-SHA256 header.
+    #[serde(default)]
+    pub signing_secret: Secret,
+    #[serde(default = "webhook_timeout")]
+    pub timeout_seconds: u64,
+}
+
+fn webhook_timeout() -> u64 {
+    15
 }
 
 fn one() -> u32 {

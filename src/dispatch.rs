@@ -14,12 +14,13 @@ use rand::Rng;
 use serde::Serialize;
 use tokio::task::JoinSet;
 
-use crate::channels::{Accepted, ChannelSet, Outbound, SendError};
+use crate::channels::{Accepted, ChannelSet, FailureKind, Outbound, ProviderHandle, Receipt, ReceiptStatus, SendError};
 use crate::config::DeliverySettings;
 use crate::domain::*;
 use crate::draft::{DraftError, NoticeRenderer, channel_hash};
 use crate::model::*;
 use crate::store::{AttemptOutcome, Followup, NewDelivery, Store, StoreError};
+use crate::store::{AttemptRecord, HealthUpdate, ProviderClaim, ProviderHealth};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DispatchError {
@@ -58,6 +59,26 @@ pub fn next_delivery(
         })
 }
 
+/// [`next_delivery`], skipping channels in `used` (this version already went out on them).
+pub fn next_delivery_skipping(
+    incident: &IncidentId,
+    draft: &DraftId,
+    notice: &NoticeId,
+    affected: &AffectedMerchant,
+    merchant: &Merchant,
+    after_position: i64,
+    used: &[Channel],
+) -> Option<NewDelivery> {
+    let mut position = after_position;
+    loop {
+        let next = next_delivery(incident, draft, notice, affected, merchant, position)?;
+        if !used.contains(&next.channel) {
+            return Some(next);
+        }
+        position = next.plan_position;
+    }
+}
+
 /// The longest `Retry-After` honoured; a provider asking for more gets this.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
 
@@ -77,11 +98,15 @@ pub fn backoff(settings: &DeliverySettings, attempt: i64, retry_after: Option<Du
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct StepReport {
     pub claimed: u64,
+    /// Accepted by a provider.
     pub sent: u64,
     pub retried: u64,
     pub failed: u64,
+    pub dead: u64,
     pub fell_back: u64,
     pub unreachable: u64,
+    /// Accepted deliveries whose receipt window closed without a receipt.
+    pub receipts_overdue: u64,
 }
 
 impl std::ops::AddAssign for StepReport {
@@ -90,9 +115,19 @@ impl std::ops::AddAssign for StepReport {
         self.sent += o.sent;
         self.retried += o.retried;
         self.failed += o.failed;
+        self.dead += o.dead;
         self.fell_back += o.fell_back;
         self.unreachable += o.unreachable;
+        self.receipts_overdue += o.receipts_overdue;
     }
+}
+
+/// A step's report and when there may be more to do if nothing was due.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Step {
+    pub report: StepReport,
+    /// The earliest time a provider's limits or breaker let held-back work through.
+    pub held_until: Option<DateTime<Utc>>,
 }
 
 /// A delivery worker. `step` is one claim-send-record round that tests can drive directly.
@@ -102,6 +137,24 @@ pub struct Dispatcher {
     channels: ChannelSet,
     settings: DeliverySettings,
     renderer: Arc<NoticeRenderer>,
+}
+
+/// How a provider may be used now, from its breaker state.
+enum Breaker {
+    Closed,
+    /// Cooled off after opening: one trial send decides.
+    HalfOpen,
+    Open(DateTime<Utc>),
+}
+
+fn breaker(handle: &ProviderHandle, health: Option<&ProviderHealth>, now: DateTime<Utc>) -> Breaker {
+    match health {
+        Some(h) if h.consecutive_failures >= handle.breaker.failure_threshold as i64 => match h.open_until {
+            Some(until) if until > now => Breaker::Open(until),
+            _ => Breaker::HalfOpen,
+        },
+        _ => Breaker::Closed,
+    }
 }
 
 impl Dispatcher {
@@ -119,133 +172,299 @@ impl Dispatcher {
         }
     }
 
-    /// Claims up to `concurrency` due deliveries under one lease, sends them concurrently and
-    /// stores every outcome. Claiming no more than can be sent at once keeps every send well
-    /// inside its lease, so a healthy worker never has its rows taken over.
-    pub async fn step(&self, now: DateTime<Utc>) -> Result<StepReport, DispatchError> {
-        let lease_until = now + chrono::Duration::seconds(self.settings.lease_seconds as i64);
-        let claimed = self
-            .store
-            .claim_due(now, lease_until, self.settings.concurrency)
-            .await?;
-        let mut report = StepReport {
-            claimed: claimed.len() as u64,
-            ..Default::default()
-        };
-        // One lookup per incident in the batch, not one per delivery.
-        let mut references: HashMap<IncidentId, Arc<str>> = HashMap::new();
-        for d in &claimed {
-            if !references.contains_key(&d.incident_id) {
-                let reference = self
-                    .store
-                    .incident(d.incident_id.as_str())
-                    .await?
-                    .map(|i| i.reference)
-                    .unwrap_or_default();
-                references.insert(d.incident_id.clone(), reference.into());
+    /// The provider to use for `channel` now (the first whose breaker lets it through) and how
+    /// many sends to claim for it; or when the first breaker closes again.
+    fn choose(
+        &self,
+        channel: Channel,
+        health: &HashMap<String, ProviderHealth>,
+        now: DateTime<Utc>,
+    ) -> Result<(Arc<ProviderHandle>, u32), Option<DateTime<Utc>>> {
+        let mut reopens: Option<DateTime<Utc>> = None;
+        for handle in self.channels.providers(channel) {
+            match breaker(handle, health.get(&handle.name), now) {
+                Breaker::Closed => return Ok((handle.clone(), self.settings.concurrency.max(1))),
+                Breaker::HalfOpen => return Ok((handle.clone(), 1)),
+                Breaker::Open(until) => reopens = Some(reopens.map_or(until, |r| r.min(until))),
             }
         }
-        let mut tasks = JoinSet::new();
-        for delivery in claimed {
-            let this = self.clone();
-            let reference = references
-                .get(&delivery.incident_id)
-                .cloned()
-                .unwrap_or_else(|| Arc::from(""));
-            tasks.spawn(async move { this.deliver(delivery, &reference).await });
-        }
-        let mut first_error = None;
-        while let Some(joined) = tasks.join_next().await {
-            match joined {
-                Ok(Ok(r)) => report += r,
-                Ok(Err(e)) => {
-                    tracing::error!(error = %e, "delivery could not be recorded; its lease will expire and it will be retried");
-                    first_error.get_or_insert(e);
-                }
-                Err(e) => tracing::error!(error = %e, "delivery task panicked"),
-            }
-        }
-        match first_error {
-            Some(e) if report.sent + report.retried + report.failed == 0 => Err(e),
-            _ => Ok(report),
-        }
+        Err(reopens)
     }
 
-    async fn deliver(&self, delivery: Delivery, reference: &str) -> Result<StepReport, DispatchError> {
-        // Rendered now from the version's frozen inputs; the hash of what went out is stored.
-        let notice = self
-            .renderer
-            .render_id(&delivery.notice_id)
-            .await?
-            .ok_or_else(|| DispatchError::MissingNotice(delivery.id.to_string()))?;
-        let content_hash = channel_hash(&notice, delivery.channel);
-        let outbound = Outbound {
-            delivery: &delivery,
-            notice: &notice,
-            reference,
-            notice_url: &notice.url,
-        };
-        let result = self.channels.get(delivery.channel).send(&outbound).await;
+    /// Moves accepted deliveries whose receipt window closed on to the merchant's next channel.
+    async fn expire_receipts(&self, now: DateTime<Utc>) -> Result<StepReport, DispatchError> {
         let mut report = StepReport::default();
-        let (outcome, followup) = match result {
-            Ok(Accepted { provider_message_id }) => {
-                report.sent = 1;
-                tracing::info!(delivery = %delivery.id, channel = %delivery.channel, "notice sent");
-                (
-                    AttemptOutcome::Sent {
-                        provider_message_id,
-                        content_hash,
-                    },
-                    Followup::Reached,
+        for delivery in self.store.receipts_overdue(now, 500).await? {
+            let followup = self.fallback(&delivery).await?;
+            let status = ReceiptStatus::Failed(FailureKind::NoReceipt);
+            if self
+                .store
+                .record_receipt(
+                    &delivery,
+                    status,
+                    "no delivery receipt within the receipt window",
+                    &followup,
+                    now,
                 )
+                .await?
+            {
+                report.receipts_overdue += 1;
+                count_followup(&mut report, &followup);
             }
-            Err(SendError {
-                kind,
-                message,
-                retry_after,
-            }) if kind.class() == ErrorClass::Transient && delivery.attempts < self.settings.max_attempts as i64 => {
-                report.retried = 1;
-                let at = Utc::now()
-                    + chrono::Duration::from_std(backoff(&self.settings, delivery.attempts, retry_after))
-                        .unwrap_or_default();
-                tracing::warn!(delivery = %delivery.id, channel = %delivery.channel, attempt = delivery.attempts, error = %message, "send failed; will retry");
-                (AttemptOutcome::Retry { error: message, at }, Followup::Nothing)
-            }
-            Err(SendError { kind, message, .. }) => {
-                let class = kind.class();
-                report.failed = 1;
-                tracing::warn!(delivery = %delivery.id, channel = %delivery.channel, class = class.as_str(), error = %message, "send failed for good");
-                let followup = self.fallback(&delivery).await?;
-                match followup {
-                    Followup::Fallback(_) => report.fell_back = 1,
-                    Followup::Unreachable => report.unreachable = 1,
-                    _ => {}
-                }
-                (AttemptOutcome::Failed { error: message, class }, followup)
-            }
-        };
-        if !self.store.record_attempt(&delivery, &outcome, &followup).await? {
-            // Our lease ran out and another worker took the row over: its outcome stands.
-            tracing::warn!(delivery = %delivery.id, "lease lost before the outcome was stored; outcome discarded");
-            return Ok(StepReport::default());
         }
         Ok(report)
     }
 
+    /// Claims due deliveries of every channel from the provider its breaker and limits allow,
+    /// sends them concurrently and stores every outcome in one batch. Claiming no more than
+    /// can be sent at once keeps every send well inside its lease, so a healthy worker never
+    /// has its rows taken over.
+    pub async fn step(&self, now: DateTime<Utc>) -> Result<StepReport, DispatchError> {
+        Ok(self.step_detail(now).await?.report)
+    }
+
+    /// [`Dispatcher::step`], also saying when held-back work may go.
+    pub async fn step_detail(&self, now: DateTime<Utc>) -> Result<Step, DispatchError> {
+        let mut step = Step {
+            report: self.expire_receipts(now).await?,
+            held_until: None,
+        };
+        let mut hold = |at: Option<DateTime<Utc>>| {
+            if let Some(at) = at {
+                step.held_until = Some(step.held_until.map_or(at, |h: DateTime<Utc>| h.min(at)));
+            }
+        };
+        let health: HashMap<String, ProviderHealth> = self
+            .store
+            .provider_health()
+            .await?
+            .into_iter()
+            .map(|h| (h.provider.clone(), h))
+            .collect();
+        let lease_until = now + chrono::Duration::seconds(self.settings.lease_seconds as i64);
+        let mut claimed: Vec<(Arc<ProviderHandle>, Delivery)> = Vec::new();
+        for channel in Channel::ALL.iter().copied() {
+            let (handle, want) = match self.choose(channel, &health, now) {
+                Ok(choice) => choice,
+                Err(reopens) => {
+                    hold(reopens);
+                    continue;
+                }
+            };
+            let got = self
+                .store
+                .claim_for_provider(&ProviderClaim {
+                    channel,
+                    provider: &handle.name,
+                    want,
+                    limits: &handle.limits,
+                    now,
+                    lease_until,
+                })
+                .await?;
+            hold(got.limited_until);
+            claimed.extend(got.deliveries.into_iter().map(|d| (handle.clone(), d)));
+        }
+        let mut report = StepReport {
+            claimed: claimed.len() as u64,
+            ..Default::default()
+        };
+        if claimed.is_empty() {
+            report += step.report;
+            step.report = report;
+            return Ok(step);
+        }
+        let references = self.references(claimed.iter().map(|(_, d)| &d.incident_id)).await?;
+        let ids: Vec<NoticeId> = claimed.iter().map(|(_, d)| d.notice_id.clone()).collect();
+        let records: HashMap<NoticeId, NoticeRecord> = self
+            .store
+            .notice_records_by_id(&ids)
+            .await?
+            .into_iter()
+            .map(|r| (r.id.clone(), r))
+            .collect();
+        let sends = claimed.iter().map(|(handle, delivery)| {
+            let reference = references.get(&delivery.incident_id).map(|r| &**r).unwrap_or("");
+            self.send_one(handle, delivery, records.get(&delivery.notice_id), reference)
+        });
+        let results = futures_util::future::join_all(sends).await;
+        let mut records_out = Vec::with_capacity(claimed.len());
+        let mut health_updates: HashMap<String, HealthUpdate> = HashMap::new();
+        for ((handle, delivery), result) in claimed.into_iter().zip(results) {
+            let h = health_updates
+                .entry(handle.name.clone())
+                .or_insert_with(|| HealthUpdate {
+                    provider: handle.name.clone(),
+                    successes: 0,
+                    failures: 0,
+                    last_failure: None,
+                    threshold: handle.breaker.failure_threshold,
+                    cooldown: chrono::Duration::seconds(handle.breaker.cooldown_seconds as i64),
+                });
+            let (outcome, followup) = match result {
+                Ok((accepted, content_hash)) => {
+                    h.successes += 1;
+                    report.sent += 1;
+                    let window = self.channels.receipt_timeout(delivery.channel);
+                    let receipt_due_at = (handle.provider.reports_delivery() && !window.is_zero())
+                        .then(|| Utc::now() + chrono::Duration::from_std(window).unwrap_or_default());
+                    let followup = if receipt_due_at.is_some() {
+                        Followup::Nothing
+                    } else {
+                        Followup::Reached
+                    };
+                    tracing::debug!(delivery = %delivery.id, channel = %delivery.channel, provider = %handle.name, "notice accepted");
+                    (
+                        AttemptOutcome::Accepted {
+                            provider_message_id: accepted.provider_message_id,
+                            content_hash,
+                            receipt_due_at,
+                        },
+                        followup,
+                    )
+                }
+                Err(e) => {
+                    if e.kind.counts_against_provider() {
+                        h.failures += 1;
+                        h.last_failure = Some(e.kind);
+                    }
+                    self.failure(&delivery, &handle, e, &mut report).await?
+                }
+            };
+            records_out.push(AttemptRecord {
+                delivery,
+                provider: handle.name.clone(),
+                outcome,
+                followup,
+            });
+        }
+        let health_updates: Vec<HealthUpdate> = health_updates.into_values().collect();
+        let stored = self.store.record_attempts(&records_out, &health_updates).await?;
+        let lost = stored.iter().filter(|s| !**s).count();
+        if lost > 0 {
+            // Our lease ran out and another worker took the rows over: its outcomes stand.
+            tracing::warn!(
+                lost,
+                "leases lost before outcomes were stored; those outcomes were discarded"
+            );
+        }
+        report += step.report;
+        step.report = report;
+        Ok(step)
+    }
+
+    /// What a failed send means: a retry, a dead letter, or the end of this channel.
+    async fn failure(
+        &self,
+        delivery: &Delivery,
+        handle: &ProviderHandle,
+        e: SendError,
+        report: &mut StepReport,
+    ) -> Result<(AttemptOutcome, Followup), DispatchError> {
+        let SendError {
+            kind,
+            message,
+            retry_after,
+        } = e;
+        if kind.class() == ErrorClass::Transient && delivery.attempts < self.settings.max_attempts as i64 {
+            report.retried += 1;
+            let at = Utc::now()
+                + chrono::Duration::from_std(backoff(&self.settings, delivery.attempts, retry_after))
+                    .unwrap_or_default();
+            tracing::warn!(delivery = %delivery.id, channel = %delivery.channel, provider = %handle.name, attempt = delivery.attempts, kind = kind.as_str(), error = %message, "send failed; will retry");
+            return Ok((
+                AttemptOutcome::Retry {
+                    error: message,
+                    kind,
+                    at,
+                },
+                Followup::Nothing,
+            ));
+        }
+        let followup = self.fallback(delivery).await?;
+        count_followup(report, &followup);
+        let outcome = if kind.class() == ErrorClass::Transient {
+            report.dead += 1;
+            tracing::warn!(delivery = %delivery.id, channel = %delivery.channel, provider = %handle.name, kind = kind.as_str(), error = %message, "attempts used up; dead-lettered");
+            AttemptOutcome::Dead { error: message, kind }
+        } else {
+            report.failed += 1;
+            tracing::warn!(delivery = %delivery.id, channel = %delivery.channel, provider = %handle.name, kind = kind.as_str(), error = %message, "send failed for good");
+            AttemptOutcome::Failed { error: message, kind }
+        };
+        Ok((outcome, followup))
+    }
+
+    /// Renders the delivery's channel and sends it; `Ok` carries the hash of what was sent.
+    async fn send_one(
+        &self,
+        handle: &ProviderHandle,
+        delivery: &Delivery,
+        record: Option<&NoticeRecord>,
+        reference: &str,
+    ) -> Result<(Accepted, String), SendError> {
+        // Rendered now from the version's frozen inputs; the hash of what went out is stored.
+        let record =
+            record.ok_or_else(|| SendError::permanent("the delivery refers to a notice that does not exist"))?;
+        let notice = self
+            .renderer
+            .render_for_channel(record, delivery.channel)
+            .await
+            .map_err(|e| {
+                tracing::error!(delivery = %delivery.id, error = %e, "rendering a notice failed");
+                SendError::new(FailureKind::ProviderError, "the notice could not be rendered")
+            })?;
+        let content_hash = channel_hash(&notice, delivery.channel);
+        let outbound = Outbound {
+            delivery,
+            notice: &notice,
+            reference,
+            notice_url: &notice.url,
+        };
+        handle.provider.send(&outbound).await.map(|a| (a, content_hash))
+    }
+
+    /// Each incident's reference, looked up once per batch.
+    async fn references<'a>(
+        &self,
+        incidents: impl Iterator<Item = &'a IncidentId>,
+    ) -> Result<HashMap<IncidentId, Arc<str>>, DispatchError> {
+        let mut references: HashMap<IncidentId, Arc<str>> = HashMap::new();
+        for id in incidents {
+            if !references.contains_key(id) {
+                let reference = self
+                    .store
+                    .incident(id.as_str())
+                    .await?
+                    .map(|i| i.reference)
+                    .unwrap_or_default();
+                references.insert(id.clone(), reference.into());
+            }
+        }
+        Ok(references)
+    }
+
+    /// The merchant's next channel of the plan, skipping channels this version already used
+    /// (a version is never sent twice on a channel), or unreachable.
     async fn fallback(&self, delivery: &Delivery) -> Result<Followup, DispatchError> {
         let affected = self
             .store
             .affected_merchant(&delivery.incident_id, &delivery.merchant_id)
             .await?;
         let merchant = self.store.merchant(&delivery.merchant_id).await?;
+        let used = self
+            .store
+            .version_channels(&delivery.draft_id, &delivery.merchant_id)
+            .await?;
         let next = match (affected, merchant) {
-            (Some(a), Some(m)) => next_delivery(
+            (Some(a), Some(m)) => next_delivery_skipping(
                 &delivery.incident_id,
                 &delivery.draft_id,
                 &delivery.notice_id,
                 &a,
                 &m,
                 delivery.plan_position,
+                &used,
             ),
             _ => None,
         };
@@ -255,30 +474,132 @@ impl Dispatcher {
         })
     }
 
-    /// Steps until no delivery of `incident` (or of any incident) is open, sleeping until the
-    /// next one is due in between. For the CLI and the demo; `serve` runs steps on a schedule.
+    /// Applies a provider's receipt: confirms delivery, or ends the channel and moves the
+    /// merchant on. Returns `None` if no delivery matches, else whether anything changed.
+    pub async fn apply_receipt(&self, receipt: &Receipt) -> Result<Option<bool>, DispatchError> {
+        let Some(delivery) = self.store.delivery_for_receipt(&receipt.key).await? else {
+            return Ok(None);
+        };
+        let followup = match receipt.status {
+            ReceiptStatus::Failed(_)
+                if matches!(delivery.status, DeliveryStatus::Accepted | DeliveryStatus::Delivered) =>
+            {
+                self.fallback(&delivery).await?
+            }
+            _ => Followup::Nothing,
+        };
+        let changed = self
+            .store
+            .record_receipt(&delivery, receipt.status, &receipt.detail, &followup, Utc::now())
+            .await?;
+        tracing::info!(delivery = %delivery.id, channel = %delivery.channel, status = ?receipt.status, changed, "receipt recorded");
+        Ok(Some(changed))
+    }
+
+    /// Runs `pipelines` step loops side by side until no delivery of `incident` (or of any
+    /// incident) is open or `limit` passed, sleeping until the next one is due in between.
+    /// For the CLI, the demo and the benchmark; `serve` runs [`Dispatcher::run`].
     pub async fn drain(&self, incident: Option<&IncidentId>, limit: Duration) -> Result<StepReport, DispatchError> {
         let started = tokio::time::Instant::now();
+        let mut loops = JoinSet::new();
+        for _ in 0..self.settings.pipelines.max(1) {
+            let this = self.clone();
+            let incident = incident.cloned();
+            loops.spawn(async move {
+                let mut total = StepReport::default();
+                loop {
+                    let step = this.step_detail(Utc::now()).await?;
+                    total += step.report;
+                    if step.report.claimed > 0 {
+                        continue;
+                    }
+                    if this.store.open_deliveries(incident.as_ref()).await? == 0 || started.elapsed() >= limit {
+                        return Ok::<_, DispatchError>(total);
+                    }
+                    this.idle(step.held_until, limit.saturating_sub(started.elapsed()))
+                        .await?;
+                }
+            });
+        }
         let mut total = StepReport::default();
-        loop {
-            let r = self.step(Utc::now()).await?;
-            total += r;
-            if self.store.open_deliveries(incident).await? == 0 || started.elapsed() >= limit {
-                return Ok(total);
-            }
-            if r.claimed == 0 {
-                let wait = match self.store.next_due().await? {
-                    Some(due) => (due - Utc::now()).to_std().unwrap_or_default(),
-                    None => Duration::from_millis(50),
-                };
-                let remaining = limit.saturating_sub(started.elapsed());
-                tokio::time::sleep(
-                    wait.clamp(Duration::from_millis(5), Duration::from_secs(5))
-                        .min(remaining),
-                )
-                .await;
+        let mut first_error = None;
+        while let Some(joined) = loops.join_next().await {
+            match joined {
+                Ok(Ok(r)) => total += r,
+                Ok(Err(e)) => {
+                    first_error.get_or_insert(e);
+                }
+                Err(e) => tracing::error!(error = %e, "a delivery loop panicked"),
             }
         }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(total),
+        }
+    }
+
+    /// Sleeps until the next delivery is due or held-back work may go (within bounds).
+    async fn idle(&self, held_until: Option<DateTime<Utc>>, remaining: Duration) -> Result<(), DispatchError> {
+        let now = Utc::now();
+        let due = self.store.next_due().await?;
+        let next = match (due, held_until) {
+            (Some(d), Some(h)) => Some(d.min(h)),
+            (d, h) => d.or(h),
+        };
+        let wait = next
+            .map(|at| (at - now).to_std().unwrap_or_default())
+            .unwrap_or(Duration::from_millis(50));
+        tokio::time::sleep(
+            wait.clamp(Duration::from_millis(5), Duration::from_secs(5))
+                .min(remaining),
+        )
+        .await;
+        Ok(())
+    }
+
+    /// The worker of `serve`: `pipelines` step loops until `stop` turns true. On stop no new
+    /// work is claimed; sends in flight finish and are recorded before this returns (SIGTERM
+    /// drains cleanly). `wake` starts a round at once (a dispatch was requested).
+    pub async fn run(&self, mut stop: tokio::sync::watch::Receiver<bool>, wake: Arc<tokio::sync::Notify>) {
+        let mut loops = JoinSet::new();
+        for n in 0..self.settings.pipelines.max(1) {
+            let this = self.clone();
+            let mut stop = stop.clone();
+            let wake = wake.clone();
+            loops.spawn(async move {
+                loop {
+                    if *stop.borrow() {
+                        return;
+                    }
+                    let held_until = match this.step_detail(Utc::now()).await {
+                        Ok(step) if step.report.claimed > 0 => continue,
+                        Ok(step) => step.held_until,
+                        Err(e) => {
+                            tracing::error!(pipeline = n, error = %e, "delivery step failed");
+                            None
+                        }
+                    };
+                    let wait = async {
+                        let _ = this.idle(held_until, Duration::from_secs(5)).await;
+                    };
+                    tokio::select! {
+                        _ = wait => {}
+                        _ = wake.notified() => {}
+                        _ = stop.changed() => return,
+                    }
+                }
+            });
+        }
+        let _ = stop.changed().await;
+        while loops.join_next().await.is_some() {}
+    }
+}
+
+fn count_followup(report: &mut StepReport, followup: &Followup) {
+    match followup {
+        Followup::Fallback(_) => report.fell_back += 1,
+        Followup::Unreachable => report.unreachable += 1,
+        _ => {}
     }
 }
 

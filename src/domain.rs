@@ -415,8 +415,10 @@ name_enum!(
         Held => "held",
         Pending => "pending",
         Sending => "sending",
-        Sent => "sent",
+        Accepted => "accepted",
+        Delivered => "delivered",
         Failed => "failed",
+        Dead => "dead",
         Superseded => "superseded",
     }
 );

@@ -367,6 +367,51 @@ impl Frozen {
         Ok(notice)
     }
 
+    /// Renders only what `channel` sends (and the link): the send path needs nothing else, and
+    /// [`channel_hash`] of it equals that of the full rendering.
+    pub fn render_channel(
+        &self,
+        id: &NoticeId,
+        draft: &DraftId,
+        to: &Addressee<'_>,
+        channel: Channel,
+    ) -> Result<Notice, DraftError> {
+        let context = self.context(to)?;
+        let locale = to.locale;
+        let render = |name: &str| self.templates.render(&format!("notice/{locale}/{name}"), &context);
+        let mut notice = Notice {
+            id: id.clone(),
+            draft_id: draft.clone(),
+            merchant_id: to.merchant_id.parse().map_err(|e: FieldError| DraftError::Incomplete {
+                missing: vec![e.to_string()],
+            })?,
+            locale,
+            url: self.inputs.settings.notice_url(to.link_token),
+            sections: NoticeSections::default(),
+            email_subject: String::new(),
+            email_text: String::new(),
+            email_html: String::new(),
+            sms_text: String::new(),
+            push_title: String::new(),
+            push_body: String::new(),
+            letter_html: String::new(),
+            content_hash: String::new(),
+        };
+        match channel {
+            Channel::Email => {
+                notice.email_subject = render("email_subject")?;
+                notice.email_text = render("email.txt")?;
+                notice.email_html = render("email.html")?;
+            }
+            Channel::Sms => notice.sms_text = render("sms")?,
+            Channel::Push => {
+                notice.push_title = render("push_title")?;
+                notice.push_body = render("push_body")?;
+            }
+        }
+        Ok(notice)
+    }
+
     /// Checks a sample rendering of one variant: every required element for `profiles`, and
     /// each channel within its limits. Returns what is missing.
     pub fn check_variant(
@@ -554,6 +599,24 @@ impl NoticeRenderer {
             Some(record) => self.render(&record, None, None).await.map(Some),
             None => Ok(None),
         }
+    }
+
+    /// Renders what `channel` sends of a stored notice (the send path).
+    pub async fn render_for_channel(&self, record: &NoticeRecord, channel: Channel) -> Result<Notice, DraftError> {
+        if let Some(legacy) = &record.legacy {
+            return legacy_notice(record, legacy);
+        }
+        let frozen = self.frozen(&record.draft_id).await?;
+        let to = Addressee {
+            merchant_id: record.merchant_id.as_str(),
+            name: &record.merchant_name,
+            kind: record.merchant_kind,
+            locale: record.locale,
+            class_no: record.class_no,
+            link_token: &record.link_token,
+            postal_address: None,
+        };
+        frozen.render_channel(&record.id, &record.draft_id, &to, channel)
     }
 
     /// Renders a stored notice; `locale` renders it in another language (preview).

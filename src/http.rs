@@ -433,23 +433,18 @@ async fn get_notice(State(s): State<AppState>, Path(id): Path<String>) -> ApiRes
     ok(s.engine.notice(&id).await?)
 }
 
-/// The delivery worker of `serve`: on every tick of the sweep schedule, or at once when a
-/// dispatch is requested, deliver what is due and settle incidents whose outbox emptied.
+/// The background work of `serve`: the delivery pipelines, and on every tick of the sweep
+/// schedule settling incidents whose outbox emptied and checkpointing the database.
 async fn worker(state: AppState, schedule: Schedule, mut stop: tokio::sync::watch::Receiver<bool>) {
     let engine = state.engine.clone();
     let dispatcher = engine.dispatcher();
+    let deliveries = tokio::spawn({
+        let stop = stop.clone();
+        let wake = state.wake_worker.clone();
+        async move { dispatcher.run(stop, wake).await }
+    });
     let system = Actor::system();
     loop {
-        loop {
-            match dispatcher.step(Utc::now()).await {
-                Ok(r) if r.claimed > 0 => continue,
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::error!(error = %e, "delivery step failed");
-                    break;
-                }
-            }
-        }
         if let Ok(incidents) = engine.incidents().await {
             for i in incidents.iter().filter(|i| i.state == IncidentState::Notifying) {
                 if let Err(e) = engine.settle(&i.id, &system).await {
@@ -467,16 +462,13 @@ async fn worker(state: AppState, schedule: Schedule, mut stop: tokio::sync::watc
             .next_after(now)
             .map(|t| (t - now).to_std().unwrap_or_default())
             .unwrap_or(Duration::from_secs(10));
-        let next_due = match engine.store.next_due().await {
-            Ok(Some(due)) => (due - now).to_std().unwrap_or_default(),
-            _ => next_tick,
-        };
         tokio::select! {
-            _ = tokio::time::sleep(next_tick.min(next_due).max(Duration::from_millis(10))) => {}
-            _ = state.wake_worker.notified() => {}
-            _ = stop.changed() => return,
+            _ = tokio::time::sleep(next_tick.max(Duration::from_millis(10))) => {}
+            _ = stop.changed() => break,
         }
     }
+    // The pipelines saw the same stop: they claim nothing more and record what is in flight.
+    let _ = deliveries.await;
 }
 
 /// Checks that `listen` is a loopback address.
@@ -514,9 +506,15 @@ pub async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let worker_task = tokio::spawn(worker(state.clone(), schedule, stop_rx));
     let app = router_with(state);
-    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
-    let _ = stop_tx.send(true);
+    // On the signal the workers stop claiming at once, while the server finishes its requests.
+    let stopping = async move {
+        shutdown.await;
+        tracing::info!("stopping: no new deliveries are claimed; sends in flight finish");
+        let _ = stop_tx.send(true);
+    };
+    let result = axum::serve(listener, app).with_graceful_shutdown(stopping).await;
     let _ = worker_task.await;
+    tracing::info!("stopped");
     Ok(result?)
 }
 

@@ -411,6 +411,93 @@ impl ErrorClass {
     }
 }
 
+/// Why a send or a delivery failed. The kind decides whether to retry (transient) or move on
+/// (permanent), and whether it counts against the provider's health (circuit breaker).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// Could not connect, connection reset, TLS failure.
+    Network,
+    /// No answer in time.
+    Timeout,
+    /// The provider asked us to slow down (HTTP 429, SMTP 421/450-452 rate answers).
+    Throttled,
+    /// The provider failed (HTTP 5xx, SMTP 4xx).
+    ProviderError,
+    /// Our credentials or configuration were refused (HTTP 401/403, SMTP 530/535): retried,
+    /// so fixing the configuration delivers; counts against the provider so the next is used.
+    Auth,
+    /// The recipient or the message was refused (invalid address or number, SMTP 550-554,
+    /// other HTTP 4xx).
+    Rejected,
+    /// The push token is no longer registered (FCM UNREGISTERED, APNs 410).
+    Unregistered,
+    /// The message bounced after acceptance (a delivery status notification said failed).
+    Bounced,
+    /// The provider reported the message undelivered (Twilio `undelivered`/`failed`, Aliyun
+    /// report with success=false).
+    Undelivered,
+    /// No delivery receipt arrived within the channel's receipt window.
+    NoReceipt,
+}
+
+impl FailureKind {
+    pub fn class(self) -> ErrorClass {
+        match self {
+            Self::Network | Self::Timeout | Self::Throttled | Self::ProviderError | Self::Auth => ErrorClass::Transient,
+            Self::Rejected | Self::Unregistered | Self::Bounced | Self::Undelivered | Self::NoReceipt => {
+                ErrorClass::Permanent
+            }
+        }
+    }
+
+    /// Failures that say the provider is unwell (not the recipient): they trip its breaker.
+    pub fn counts_against_provider(self) -> bool {
+        matches!(
+            self,
+            Self::Network | Self::Timeout | Self::Throttled | Self::ProviderError | Self::Auth
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Network => "network",
+            Self::Timeout => "timeout",
+            Self::Throttled => "throttled",
+            Self::ProviderError => "provider_error",
+            Self::Auth => "auth",
+            Self::Rejected => "rejected",
+            Self::Unregistered => "unregistered",
+            Self::Bounced => "bounced",
+            Self::Undelivered => "undelivered",
+            Self::NoReceipt => "no_receipt",
+        }
+    }
+
+    pub const ALL: [FailureKind; 10] = [
+        Self::Network,
+        Self::Timeout,
+        Self::Throttled,
+        Self::ProviderError,
+        Self::Auth,
+        Self::Rejected,
+        Self::Unregistered,
+        Self::Bounced,
+        Self::Undelivered,
+        Self::NoReceipt,
+    ];
+}
+
+impl std::str::FromStr for FailureKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| {
+            let names: Vec<&str> = Self::ALL.iter().map(|k| k.as_str()).collect();
+            format!("unknown failure kind {s:?}; expected one of {}", names.join(", "))
+        })
+    }
+}
+
 /// One outbox row: a notice version to one merchant on one channel at one address.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Delivery {
@@ -432,7 +519,15 @@ pub struct Delivery {
     /// Hash of the exact text sent, set when it was sent.
     pub content_hash: Option<String>,
     pub created_at: DateTime<Utc>,
+    /// When a provider accepted it.
     pub sent_at: Option<DateTime<Utc>>,
+    /// The provider of the latest attempt (a configured provider name).
+    pub provider: Option<String>,
+    pub error_kind: Option<FailureKind>,
+    /// When a receipt confirmed delivery.
+    pub delivered_at: Option<DateTime<Utc>>,
+    /// Accepted and waiting for a receipt until then; no receipt by then moves the merchant on.
+    pub receipt_due_at: Option<DateTime<Utc>>,
 }
 
 impl Delivery {
@@ -446,8 +541,14 @@ impl Delivery {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ChannelTally {
     pub channel: String,
+    /// Accepted by a provider (including those since confirmed delivered).
     pub sent: i64,
+    /// Confirmed delivered by a receipt.
+    pub delivered: i64,
+    /// Failed for good (refused, bounced, undelivered, no receipt).
     pub failed: i64,
+    /// Dead-lettered after the configured attempts: `tocsin deliveries redrive` sends them again.
+    pub dead: i64,
     pub pending: i64,
 }
 

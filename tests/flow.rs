@@ -231,7 +231,7 @@ async fn notices_reach_each_merchant_on_the_right_channel_with_retries_and_fallb
     assert_eq!(find("c-flaky", "email")["attempts"], 2);
     assert_eq!(find("b-bounce", "email")["status"], "failed");
     assert_eq!(find("b-bounce", "email")["error_class"], "permanent");
-    assert_eq!(find("b-bounce", "sms")["status"], "sent");
+    assert_eq!(find("b-bounce", "sms")["status"], "accepted");
     assert_eq!(find("e-smsbad", "push")["provider_message_id"], "push-accepted");
 
     // The bulletin is public: the five elements, and nobody's personal data.

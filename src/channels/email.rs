@@ -171,7 +171,9 @@ impl Provider for EmailTransport {
             key: &m.delivery.idempotency_key,
         })
         .await
-        .map(|id| Accepted { provider_message_id: id })
+        .map(|id| Accepted {
+            provider_message_id: id,
+        })
     }
 }
 

@@ -6,16 +6,17 @@
 mod email;
 mod webhook;
 
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::config::Settings;
+use crate::config::{BreakerSettings, LimitSettings, ProviderSettings, Settings};
 use crate::domain::Channel;
+pub use crate::model::FailureKind;
 use crate::model::{Delivery, ErrorClass, Notice};
-
 
 pub use email::{EmailTransport, Mail};
 pub use webhook::{WebhookTransport, sign};
@@ -42,96 +43,6 @@ impl Accepted {
         Self {
             provider_message_id: Some(id.into()),
         }
-    }
-}
-
-/// Why a send or a delivery failed. The kind decides whether to retry (transient) or move on
-/// (permanent), and whether it counts against the provider's health (circuit breaker).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FailureKind {
-    /// Could not connect, connection reset, TLS failure.
-    Network,
-    /// No answer in time.
-    Timeout,
-    /// The provider asked us to slow down (HTTP 429, SMTP 421/450-452 rate answers).
-    Throttled,
-    /// The provider failed (HTTP 5xx, SMTP 4xx).
-    ProviderError,
-    /// Our credentials or configuration were refused (HTTP 401/403, SMTP 530/535): retried,
-    /// so fixing the configuration delivers; counts against the provider so the next is used.
-    Auth,
-    /// The recipient or the message was refused (invalid address or number, SMTP 550-554,
-    /// other HTTP 4xx).
-    Rejected,
-    /// The push token is no longer registered (FCM UNREGISTERED, APNs 410).
-    Unregistered,
-    /// The message bounced after acceptance (a delivery status notification said failed).
-    Bounced,
-    /// The provider reported the message undelivered (Twilio `undelivered`/`failed`, Aliyun
-    /// report with success=false).
-    Undelivered,
-    /// No delivery receipt arrived within the channel's receipt window.
-    NoReceipt,
-}
-
-impl FailureKind {
-    pub fn class(self) -> ErrorClass {
-        match self {
-            Self::Network | Self::Timeout | Self::Throttled | Self::ProviderError | Self::Auth => ErrorClass::Transient,
-            Self::Rejected | Self::Unregistered | Self::Bounced | Self::Undelivered | Self::NoReceipt => {
-                ErrorClass::Permanent
-            }
-        }
-    }
-
-    /// Failures that say the provider is unwell (not the recipient): they trip its breaker.
-    pub fn counts_against_provider(self) -> bool {
-        matches!(
-            self,
-            Self::Network | Self::Timeout | Self::Throttled | Self::ProviderError | Self::Auth
-        )
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Network => "network",
-            Self::Timeout => "timeout",
-            Self::Throttled => "throttled",
-            Self::ProviderError => "provider_error",
-            Self::Auth => "auth",
-            Self::Rejected => "rejected",
-            Self::Unregistered => "unregistered",
-            Self::Bounced => "bounced",
-            Self::Undelivered => "undelivered",
-            Self::NoReceipt => "no_receipt",
-        }
-    }
-
-    pub const ALL: [FailureKind; 10] = [
-        Self::Network,
-        Self::Timeout,
-        Self::Throttled,
-        Self::ProviderError,
-        Self::Auth,
-        Self::Rejected,
-        Self::Unregistered,
-        Self::Bounced,
-        Self::Undelivered,
-        Self::NoReceipt,
-    ];
-}
-
-impl std::str::FromStr for FailureKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|k| k.as_str() == s)
-            .ok_or_else(|| {
-                let names: Vec<&str> = Self::ALL.iter().map(|k| k.as_str()).collect();
-                format!("unknown failure kind {s:?}; expected one of {}", names.join(", "))
-            })
     }
 }
 
@@ -217,40 +128,174 @@ pub trait Provider: Send + Sync {
     }
 }
 
-/// The transports of every channel.
+/// One configured provider of one channel, with its limits and breaker settings.
+pub struct ProviderHandle {
+    /// The configured name (`[providers.NAME]`), or the channel's name for the channel's own
+    /// `transport`.
+    pub name: String,
+    pub channel: Channel,
+    pub provider: Arc<dyn Provider>,
+    pub limits: LimitSettings,
+    pub breaker: BreakerSettings,
+}
+
+/// The providers of every channel, in failover order.
 #[derive(Clone)]
 pub struct ChannelSet {
-    pub email: Arc<dyn Provider>,
-    pub sms: Arc<dyn Provider>,
-    pub push: Arc<dyn Provider>,
+    by_channel: HashMap<Channel, Vec<Arc<ProviderHandle>>>,
+    receipt_timeouts: HashMap<Channel, Duration>,
 }
 
 impl ChannelSet {
-    /// Builds the transports the settings name; file transports write under `data_dir/outbox`.
+    /// Builds the providers the settings name; file providers write under `data_dir/outbox`.
     pub fn from_settings(settings: &Settings, data_dir: &Path) -> Result<Self, ChannelSetupError> {
         let outbox = data_dir.join("outbox");
-        Ok(Self {
-            email: Arc::new(EmailTransport::from_settings(&settings.email, &outbox.join("email"))?),
-            sms: Arc::new(WebhookTransport::from_settings(
-                Channel::Sms,
-                &settings.sms,
-                &outbox.join("sms"),
-            )?),
-            push: Arc::new(WebhookTransport::from_settings(
+        let mut by_channel = HashMap::new();
+        for (channel, names) in [
+            (Channel::Email, &settings.email.providers),
+            (Channel::Sms, &settings.sms.providers),
+            (Channel::Push, &settings.push.providers),
+        ] {
+            let dir = outbox.join(channel.as_str());
+            let handles = if names.is_empty() {
+                vec![Arc::new(ProviderHandle {
+                    name: channel.as_str().to_owned(),
+                    channel,
+                    provider: default_provider(settings, channel, &dir)?,
+                    limits: LimitSettings::default(),
+                    breaker: BreakerSettings::default(),
+                })]
+            } else {
+                let mut seen = HashSet::new();
+                names
+                    .iter()
+                    .map(|name| {
+                        if !seen.insert(name) {
+                            return Err(setup_err(
+                                channel.as_str(),
+                                format!("provider {name:?} is listed twice"),
+                            ));
+                        }
+                        let p = settings.providers.get(name).ok_or_else(|| {
+                            setup_err(
+                                channel.as_str(),
+                                format!("{channel}.providers names {name:?}, which no [providers.{name}] defines"),
+                            )
+                        })?;
+                        Ok(Arc::new(ProviderHandle {
+                            name: name.clone(),
+                            channel,
+                            provider: named_provider(settings, name, p, channel, &dir)?,
+                            limits: p.limits.clone(),
+                            breaker: p.breaker.clone(),
+                        }))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+            };
+            by_channel.insert(channel, handles);
+        }
+        let receipt_timeouts = HashMap::from([
+            (
+                Channel::Email,
+                Duration::from_secs(settings.email.receipt_timeout_seconds),
+            ),
+            (Channel::Sms, Duration::from_secs(settings.sms.receipt_timeout_seconds)),
+            (
                 Channel::Push,
-                &settings.push,
-                &outbox.join("push"),
-            )?),
+                Duration::from_secs(settings.push.receipt_timeout_seconds),
+            ),
+        ]);
+        Ok(Self {
+            by_channel,
+            receipt_timeouts,
         })
     }
 
-    pub fn get(&self, channel: Channel) -> &Arc<dyn Provider> {
-        match channel {
-            Channel::Email => &self.email,
-            Channel::Sms => &self.sms,
-            Channel::Push => &self.push,
-        }
+    /// The channel's providers in failover order.
+    pub fn providers(&self, channel: Channel) -> &[Arc<ProviderHandle>] {
+        self.by_channel.get(&channel).map(Vec::as_slice).unwrap_or_default()
     }
+
+    /// A provider by its configured name.
+    pub fn provider(&self, name: &str) -> Option<&Arc<ProviderHandle>> {
+        self.by_channel.values().flatten().find(|h| h.name == name)
+    }
+
+    /// Every provider of every channel.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<ProviderHandle>> {
+        self.by_channel.values().flatten()
+    }
+
+    /// How long an accepted message of `channel` may wait for its receipt (providers that send
+    /// receipts only).
+    pub fn receipt_timeout(&self, channel: Channel) -> Duration {
+        self.receipt_timeouts.get(&channel).copied().unwrap_or_default()
+    }
+}
+
+/// The channel's own `transport` (file, smtp or webhook), used when it lists no providers.
+fn default_provider(settings: &Settings, channel: Channel, dir: &Path) -> Result<Arc<dyn Provider>, ChannelSetupError> {
+    Ok(match channel {
+        Channel::Email => Arc::new(EmailTransport::from_settings(&settings.email, dir)?),
+        Channel::Sms => Arc::new(WebhookTransport::from_settings(channel, &settings.sms, dir)?),
+        Channel::Push => Arc::new(WebhookTransport::from_settings(channel, &settings.push, dir)?),
+    })
+}
+
+fn named_provider(
+    settings: &Settings,
+    name: &str,
+    p: &ProviderSettings,
+    channel: Channel,
+    dir: &Path,
+) -> Result<Arc<dyn Provider>, ChannelSetupError> {
+    let which = channel.as_str();
+    let missing = |table: &str| {
+        setup_err(
+            which,
+            format!("providers.{name}: kind {table:?} needs a [providers.{name}.{table}] table"),
+        )
+    };
+    let wrong = || {
+        setup_err(
+            which,
+            format!("providers.{name}: a {} provider cannot carry {channel}", p.kind),
+        )
+    };
+    Ok(match (p.kind.as_str(), channel) {
+        ("file", Channel::Email) => {
+            let mut email = settings.email.clone();
+            email.transport = "file".into();
+            Arc::new(EmailTransport::from_settings(&email, dir)?)
+        }
+        ("file", _) => {
+            let mut s = settings.sms.clone();
+            s.transport = "file".into();
+            Arc::new(WebhookTransport::from_settings(channel, &s, dir)?)
+        }
+        ("smtp", Channel::Email) => {
+            let mut email = settings.email.clone();
+            email.transport = "smtp".into();
+            email.smtp = p.smtp.clone().ok_or_else(|| missing("smtp"))?;
+            Arc::new(EmailTransport::from_settings(&email, dir)?)
+        }
+        ("webhook", Channel::Sms | Channel::Push) => {
+            let w = p.webhook.as_ref().ok_or_else(|| missing("webhook"))?;
+            let mut s = settings.sms.clone();
+            s.transport = "webhook".into();
+            s.url = w.url.clone();
+            s.signing_secret = w.signing_secret.clone();
+            s.timeout_seconds = w.timeout_seconds;
+            Arc::new(WebhookTransport::from_settings(channel, &s, dir)?)
+        }
+        ("smtp" | "webhook", _) => return Err(wrong()),
+        (other, _) => {
+            return Err(setup_err(
+                which,
+                format!("providers.{name}.kind: unknown kind {other:?}; expected file, smtp, webhook"),
+            ));
+        }
+    })
 }
 
 fn setup_err(channel: &'static str, reason: impl ToString) -> ChannelSetupError {

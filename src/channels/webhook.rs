@@ -132,7 +132,11 @@ impl Provider for WebhookTransport {
                     .send()
                     .await
                     .map_err(|e| {
-                        let kind = if e.is_timeout() { FailureKind::Timeout } else { FailureKind::Network };
+                        let kind = if e.is_timeout() {
+                            FailureKind::Timeout
+                        } else {
+                            FailureKind::Network
+                        };
                         SendError::new(kind, format!("webhook request failed: {}", without_url(&e)))
                     })?;
                 let status = response.status();
@@ -143,7 +147,9 @@ impl Provider for WebhookTransport {
                             .and_then(|i| i.as_str())
                             .map(str::to_owned)
                     });
-                    return Ok(Accepted { provider_message_id: id });
+                    return Ok(Accepted {
+                        provider_message_id: id,
+                    });
                 }
                 let retry_after = retry_after(response.headers());
                 let message = format!("webhook answered HTTP {}", status.as_u16());
@@ -154,7 +160,11 @@ impl Provider for WebhookTransport {
                     )));
                 }
                 if status.as_u16() == 408 || status.as_u16() == 429 || status.is_server_error() {
-                    let kind = if status.as_u16() == 429 { FailureKind::Throttled } else { FailureKind::ProviderError };
+                    let kind = if status.as_u16() == 429 {
+                        FailureKind::Throttled
+                    } else {
+                        FailureKind::ProviderError
+                    };
                     Err(SendError::new(kind, message).retry_after(retry_after))
                 } else {
                     Err(SendError::permanent(message))

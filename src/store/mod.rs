@@ -13,8 +13,11 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+use crate::channels::{ReceiptKey, ReceiptStatus};
+use crate::config::LimitSettings;
 use crate::domain::*;
 use crate::model::*;
+use serde::Serialize;
 
 pub use sqlite::SqliteStore;
 
@@ -208,24 +211,29 @@ pub struct NewDelivery {
 /// The outcome of one send attempt, stored against its delivery.
 #[derive(Debug, Clone)]
 pub enum AttemptOutcome {
-    Sent {
+    /// The provider accepted it. With `receipt_due_at` the merchant counts as reached only
+    /// when a receipt confirms delivery, and moves on if none comes by then.
+    Accepted {
         provider_message_id: Option<String>,
         content_hash: String,
+        receipt_due_at: Option<DateTime<Utc>>,
     },
+    /// A transient failure: try again at `at`.
     Retry {
         error: String,
+        kind: FailureKind,
         at: DateTime<Utc>,
     },
-    Failed {
-        error: String,
-        class: ErrorClass,
-    },
+    /// A permanent failure of this channel for this merchant.
+    Failed { error: String, kind: FailureKind },
+    /// Transient failures used up the attempts: kept as a dead letter for re-driving.
+    Dead { error: String, kind: FailureKind },
 }
 
-/// What an attempt's outcome means for the merchant.
+/// What an attempt's or receipt's outcome means for the merchant.
 #[derive(Debug, Clone)]
 pub enum Followup {
-    /// Nothing changes (a retry is scheduled).
+    /// Nothing changes (a retry is scheduled, or a receipt is awaited).
     Nothing,
     /// The merchant was reached on the delivery's channel.
     Reached,
@@ -233,6 +241,78 @@ pub enum Followup {
     Fallback(NewDelivery),
     /// The channel failed for good and the plan is exhausted.
     Unreachable,
+}
+
+/// One attempt to record: the claimed delivery, the provider used, the outcome and follow-up.
+#[derive(Debug, Clone)]
+pub struct AttemptRecord {
+    pub delivery: Delivery,
+    pub provider: String,
+    pub outcome: AttemptOutcome,
+    pub followup: Followup,
+}
+
+/// How a provider fared in a recorded batch, for its circuit breaker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthUpdate {
+    pub provider: String,
+    pub successes: u32,
+    /// Failures that count against the provider, with the last one's kind.
+    pub failures: u32,
+    pub last_failure: Option<FailureKind>,
+    pub threshold: u32,
+    pub cooldown: chrono::Duration,
+}
+
+/// A provider's circuit-breaker state as stored.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ProviderHealth {
+    pub provider: String,
+    pub consecutive_failures: i64,
+    pub open_until: Option<DateTime<Utc>>,
+    pub last_failure_at: Option<DateTime<Utc>>,
+    pub last_error_kind: Option<String>,
+}
+
+/// A claim for one provider of one channel, within the provider's limits.
+#[derive(Debug, Clone)]
+pub struct ProviderClaim<'a> {
+    pub channel: Channel,
+    pub provider: &'a str,
+    pub want: u32,
+    pub limits: &'a LimitSettings,
+    pub now: DateTime<Utc>,
+    pub lease_until: DateTime<Utc>,
+}
+
+/// What a claim got, and when the provider's limits let more through if they held some back.
+#[derive(Debug, Clone, Default)]
+pub struct Claimed {
+    pub deliveries: Vec<Delivery>,
+    pub limited_until: Option<DateTime<Utc>>,
+}
+
+/// Which dead letters (or deliveries) a command means.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DeliveryFilter {
+    pub incident: Option<IncidentId>,
+    pub channel: Option<Channel>,
+    pub provider: Option<String>,
+    /// `transient`, `permanent`, or a failure kind such as `network` or `throttled`.
+    pub error_class: Option<String>,
+}
+
+/// One entry of a delivery's history: an attempt, a receipt, a re-drive.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeliveryEvent {
+    pub delivery_id: String,
+    pub at: DateTime<Utc>,
+    pub event: String,
+    pub attempt: i64,
+    pub provider: Option<String>,
+    pub outcome: String,
+    pub error_kind: Option<String>,
+    pub detail: Option<String>,
 }
 
 #[async_trait]
@@ -334,6 +414,8 @@ pub trait Store: Send + Sync {
         after: Option<&MerchantId>,
         limit: u32,
     ) -> Result<Vec<NoticeRecord>, StoreError>;
+    /// The records of several notices at once (the send path reads a claimed batch in one go).
+    async fn notice_records_by_id(&self, ids: &[NoticeId]) -> Result<Vec<NoticeRecord>, StoreError>;
     async fn notice_record(&self, id: &NoticeId) -> Result<Option<NoticeRecord>, StoreError>;
     async fn notice_for(&self, draft: &DraftId, merchant: &MerchantId) -> Result<Option<NoticeRecord>, StoreError>;
     async fn notice_by_token(&self, token: &str) -> Result<Option<NoticeRecord>, StoreError>;
@@ -356,23 +438,48 @@ pub trait Store: Send + Sync {
     ) -> Result<u64, StoreError>;
     /// Inserts deliveries whose idempotency key is new; returns how many were new.
     async fn enqueue(&self, deliveries: &[NewDelivery]) -> Result<u64, StoreError>;
-    /// Claims up to `limit` due deliveries for `lease` (their status becomes `sending`).
-    async fn claim_due(
+    /// Claims up to `claim.want` due deliveries of a channel for one provider, as many as the
+    /// provider's limits allow (token bucket, sliding window, in flight across all instances);
+    /// their status becomes `sending` until `lease_until`. Rows whose lease ran out (a worker
+    /// died mid-send) are taken over.
+    async fn claim_for_provider(&self, claim: &ProviderClaim<'_>) -> Result<Claimed, StoreError>;
+    /// Stores a batch of attempts' outcomes with what follows from each for its merchant, the
+    /// attempt history, the ledger entries and the providers' health, in one transaction, so a
+    /// crash cannot record a failure and lose the fallback. Returns, per record, `false` if its
+    /// claim was no longer this attempt's (its lease ran out and another worker took it over):
+    /// nothing was stored for it.
+    async fn record_attempts(
         &self,
-        now: DateTime<Utc>,
-        lease_until: DateTime<Utc>,
-        limit: u32,
-    ) -> Result<Vec<Delivery>, StoreError>;
-    /// Stores an attempt's outcome together with what follows from it for the merchant,
-    /// in one transaction, so a crash cannot record a failure and lose the fallback.
-    /// Returns `false`, storing nothing, if the delivery's claim is no longer this attempt's
-    /// (its lease ran out and another worker took it over).
-    async fn record_attempt(
+        records: &[AttemptRecord],
+        health: &[HealthUpdate],
+    ) -> Result<Vec<bool>, StoreError>;
+    /// Circuit-breaker state of every provider that has any.
+    async fn provider_health(&self) -> Result<Vec<ProviderHealth>, StoreError>;
+    /// The delivery a receipt refers to (by provider message id, or by our delivery id).
+    async fn delivery_for_receipt(&self, key: &ReceiptKey) -> Result<Option<Delivery>, StoreError>;
+    /// Stores a receipt: `Delivered` confirms (the merchant is reached), `Failed` ends the
+    /// channel with `followup`, `InProgress` is only recorded. Returns `false` if the receipt
+    /// changes nothing (a repeat, or a delivery no longer waiting for it).
+    async fn record_receipt(
         &self,
         delivery: &Delivery,
-        outcome: &AttemptOutcome,
+        status: ReceiptStatus,
+        detail: &str,
         followup: &Followup,
+        at: DateTime<Utc>,
     ) -> Result<bool, StoreError>;
+    /// Accepted deliveries whose receipt window closed without a receipt.
+    async fn receipts_overdue(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Delivery>, StoreError>;
+    /// The channels a merchant already has a delivery of this notice version on.
+    async fn version_channels(&self, draft: &DraftId, merchant: &MerchantId) -> Result<Vec<Channel>, StoreError>;
+    /// Dead letters matching `filter`, oldest first.
+    async fn dead_letters(&self, filter: &DeliveryFilter, limit: u32) -> Result<Vec<Delivery>, StoreError>;
+    /// Puts the dead letters matching `filter` back in the outbox with fresh attempts; returns
+    /// how many. Recorded in the ledger with the filter and the actor.
+    async fn redrive(&self, filter: &DeliveryFilter, actor: &Actor, now: DateTime<Utc>) -> Result<u64, StoreError>;
+    /// A delivery's history of attempts and receipts.
+    async fn delivery_events(&self, delivery: &DeliveryId) -> Result<Vec<DeliveryEvent>, StoreError>;
+    async fn delivery(&self, id: &DeliveryId) -> Result<Option<Delivery>, StoreError>;
     async fn deliveries(&self, incident: &IncidentId) -> Result<Vec<Delivery>, StoreError>;
     async fn delivery_tally(&self, incident: &IncidentId) -> Result<Vec<ChannelTally>, StoreError>;
     /// Deliveries not yet final (pending or sending), for any incident if `None`.

@@ -16,6 +16,9 @@ use super::*;
 use crate::ledger::{GENESIS, chain_hash};
 use crate::time::{fmt_ts, parse_ts};
 
+mod outbox;
+use outbox::DELIVERY_COLUMNS;
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 pub struct SqliteStore {
@@ -314,6 +317,14 @@ fn delivery_from(row: &SqliteRow) -> Result<Delivery, StoreError> {
         content_hash: row.try_get("content_hash").doing("reading a delivery")?,
         created_at: ts_col(row, "created_at")?,
         sent_at: opt_ts_col(row, "sent_at")?,
+        provider: row.try_get("provider").doing("reading a delivery")?,
+        error_kind: {
+            let kind: Option<String> = row.try_get("error_kind").doing("reading a delivery")?;
+            kind.map(|k| k.parse().map_err(|e: String| corrupt("deliveries.error_kind", e)))
+                .transpose()?
+        },
+        delivered_at: opt_ts_col(row, "delivered_at")?,
+        receipt_due_at: opt_ts_col(row, "receipt_due_at")?,
     })
 }
 
@@ -1043,10 +1054,6 @@ async fn insert_delivery_in(conn: &mut SqliteConnection, d: &NewDelivery, now: &
     .doing("queueing a delivery")?;
     Ok(done.rows_affected())
 }
-
-const DELIVERY_COLUMNS: &str = "id, idempotency_key, incident_id, draft_id, notice_id, merchant_id, channel, address, \
-     plan_position, status, attempts, next_attempt_at, last_error, error_class, provider_message_id, content_hash, \
-     created_at, sent_at";
 
 #[async_trait]
 impl Store for SqliteStore {
@@ -1840,6 +1847,44 @@ impl Store for SqliteStore {
         .collect()
     }
 
+    async fn notice_records_by_id(&self, ids: &[NoticeId]) -> Result<Vec<NoticeRecord>, StoreError> {
+        let all: Vec<&str> = ids.iter().map(|i| i.as_str()).collect();
+        let mut records: Vec<NoticeRecord> =
+            sqlx::query("SELECT * FROM notices WHERE id IN (SELECT value FROM json_each($1))")
+                .bind(to_json(&all))
+                .fetch_all(&self.pool)
+                .await
+                .doing("looking up notices")?
+                .iter()
+                .map(legacy_record_from)
+                .collect::<Result<_, _>>()?;
+        // Derived ids: 20 hex digits of their draft, then the scope row; one query per draft.
+        let mut by_draft: std::collections::BTreeMap<&str, Vec<i64>> = Default::default();
+        for id in ids {
+            let hex = id.as_str().strip_prefix("ntc_").unwrap_or("");
+            if let (Some(prefix), Some(seq)) = (
+                hex.get(..20),
+                hex.get(20..).and_then(|s| i64::from_str_radix(s, 16).ok()),
+            ) {
+                by_draft.entry(prefix).or_default().push(seq);
+            }
+        }
+        for (prefix, seqs) in by_draft {
+            let rows = sqlx::query(trusted(format!(
+                "{NOTICE_SELECT} WHERE substr(d.id, 5, 20) = $1 AND a.seq IN (SELECT value FROM json_each($2))"
+            )))
+            .bind(prefix)
+            .bind(to_json(&seqs))
+            .fetch_all(&self.pool)
+            .await
+            .doing("looking up notices")?;
+            for row in &rows {
+                records.push(record_from(row)?);
+            }
+        }
+        Ok(records)
+    }
+
     async fn notice_record(&self, id: &NoticeId) -> Result<Option<NoticeRecord>, StoreError> {
         if let Some(row) = sqlx::query("SELECT * FROM notices WHERE id = $1")
             .bind(id.as_str())
@@ -2050,161 +2095,65 @@ impl Store for SqliteStore {
         Ok(inserted)
     }
 
-    async fn claim_due(
-        &self,
-        now: DateTime<Utc>,
-        lease_until: DateTime<Utc>,
-        limit: u32,
-    ) -> Result<Vec<Delivery>, StoreError> {
-        let mut tx = self.begin().await?;
-        // A `sending` row whose lease ran out belongs to a worker that died mid-send: take it over.
-        let sql = "UPDATE deliveries SET status = 'sending', lease_until = $1, attempts = attempts + 1, updated_at = $2
-             WHERE id IN (SELECT id FROM deliveries
-                          WHERE (status = 'pending' AND next_attempt_at <= $2)
-                             OR (status = 'sending' AND lease_until <= $2)
-                          ORDER BY next_attempt_at LIMIT $3)
-             RETURNING id, idempotency_key, incident_id, draft_id, notice_id, merchant_id, channel, address, \
-             plan_position, status, attempts, next_attempt_at, last_error, error_class, provider_message_id, content_hash, \
-             created_at, sent_at";
-        debug_assert!(sql.ends_with(DELIVERY_COLUMNS));
-        let rows = sqlx::query(sql)
-            .bind(fmt_ts(lease_until))
-            .bind(fmt_ts(now))
-            .bind(limit as i64)
-            .fetch_all(&mut *tx)
-            .await
-            .doing("claiming due deliveries")?;
-        tx.commit().await.doing("committing a claim")?;
-        rows.iter().map(delivery_from).collect()
+    async fn claim_for_provider(&self, claim: &ProviderClaim<'_>) -> Result<Claimed, StoreError> {
+        outbox::claim_for_provider(&self.pool, claim).await
     }
 
-    async fn record_attempt(
+    async fn record_attempts(
+        &self,
+        records: &[AttemptRecord],
+        health: &[HealthUpdate],
+    ) -> Result<Vec<bool>, StoreError> {
+        outbox::record_attempts(&self.pool, records, health).await
+    }
+
+    async fn provider_health(&self) -> Result<Vec<ProviderHealth>, StoreError> {
+        outbox::provider_health(&self.pool).await
+    }
+
+    async fn delivery_for_receipt(&self, key: &ReceiptKey) -> Result<Option<Delivery>, StoreError> {
+        outbox::delivery_for_receipt(&self.pool, key).await
+    }
+
+    async fn record_receipt(
         &self,
         delivery: &Delivery,
-        outcome: &AttemptOutcome,
+        status: ReceiptStatus,
+        detail: &str,
         followup: &Followup,
+        at: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
-        let now = fmt_ts(Utc::now());
-        let id = delivery.id.as_str();
-        // Only the holder of the current claim (same attempt number, still sending) may record.
-        let claim = delivery.attempts;
-        let mut tx = self.begin().await?;
-        let query = match outcome {
-            AttemptOutcome::Sent {
-                provider_message_id,
-                content_hash,
-            } => sqlx::query(
-                "UPDATE deliveries SET status = 'sent', sent_at = $1, updated_at = $1, lease_until = NULL,
-                        provider_message_id = $2, last_error = NULL, error_class = NULL, content_hash = $5
-                 WHERE id = $3 AND status = 'sending' AND attempts = $4",
-            )
-            .bind(now.clone())
-            .bind(provider_message_id.clone())
-            .bind(id)
-            .bind(claim)
-            .bind(content_hash.clone()),
-            AttemptOutcome::Retry { error, at } => sqlx::query(
-                "UPDATE deliveries SET status = 'pending', next_attempt_at = $1, updated_at = $2, lease_until = NULL,
-                        last_error = $3, error_class = 'transient'
-                 WHERE id = $4 AND status = 'sending' AND attempts = $5",
-            )
-            .bind(fmt_ts(*at))
-            .bind(now.clone())
-            .bind(error.clone())
-            .bind(id)
-            .bind(claim),
-            AttemptOutcome::Failed { error, class } => sqlx::query(
-                "UPDATE deliveries SET status = 'failed', updated_at = $1, lease_until = NULL,
-                        last_error = $2, error_class = $3
-                 WHERE id = $4 AND status = 'sending' AND attempts = $5",
-            )
-            .bind(now.clone())
-            .bind(error.clone())
-            .bind(class.as_str())
-            .bind(id)
-            .bind(claim),
-        };
-        if query
-            .execute(&mut *tx)
-            .await
-            .doing("recording a delivery attempt")?
-            .rows_affected()
-            == 0
-        {
-            return Ok(false);
-        }
-        // Final outcomes are evidence: they go into the hash chain (ids and classes, no addresses).
-        let system = Actor::system();
-        let ledger = |action: &str, detail: serde_json::Value| NewLedgerEntry {
-            at: Utc::now(),
-            actor: system.clone(),
-            action: action.to_owned(),
-            incident_id: Some(delivery.incident_id.clone()),
-            detail,
-        };
-        let base = serde_json::json!({
-            "delivery_id": id, "merchant_id": delivery.merchant_id.as_str(), "channel": delivery.channel.as_str(),
-            "draft_id": delivery.draft_id.as_str(), "attempts": delivery.attempts,
-        });
-        let with = |mut v: serde_json::Value, key: &str, value: serde_json::Value| {
-            v[key] = value;
-            v
-        };
-        match outcome {
-            AttemptOutcome::Sent {
-                provider_message_id,
-                content_hash,
-            } => {
-                let detail = with(base.clone(), "provider_message_id", provider_message_id.clone().into());
-                let detail = with(detail, "content_hash", content_hash.clone().into());
-                append_ledger_in(&mut tx, &ledger("delivery.sent", detail)).await?;
-            }
-            AttemptOutcome::Failed { class, .. } => {
-                let detail = with(base.clone(), "error_class", class.as_str().into());
-                append_ledger_in(&mut tx, &ledger("delivery.failed", detail)).await?;
-            }
-            AttemptOutcome::Retry { .. } => {}
-        }
-        let reach = |r: Reachability, ch: Option<Channel>| {
-            sqlx::query(
-                "UPDATE affected_merchants SET reachability = $1, reached_channel = $2
-                 WHERE incident_id = $3 AND merchant_id = $4",
-            )
-            .bind(r.as_str())
-            .bind(ch.map(|c| c.as_str()))
-            .bind(delivery.incident_id.as_str())
-            .bind(delivery.merchant_id.as_str())
-        };
-        match followup {
-            Followup::Nothing => {}
-            Followup::Reached => {
-                reach(Reachability::Reached, Some(delivery.channel))
-                    .execute(&mut *tx)
-                    .await
-                    .doing("recording that a merchant was reached")?;
-            }
-            Followup::Unreachable => {
-                reach(Reachability::Unreachable, None)
-                    .execute(&mut *tx)
-                    .await
-                    .doing("recording that a merchant is unreachable")?;
-                let detail =
-                    serde_json::json!({ "merchant_id": delivery.merchant_id.as_str(), "last_delivery_id": id });
-                append_ledger_in(&mut tx, &ledger("merchant.unreachable", detail)).await?;
-            }
-            Followup::Fallback(next) => insert_delivery_in(&mut tx, next, &now).await.map(|_| ())?,
-        }
-        tx.commit().await.doing("committing a delivery attempt")?;
-        Ok(true)
+        outbox::record_receipt(&self.pool, delivery, status, detail, followup, at).await
+    }
+
+    async fn receipts_overdue(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Delivery>, StoreError> {
+        outbox::receipts_overdue(&self.pool, now, limit).await
+    }
+
+    async fn version_channels(&self, draft: &DraftId, merchant: &MerchantId) -> Result<Vec<Channel>, StoreError> {
+        outbox::version_channels(&self.pool, draft, merchant).await
+    }
+
+    async fn dead_letters(&self, filter: &DeliveryFilter, limit: u32) -> Result<Vec<Delivery>, StoreError> {
+        outbox::dead_letters(&self.pool, filter, limit).await
+    }
+
+    async fn redrive(&self, filter: &DeliveryFilter, actor: &Actor, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        outbox::redrive(&self.pool, filter, actor, now).await
+    }
+
+    async fn delivery_events(&self, delivery: &DeliveryId) -> Result<Vec<DeliveryEvent>, StoreError> {
+        outbox::delivery_events(&self.pool, delivery).await
+    }
+
+    async fn delivery(&self, id: &DeliveryId) -> Result<Option<Delivery>, StoreError> {
+        outbox::delivery(&self.pool, id).await
     }
 
     async fn deliveries(&self, incident: &IncidentId) -> Result<Vec<Delivery>, StoreError> {
-        sqlx::query(
-            "SELECT id, idempotency_key, incident_id, draft_id, notice_id, merchant_id, channel, address, \
-             plan_position, status, attempts, next_attempt_at, last_error, error_class, provider_message_id, content_hash, \
-             created_at, sent_at
-             FROM deliveries WHERE incident_id = $1 ORDER BY merchant_id, created_at",
-        )
+        sqlx::query(trusted(format!(
+            "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE incident_id = $1 ORDER BY merchant_id, created_at"
+        )))
         .bind(incident.as_str())
         .fetch_all(&self.pool)
         .await
@@ -2215,10 +2164,12 @@ impl Store for SqliteStore {
     }
 
     async fn delivery_tally(&self, incident: &IncidentId) -> Result<Vec<ChannelTally>, StoreError> {
-        let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+        let rows: Vec<(String, i64, i64, i64, i64, i64)> = sqlx::query_as(
             "SELECT channel,
-                    SUM(CASE WHEN status = 'sent' THEN 1 ELSE 0 END),
+                    SUM(CASE WHEN status IN ('accepted', 'delivered') THEN 1 ELSE 0 END),
+                    SUM(CASE WHEN status = 'delivered' THEN 1 ELSE 0 END),
                     SUM(CASE WHEN status = 'failed' THEN 1 ELSE 0 END),
+                    SUM(CASE WHEN status = 'dead' THEN 1 ELSE 0 END),
                     SUM(CASE WHEN status IN ('pending', 'sending') THEN 1 ELSE 0 END)
              FROM deliveries WHERE incident_id = $1 GROUP BY channel ORDER BY channel",
         )
@@ -2228,10 +2179,12 @@ impl Store for SqliteStore {
         .doing("counting deliveries")?;
         Ok(rows
             .into_iter()
-            .map(|(channel, sent, failed, pending)| ChannelTally {
+            .map(|(channel, sent, delivered, failed, dead, pending)| ChannelTally {
                 channel,
                 sent,
+                delivered,
                 failed,
+                dead,
                 pending,
             })
             .collect())
@@ -2657,6 +2610,29 @@ mod tests {
         (incident_id, draft.id, notice.id)
     }
 
+    /// Claims due rows of every channel without limits, as a worker with one provider would.
+    async fn claim_due(
+        s: &SqliteStore,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        want: u32,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        let mut all = Vec::new();
+        for channel in Channel::ALL.iter().copied() {
+            let limits = LimitSettings::default();
+            let claim = ProviderClaim {
+                channel,
+                provider: channel.as_str(),
+                want,
+                limits: &limits,
+                now,
+                lease_until,
+            };
+            all.extend(s.claim_for_provider(&claim).await?.deliveries);
+        }
+        Ok(all)
+    }
+
     #[tokio::test]
     async fn scope_rules_select_in_the_database_and_people_are_counted_once() {
         let (_dir, s) = store().await;
@@ -2783,7 +2759,10 @@ mod tests {
         assert_eq!(held.len(), 1);
         assert_eq!(held[0].status, DeliveryStatus::Held);
         assert!(
-            s.claim_due(Utc::now(), Utc::now(), 10).await.expect("claim").is_empty(),
+            claim_due(&s, Utc::now(), Utc::now(), 10)
+                .await
+                .expect("claim")
+                .is_empty(),
             "held rows are not due"
         );
         let bob: Actor = "bob".parse().expect("actor");
@@ -2911,23 +2890,21 @@ mod tests {
         assert_eq!(s.enqueue(std::slice::from_ref(&d)).await.expect("enqueue"), 0);
 
         let now = Utc::now();
-        let claimed = s
-            .claim_due(now, now + ChronoDuration::seconds(60), 10)
+        let claimed = claim_due(&s, now, now + ChronoDuration::seconds(60), 10)
             .await
             .expect("claim");
         assert_eq!(claimed.len(), 1);
         assert_eq!(claimed[0].attempts, 1);
         // Another worker finds nothing while the lease holds...
         assert!(
-            s.claim_due(now, now + ChronoDuration::seconds(60), 10)
+            claim_due(&s, now, now + ChronoDuration::seconds(60), 10)
                 .await
                 .expect("claim")
                 .is_empty()
         );
         // ...and takes the row over once it has run out (the first worker died mid-send).
         let later = now + ChronoDuration::seconds(61);
-        let retaken = s
-            .claim_due(later, later + ChronoDuration::seconds(60), 10)
+        let retaken = claim_due(&s, later, later + ChronoDuration::seconds(60), 10)
             .await
             .expect("claim");
         assert_eq!((retaken.len(), retaken[0].attempts), (1, 2));
@@ -2941,18 +2918,21 @@ mod tests {
             .await
             .expect("enqueue");
         let now = Utc::now();
-        let claimed = s
-            .claim_due(now, now + ChronoDuration::seconds(60), 10)
+        let claimed = claim_due(&s, now, now + ChronoDuration::seconds(60), 10)
             .await
             .expect("claim");
         let next = delivery(&incident, &draft, &notice, Channel::Sms, 1);
         let failed = AttemptOutcome::Failed {
             error: "550".into(),
-            class: ErrorClass::Permanent,
+            kind: FailureKind::Rejected,
         };
-        s.record_attempt(&claimed[0], &failed, &Followup::Fallback(next))
-            .await
-            .expect("record");
+        let record = AttemptRecord {
+            delivery: claimed[0].clone(),
+            provider: "email".into(),
+            outcome: failed,
+            followup: Followup::Fallback(next),
+        };
+        assert_eq!(s.record_attempts(&[record], &[]).await.expect("record"), [true]);
         let all = s.deliveries(&incident).await.expect("list");
         let states: Vec<(Channel, DeliveryStatus)> = all.iter().map(|d| (d.channel, d.status)).collect();
         assert_eq!(
