@@ -1,7 +1,14 @@
+//! Benchmarks that print one JSON line per run.
+//!
 //! `tocsin bench draft`: the cost of everything between "confirm" and "ready to approve" for a
 //! synthetic cohort. The directory is generated and stored first (not timed); the clock then
 //! covers scoping (rule, classification, natural-person count), drafting (the completeness
 //! check of every notice variant) and queueing one held delivery per notice.
+//!
+//! `tocsin bench deliver`: N notices drafted, approved and released first (not timed); the
+//! clock covers delivering them from the outbox to the server named on the command line,
+//! rendering, signing and recording every outcome in the store as a real run does.
+//! `tocsin bench sink` is a minimal HTTP peer that accepts anything, for the HTTP channels.
 
 use std::collections::BTreeSet;
 use std::time::Instant;
@@ -118,6 +125,194 @@ fn synthetic(i: u64) -> Result<Merchant, FieldError> {
     })
 }
 
+/// Opens and confirms a benchmark incident exposing `categories`; returns it and its responder.
+async fn open_incident(engine: &Tocsin, categories: &BTreeSet<&str>) -> Result<(String, Actor), EngineError> {
+    let stamp = chrono::Utc::now().timestamp_micros();
+    let event = serde_json::json!({
+        "source": "bench", "external_id": format!("bench-{stamp}"), "kind": "leak", "severity": "high",
+        "title": "Benchmark incident", "detected_at": crate::time::fmt_ts(chrono::Utc::now()),
+        "correlation_key": format!("bench-{stamp}"),
+    });
+    let system = Actor::system();
+    let outcome = engine.ingest_text(&event.to_string(), &system).await?;
+    let id = match outcome.first() {
+        Some(crate::store::IngestOutcome::Opened { incident_id, .. }) => incident_id.to_string(),
+        _ => return Err(FieldError::new("bench", "the benchmark event did not open an incident").into()),
+    };
+    let mut facts: serde_json::Value =
+        serde_json::from_str(crate::demo::FACTS).map_err(|e| FieldError::new("facts", e.to_string()))?;
+    facts["categories"] = serde_json::json!(categories);
+    let now = chrono::Utc::now();
+    facts["aware_at"] = serde_json::json!(crate::time::fmt_ts(now));
+    facts["occurred_at"] = serde_json::json!(crate::time::fmt_ts(now - chrono::Duration::hours(2)));
+    facts["contained_at"] = serde_json::Value::Null;
+    let alice: Actor = "bench-responder".parse()?;
+    engine.confirm(&id, &facts, &alice).await?;
+    Ok((id, alice))
+}
+
+/// Where `bench deliver` sends: an SMTP server, or an HTTP endpoint for SMS or push.
+#[derive(Debug, Clone)]
+pub enum DeliverTarget {
+    Smtp { host: String, port: u16 },
+    Http { channel: Channel, url: String },
+}
+
+/// One `bench deliver` run's figures, printed as one JSON line.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliverBench {
+    pub channel: Channel,
+    pub notices: u64,
+    pub seconds: f64,
+    pub per_second: f64,
+    pub accepted: u64,
+    pub failed: u64,
+    pub concurrency: u32,
+    pub pipelines: u32,
+    pub setup_seconds: f64,
+    pub peak_rss_mb: Option<f64>,
+}
+
+/// Delivers `n` pre-drafted notices to `target` with `concurrency` sends in flight per
+/// pipeline, recording every outcome.
+pub async fn deliver(
+    engine: &Tocsin,
+    target: &DeliverTarget,
+    n: u64,
+    concurrency: u32,
+    pipelines: u32,
+) -> Result<DeliverBench, EngineError> {
+    let setup = Instant::now();
+    let channel = match target {
+        DeliverTarget::Smtp { .. } => Channel::Email,
+        DeliverTarget::Http { channel, .. } => *channel,
+    };
+    // Merchants with an address on the benchmarked channel only, so it is the first of the plan.
+    let categories: BTreeSet<&str> = PROFILES[0].iter().copied().collect();
+    let holdings: BTreeSet<CategoryId> = categories.iter().map(|c| c.parse()).collect::<Result<_, _>>()?;
+    let id_of = |i: u64| format!("bench-{channel}-{i:08}");
+    if engine
+        .store
+        .merchant(&id_of(n.saturating_sub(1)).parse()?)
+        .await?
+        .is_none()
+    {
+        let mut i = 0;
+        while i < n {
+            let end = (i + 20_000).min(n);
+            let batch: Vec<Merchant> = (i..end)
+                .map(|i| {
+                    Ok(Merchant {
+                        id: id_of(i).parse()?,
+                        name: format!("Shop {i}"),
+                        kind: MerchantKind::Enterprise,
+                        locale: if i % 5 == 0 { Locale::En } else { Locale::ZhCn },
+                        region: "CN-ZJ".into(),
+                        email: (channel == Channel::Email)
+                            .then(|| format!("shop{i}@bench.example.com").parse())
+                            .transpose()?,
+                        phone: (channel == Channel::Sms)
+                            .then(|| format!("+86139{:08}", i % 100_000_000).parse())
+                            .transpose()?,
+                        push_token: (channel == Channel::Push)
+                            .then(|| format!("push-{i:012}").parse())
+                            .transpose()?,
+                        postal_address: None,
+                        holdings: holdings.clone(),
+                        created_at: None,
+                        last_active_at: None,
+                        marketing_opt_out: false,
+                        people: Default::default(),
+                    })
+                })
+                .collect::<Result<_, FieldError>>()?;
+            engine.store.upsert_merchants(&batch).await?;
+            i = end;
+        }
+    }
+    let (id, alice) = open_incident(engine, &categories).await?;
+    let rule = ScopeRule {
+        merchant_ids: (0..n).map(|i| id_of(i).parse()).collect::<Result<_, _>>()?,
+        ..Default::default()
+    };
+    engine.scope(&id, &rule, &alice, false).await?;
+    engine.draft(&id, &alice, None).await?;
+    let bob: Actor = "bench-approver".parse()?;
+    engine.approve(&id, &bob).await?;
+    engine.dispatch(&id, &bob).await?;
+    let incident = engine
+        .store
+        .incident(&id)
+        .await?
+        .ok_or_else(|| FieldError::new("bench", "the benchmark incident vanished"))?;
+
+    let mut settings = engine.settings.clone();
+    settings.delivery.concurrency = concurrency.max(1);
+    settings.delivery.pipelines = pipelines.max(1);
+    match target {
+        DeliverTarget::Smtp { host, port } => {
+            settings.email.transport = "smtp".into();
+            settings.email.providers.clear();
+            settings.email.smtp.host = host.clone();
+            settings.email.smtp.port = *port;
+            settings.email.smtp.tls = "none".into();
+            settings.email.smtp.pool_size = concurrency.max(1) * pipelines.max(1);
+        }
+        DeliverTarget::Http { channel, url } => {
+            let s = if *channel == Channel::Sms {
+                &mut settings.sms
+            } else {
+                &mut settings.push
+            };
+            s.transport = "webhook".into();
+            s.providers.clear();
+            s.url = url.clone();
+            s.signing_secret = crate::config::Secret::new("bench-signing-secret");
+        }
+    }
+    let channels = crate::channels::ChannelSet::from_settings(&settings, &std::env::temp_dir())?;
+    let dispatcher = crate::dispatch::Dispatcher::new(
+        engine.store.clone(),
+        engine.renderer.clone(),
+        channels,
+        settings.delivery.clone(),
+    );
+    let setup_seconds = setup.elapsed().as_secs_f64();
+
+    let clock = Instant::now();
+    let report = dispatcher
+        .drain(Some(&incident.id), std::time::Duration::from_secs(3600))
+        .await?;
+    let seconds = clock.elapsed().as_secs_f64();
+    Ok(DeliverBench {
+        channel,
+        notices: n,
+        seconds,
+        per_second: n as f64 / seconds.max(f64::EPSILON),
+        accepted: report.sent,
+        failed: report.failed + report.dead,
+        concurrency: settings.delivery.concurrency,
+        pipelines: settings.delivery.pipelines,
+        setup_seconds,
+        peak_rss_mb: peak_rss_mb(),
+    })
+}
+
+/// A minimal HTTP peer for the HTTP channels' benchmark: answers every request with 200 and a
+/// message id, as cheaply as axum allows (the reference `wrk` runs against the same sink).
+pub async fn sink(listen: &str) -> std::io::Result<()> {
+    use axum::routing::any;
+    let app = axum::Router::new().fallback(any(|| async {
+        (
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            r#"{"id":"sink"}"#,
+        )
+    }));
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    println!("sink listening on http://{}", listener.local_addr()?);
+    axum::serve(listener, app).await
+}
+
 /// Peak resident memory of this process so far (Linux), in MiB.
 fn peak_rss_mb() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -143,27 +338,7 @@ pub async fn draft(engine: &Tocsin, n: u64) -> Result<DraftBench, EngineError> {
         }
     }
     let categories: BTreeSet<&str> = PROFILES.iter().flat_map(|p| p.iter().copied()).collect();
-    let stamp = chrono::Utc::now().timestamp_micros();
-    let event = serde_json::json!({
-        "source": "bench", "external_id": format!("bench-{stamp}"), "kind": "leak", "severity": "high",
-        "title": "Benchmark incident", "detected_at": crate::time::fmt_ts(chrono::Utc::now()),
-        "correlation_key": format!("bench-{stamp}"),
-    });
-    let system = Actor::system();
-    let outcome = engine.ingest_text(&event.to_string(), &system).await?;
-    let id = match outcome.first() {
-        Some(crate::store::IngestOutcome::Opened { incident_id, .. }) => incident_id.to_string(),
-        _ => return Err(FieldError::new("bench", "the benchmark event did not open an incident").into()),
-    };
-    let mut facts: serde_json::Value =
-        serde_json::from_str(crate::demo::FACTS).map_err(|e| FieldError::new("facts", e.to_string()))?;
-    facts["categories"] = serde_json::json!(categories);
-    let now = chrono::Utc::now();
-    facts["aware_at"] = serde_json::json!(crate::time::fmt_ts(now));
-    facts["occurred_at"] = serde_json::json!(crate::time::fmt_ts(now - chrono::Duration::hours(2)));
-    facts["contained_at"] = serde_json::Value::Null;
-    let alice: Actor = "bench-responder".parse()?;
-    engine.confirm(&id, &facts, &alice).await?;
+    let (id, alice) = open_incident(engine, &categories).await?;
     let rule = ScopeRule {
         any_categories: categories.iter().map(|c| c.parse()).collect::<Result<_, _>>()?,
         ..Default::default()

@@ -63,6 +63,9 @@ pub enum Command {
     /// The audit ledger.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// The outbox across incidents: dead letters, re-drives, histories, providers.
+    #[command(subcommand)]
+    Deliveries(DeliveriesCmd),
     /// Benchmarks that print one JSON line per run.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -76,6 +79,169 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 10_000)]
         merchants: u64,
     },
+    /// Deliver N pre-drafted notices to the server given here, recording every outcome.
+    Deliver {
+        /// email (needs --smtp), sms or push (need --url).
+        #[arg(long, default_value = "email")]
+        channel: String,
+        /// SMTP server HOST:PORT (plain SMTP, e.g. Postfix's smtp-sink).
+        #[arg(long)]
+        smtp: Option<String>,
+        /// HTTP endpoint for sms or push (the generic signed webhook).
+        #[arg(long)]
+        url: Option<String>,
+        #[arg(long, default_value_t = 20_000)]
+        notices: u64,
+        /// Sends in flight per pipeline.
+        #[arg(long, default_value_t = 64)]
+        concurrency: u32,
+        /// Claim-send-record loops side by side.
+        #[arg(long, default_value_t = 4)]
+        pipelines: u32,
+    },
+    /// A minimal HTTP peer answering 200 to everything, for `bench deliver --url` and `wrk`.
+    Sink {
+        #[arg(long, default_value = "127.0.0.1:8089")]
+        listen: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct DeliveryFilterArgs {
+    /// An incident id or reference.
+    #[arg(long)]
+    pub incident: Option<String>,
+    /// email, sms or push.
+    #[arg(long)]
+    pub channel: Option<String>,
+    /// A configured provider name.
+    #[arg(long)]
+    pub provider: Option<String>,
+    /// transient, permanent, or a failure kind (network, timeout, throttled, provider_error, auth, ...).
+    #[arg(long)]
+    pub error_class: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeliveriesCmd {
+    /// List dead letters (deliveries whose attempts ran out).
+    Dead {
+        #[command(flatten)]
+        filter: DeliveryFilterArgs,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Put matching dead letters back in the outbox with fresh attempts.
+    Redrive {
+        #[command(flatten)]
+        filter: DeliveryFilterArgs,
+    },
+    /// A delivery's attempts and receipts.
+    History { id: String },
+    /// Configured providers per channel with their circuit breakers.
+    Providers,
+}
+
+async fn filter_of(
+    engine: &Tocsin,
+    f: &DeliveryFilterArgs,
+) -> Result<crate::store::DeliveryFilter, crate::EngineError> {
+    engine
+        .delivery_filter(
+            f.incident.as_deref(),
+            f.channel.as_deref(),
+            f.provider.as_deref(),
+            f.error_class.as_deref(),
+        )
+        .await
+}
+
+async fn deliveries(engine: &Tocsin, cli: &Cli, cmd: &DeliveriesCmd) -> anyhow::Result<()> {
+    let json = cli.json;
+    match cmd {
+        DeliveriesCmd::Dead { filter: f, limit } => {
+            let list = engine.dead_letters(&filter_of(engine, f).await?, *limit).await?;
+            print(json, &list, || {
+                if list.is_empty() {
+                    return "no dead letters match".into();
+                }
+                list.iter()
+                    .map(|d| {
+                        format!(
+                            "{}  {}  {:<5}  {:<10}  attempts {}  {}  {}",
+                            d.id,
+                            d.merchant_id,
+                            d.channel,
+                            d.provider.as_deref().unwrap_or("-"),
+                            d.attempts,
+                            d.error_kind.map(|k| k.as_str()).unwrap_or("-"),
+                            d.last_error.as_deref().unwrap_or("")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        DeliveriesCmd::Redrive { filter: f } => {
+            let n = engine
+                .redrive(&filter_of(engine, f).await?, &actor(&cli.actor, None)?)
+                .await?;
+            print(json, &serde_json::json!({ "redriven": n }), || {
+                format!("{n} dead letters back in the outbox; `tocsin serve` (or the next dispatch) sends them")
+            });
+        }
+        DeliveriesCmd::History { id } => {
+            let h = engine.delivery_history(id).await?;
+            print(json, &h, || {
+                let d = &h.delivery;
+                let mut out = format!(
+                    "{}  {}  {}  status {}  attempts {}  provider {}",
+                    d.id,
+                    d.merchant_id,
+                    d.channel,
+                    d.status,
+                    d.attempts,
+                    d.provider.as_deref().unwrap_or("-")
+                );
+                for e in &h.events {
+                    out.push_str(&format!(
+                        "\n  {}  {:<15} #{} {:<10} {:<11} {} {}",
+                        crate::time::fmt_ts(e.at),
+                        e.event,
+                        e.attempt,
+                        e.provider.as_deref().unwrap_or("-"),
+                        e.outcome,
+                        e.error_kind.as_deref().unwrap_or(""),
+                        e.detail.as_deref().unwrap_or("")
+                    ));
+                }
+                out
+            });
+        }
+        DeliveriesCmd::Providers => {
+            let list = engine.providers().await?;
+            print(json, &list, || {
+                list.iter()
+                    .map(|p| {
+                        format!(
+                            "{:<5} {}. {:<16} breaker {:<9} failures {}{}",
+                            p.channel,
+                            p.position,
+                            p.name,
+                            p.breaker,
+                            p.consecutive_failures,
+                            p.open_until
+                                .map(|u| format!("  open until {}", crate::time::fmt_ts(u)))
+                                .unwrap_or_default()
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+    }
+    engine.store.checkpoint().await?;
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]
@@ -340,6 +506,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         "warn"
     });
     crate::install_crypto_provider();
+    if let Command::Bench(BenchCmd::Sink { listen }) = &cli.command {
+        // A peer for benchmarks: no store, no configuration.
+        crate::bench::sink(listen).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let settings = Settings::load(cli.config.as_deref(), std::env::vars())?;
     let engine = Tocsin::open(settings, &cli.data_dir).await?;
     let json = cli.json;
@@ -396,6 +567,39 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let report = crate::bench::draft(&engine, *merchants).await?;
             println!("{}", serde_json::to_string(&report).unwrap_or_default());
         }
+        Command::Bench(BenchCmd::Deliver {
+            channel,
+            smtp,
+            url,
+            notices,
+            concurrency,
+            pipelines,
+        }) => {
+            let target = match (channel.parse::<crate::domain::Channel>()?, smtp, url) {
+                (crate::domain::Channel::Email, Some(smtp), _) => {
+                    let (host, port) = smtp
+                        .rsplit_once(':')
+                        .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)))
+                        .ok_or_else(|| FieldError::new("smtp", "expected HOST:PORT"))?;
+                    crate::bench::DeliverTarget::Smtp { host, port }
+                }
+                (crate::domain::Channel::Email, None, _) => {
+                    return Err(FieldError::new("smtp", "--channel email needs --smtp HOST:PORT").into());
+                }
+                (channel, _, Some(url)) => crate::bench::DeliverTarget::Http {
+                    channel,
+                    url: url.clone(),
+                },
+                (channel, _, None) => {
+                    return Err(FieldError::new("url", format!("--channel {channel} needs --url URL")).into());
+                }
+            };
+            let report = crate::bench::deliver(&engine, &target, *notices, *concurrency, *pipelines).await?;
+            engine.store.checkpoint().await?;
+            println!("{}", serde_json::to_string(&report).unwrap_or_default());
+        }
+        Command::Bench(BenchCmd::Sink { .. }) => {} // served above
+        Command::Deliveries(cmd) => deliveries(&engine, &cli, cmd).await?,
         Command::Notices(NoticesCmd::Preview {
             incident,
             merchant,

@@ -7,12 +7,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::bulletin::{self, BulletinError};
-use crate::channels::{ChannelSet, ChannelSetupError, EmailTransport, Mail};
+use crate::channels::{ChannelSet, ChannelSetupError, EmailTransport, Mail, Receipt};
 use crate::classify::{ClassifyError, Rules};
 use crate::completeness::{NoticeProfiles, ProfileError};
 use crate::config::{ConfigError, Settings};
@@ -25,7 +25,7 @@ use crate::incident::{self, IncidentError};
 use crate::ingest::{self, IngestError};
 use crate::model::*;
 use crate::scope::{self, ScopeSummary};
-use crate::store::{self, IngestOutcome, Store, StoreError};
+use crate::store::{self, DeliveryFilter, IngestOutcome, Store, StoreError};
 use crate::taxonomy::{Taxonomy, TaxonomyError};
 use crate::templates::{TemplateError, Templates};
 
@@ -175,6 +175,36 @@ pub struct NoticeDiff {
     /// `push_body`, `email.html`, `letter.html`), in the merchant's language;
     /// a rendering that did not change is absent.
     pub changes: std::collections::BTreeMap<String, String>,
+}
+
+/// A delivery with its attempts and receipts, oldest first.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliveryHistory {
+    pub delivery: Delivery,
+    pub events: Vec<store::DeliveryEvent>,
+}
+
+/// A configured provider and its circuit breaker.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProviderStatus {
+    pub channel: Channel,
+    /// 1 = first choice.
+    pub position: usize,
+    pub name: String,
+    /// closed | open | half_open
+    pub breaker: &'static str,
+    pub consecutive_failures: i64,
+    pub open_until: Option<DateTime<Utc>>,
+    pub last_error_kind: Option<String>,
+}
+
+/// What a batch of receipts did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ReceiptTally {
+    pub matched: u64,
+    pub changed: u64,
+    /// Receipts for no delivery of ours (already forgotten, or not ours).
+    pub unmatched: u64,
 }
 
 pub struct Tocsin {
@@ -890,7 +920,7 @@ impl Tocsin {
 
     /// Once an incident's outbox holds nothing open: move to monitoring, publish if needed.
     pub async fn settle(&self, id: &IncidentId, actor: &Actor) -> Result<Option<Bulletin>, EngineError> {
-        if self.store.open_deliveries(Some(id)).await? > 0 {
+        if self.store.open_deliveries(Some(id)).await? > 0 || self.store.awaiting_receipts(id).await? > 0 {
             return Ok(None);
         }
         // The bulletin comes first: should publishing fail, the incident stays `notifying` and
@@ -1272,5 +1302,125 @@ impl Tocsin {
     pub async fn deliveries(&self, id: &str) -> Result<Vec<Delivery>, EngineError> {
         let incident = self.incident(id).await?;
         Ok(self.store.deliveries(&incident.id).await?)
+    }
+
+    /// Dead letters matching `filter` (the incident may be given by reference).
+    pub async fn dead_letters(&self, filter: &DeliveryFilter, limit: u32) -> Result<Vec<Delivery>, EngineError> {
+        Ok(self.store.dead_letters(filter, limit).await?)
+    }
+
+    /// Puts matching dead letters back in the outbox; recorded in the ledger with the actor.
+    pub async fn redrive(&self, filter: &DeliveryFilter, actor: &Actor) -> Result<u64, EngineError> {
+        Ok(self.store.redrive(filter, actor, Utc::now()).await?)
+    }
+
+    /// A filter naming its incident by id or reference, checked against the configuration.
+    pub async fn delivery_filter(
+        &self,
+        incident: Option<&str>,
+        channel: Option<&str>,
+        provider: Option<&str>,
+        error_class: Option<&str>,
+    ) -> Result<DeliveryFilter, EngineError> {
+        let incident = match incident {
+            Some(i) => Some(self.incident(i).await?.id),
+            None => None,
+        };
+        let channel = channel.map(str::parse::<Channel>).transpose()?;
+        if let Some(p) = provider
+            && self.channels.provider(p).is_none()
+        {
+            let known: Vec<&str> = self.channels.all().map(|h| h.name.as_str()).collect();
+            return Err(FieldError::new(
+                "provider",
+                format!("no provider is named {p:?}; configured: {}", known.join(", ")),
+            )
+            .into());
+        }
+        if let Some(c) = error_class
+            && !matches!(c, "transient" | "permanent")
+            && c.parse::<FailureKind>().is_err()
+        {
+            return Err(FieldError::new(
+                "error_class",
+                format!(
+                    "{c:?} is neither transient, permanent nor a failure kind ({})",
+                    FailureKind::ALL.map(FailureKind::as_str).join(", ")
+                ),
+            )
+            .into());
+        }
+        Ok(DeliveryFilter {
+            incident,
+            channel,
+            provider: provider.map(str::to_owned),
+            error_class: error_class.map(str::to_owned),
+        })
+    }
+
+    /// A delivery with its attempts and receipts.
+    pub async fn delivery_history(&self, id: &str) -> Result<DeliveryHistory, EngineError> {
+        let id: DeliveryId = id.parse()?;
+        let delivery = self.store.delivery(&id).await?.ok_or_else(|| EngineError::NotFound {
+            what: "delivery",
+            id: id.to_string(),
+        })?;
+        let events = self.store.delivery_events(&id).await?;
+        Ok(DeliveryHistory { delivery, events })
+    }
+
+    /// Every configured provider with its breaker state, in failover order per channel.
+    pub async fn providers(&self) -> Result<Vec<ProviderStatus>, EngineError> {
+        let health: std::collections::HashMap<String, store::ProviderHealth> = self
+            .store
+            .provider_health()
+            .await?
+            .into_iter()
+            .map(|h| (h.provider.clone(), h))
+            .collect();
+        let now = Utc::now();
+        let mut out = Vec::new();
+        for channel in Channel::ALL.iter().copied() {
+            for (position, h) in self.channels.providers(channel).iter().enumerate() {
+                let stored = health.get(&h.name);
+                let failures = stored.map(|s| s.consecutive_failures).unwrap_or(0);
+                let open_until = stored.and_then(|s| s.open_until);
+                let breaker = if failures < h.breaker.failure_threshold as i64 {
+                    "closed"
+                } else if open_until.is_some_and(|u| u > now) {
+                    "open"
+                } else {
+                    "half_open"
+                };
+                out.push(ProviderStatus {
+                    channel,
+                    position: position + 1,
+                    name: h.name.clone(),
+                    breaker,
+                    consecutive_failures: failures,
+                    open_until,
+                    last_error_kind: stored.and_then(|s| s.last_error_kind.clone()),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Applies provider receipts (status callbacks, delivery reports, bounces).
+    pub async fn apply_receipts(&self, receipts: &[Receipt]) -> Result<ReceiptTally, EngineError> {
+        let dispatcher = self.dispatcher();
+        let mut tally = ReceiptTally::default();
+        for r in receipts {
+            match dispatcher.apply_receipt(r).await? {
+                None => tally.unmatched += 1,
+                Some(changed) => {
+                    tally.matched += 1;
+                    if changed {
+                        tally.changed += 1;
+                    }
+                }
+            }
+        }
+        Ok(tally)
     }
 }

@@ -484,6 +484,8 @@ pub trait Store: Send + Sync {
     async fn delivery_tally(&self, incident: &IncidentId) -> Result<Vec<ChannelTally>, StoreError>;
     /// Deliveries not yet final (pending or sending), for any incident if `None`.
     async fn open_deliveries(&self, incident: Option<&IncidentId>) -> Result<u64, StoreError>;
+    /// Accepted deliveries still waiting for their receipt: the incident is not settled yet.
+    async fn awaiting_receipts(&self, incident: &IncidentId) -> Result<u64, StoreError>;
     /// The earliest time a pending delivery becomes due.
     async fn next_due(&self) -> Result<Option<DateTime<Utc>>, StoreError>;
 

@@ -23,6 +23,9 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// Write transactions of the outbox's hot path take turns here rather than in SQLite's
+    /// busy handler, which sleeps in steps of up to 100 ms while another connection writes.
+    write_gate: tokio::sync::Mutex<()>,
 }
 
 impl SqliteStore {
@@ -53,7 +56,10 @@ impl SqliteStore {
             .await
             .doing("opening the SQLite database")?;
         MIGRATOR.run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            write_gate: tokio::sync::Mutex::new(()),
+        })
     }
 
     async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
@@ -2096,7 +2102,7 @@ impl Store for SqliteStore {
     }
 
     async fn claim_for_provider(&self, claim: &ProviderClaim<'_>) -> Result<Claimed, StoreError> {
-        outbox::claim_for_provider(&self.pool, claim).await
+        outbox::claim_for_provider(self, claim).await
     }
 
     async fn record_attempts(
@@ -2104,7 +2110,7 @@ impl Store for SqliteStore {
         records: &[AttemptRecord],
         health: &[HealthUpdate],
     ) -> Result<Vec<bool>, StoreError> {
-        outbox::record_attempts(&self.pool, records, health).await
+        outbox::record_attempts(self, records, health).await
     }
 
     async fn provider_health(&self) -> Result<Vec<ProviderHealth>, StoreError> {
@@ -2123,7 +2129,7 @@ impl Store for SqliteStore {
         followup: &Followup,
         at: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
-        outbox::record_receipt(&self.pool, delivery, status, detail, followup, at).await
+        outbox::record_receipt(self, delivery, status, detail, followup, at).await
     }
 
     async fn receipts_overdue(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Delivery>, StoreError> {
@@ -2139,7 +2145,7 @@ impl Store for SqliteStore {
     }
 
     async fn redrive(&self, filter: &DeliveryFilter, actor: &Actor, now: DateTime<Utc>) -> Result<u64, StoreError> {
-        outbox::redrive(&self.pool, filter, actor, now).await
+        outbox::redrive(self, filter, actor, now).await
     }
 
     async fn delivery_events(&self, delivery: &DeliveryId) -> Result<Vec<DeliveryEvent>, StoreError> {
@@ -2198,6 +2204,17 @@ impl Store for SqliteStore {
         .fetch_one(&self.pool)
         .await
         .doing("counting open deliveries")?;
+        Ok(count as u64)
+    }
+
+    async fn awaiting_receipts(&self, incident: &IncidentId) -> Result<u64, StoreError> {
+        let count: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM deliveries WHERE incident_id = $1 AND status = 'accepted' AND receipt_due_at IS NOT NULL",
+        )
+        .bind(incident.as_str())
+        .fetch_one(&self.pool)
+        .await
+        .doing("counting deliveries waiting for receipts")?;
         Ok(count as u64)
     }
 

@@ -68,10 +68,15 @@ fn bucket_size(limits: &LimitSettings) -> f64 {
     }
 }
 
-pub(super) async fn claim_for_provider(pool: &SqlitePool, c: &ProviderClaim<'_>) -> Result<Claimed, StoreError> {
+pub(super) async fn claim_for_provider(store: &SqliteStore, c: &ProviderClaim<'_>) -> Result<Claimed, StoreError> {
     let limits = c.limits;
     let now = fmt_ts(c.now);
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.doing("starting a claim")?;
+    let _turn = store.write_gate.lock().await;
+    let mut tx = store
+        .pool
+        .begin_with("BEGIN IMMEDIATE")
+        .await
+        .doing("starting a claim")?;
     let limited = limits.rate_per_second > 0.0 || limits.window_max > 0 || limits.max_in_flight > 0;
     let mut state = LimitState {
         tokens: 0.0,
@@ -306,13 +311,15 @@ async fn apply_followup(
 }
 
 pub(super) async fn record_attempts(
-    pool: &SqlitePool,
+    store: &SqliteStore,
     records: &[AttemptRecord],
     health: &[HealthUpdate],
 ) -> Result<Vec<bool>, StoreError> {
     let at = Utc::now();
     let now = fmt_ts(at);
-    let mut tx = pool
+    let _turn = store.write_gate.lock().await;
+    let mut tx = store
+        .pool
         .begin_with("BEGIN IMMEDIATE")
         .await
         .doing("starting to record attempts")?;
@@ -348,7 +355,7 @@ pub(super) async fn record_attempts(
                     content_hash = j.value ->> '$.h', receipt_due_at = j.value ->> '$.due',
                     last_error = NULL, error_class = NULL, error_kind = NULL
              FROM json_each($2) AS j
-             WHERE deliveries.id = j.value ->> '$.id' AND deliveries.status = 'sending'
+             WHERE deliveries.id = j.value ->> '$.id' AND +deliveries.status = 'sending'
                AND deliveries.attempts = j.value ->> '$.n'
              RETURNING deliveries.id",
         )
@@ -558,7 +565,7 @@ pub(super) async fn delivery_for_receipt(pool: &SqlitePool, key: &ReceiptKey) ->
 }
 
 pub(super) async fn record_receipt(
-    pool: &SqlitePool,
+    store: &SqliteStore,
     d: &Delivery,
     status: ReceiptStatus,
     detail: &str,
@@ -566,7 +573,9 @@ pub(super) async fn record_receipt(
     at: DateTime<Utc>,
 ) -> Result<bool, StoreError> {
     let now = fmt_ts(at);
-    let mut tx = pool
+    let _turn = store.write_gate.lock().await;
+    let mut tx = store
+        .pool
         .begin_with("BEGIN IMMEDIATE")
         .await
         .doing("starting to record a receipt")?;
@@ -661,7 +670,7 @@ pub(super) async fn receipts_overdue(
 ) -> Result<Vec<Delivery>, StoreError> {
     sqlx::query(trusted(format!(
         "SELECT {DELIVERY_COLUMNS} FROM deliveries
-         WHERE receipt_due_at IS NOT NULL AND receipt_due_at <= $1 AND status = 'accepted'
+         WHERE receipt_due_at IS NOT NULL AND receipt_due_at <= $1 AND +status = 'accepted'
          ORDER BY receipt_due_at LIMIT $2"
     )))
     .bind(fmt_ts(now))
@@ -717,13 +726,18 @@ pub(super) async fn dead_letters(
 }
 
 pub(super) async fn redrive(
-    pool: &SqlitePool,
+    store: &SqliteStore,
     f: &DeliveryFilter,
     actor: &Actor,
     at: DateTime<Utc>,
 ) -> Result<u64, StoreError> {
     let now = fmt_ts(at);
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.doing("starting a re-drive")?;
+    let _turn = store.write_gate.lock().await;
+    let mut tx = store
+        .pool
+        .begin_with("BEGIN IMMEDIATE")
+        .await
+        .doing("starting a re-drive")?;
     let rows = sqlx::query(trusted(format!(
         "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = $5, updated_at = $5, lease_until = NULL
          WHERE {FILTER}
