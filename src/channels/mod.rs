@@ -4,6 +4,7 @@
 //! merchant's next channel).
 
 mod email;
+pub mod jwt;
 mod webhook;
 
 use std::path::Path;
