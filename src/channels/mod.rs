@@ -5,6 +5,7 @@
 
 mod email;
 pub mod jwt;
+pub mod twilio;
 mod webhook;
 
 use std::path::Path;
