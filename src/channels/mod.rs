@@ -3,6 +3,7 @@
 //! retry, with the provider's `Retry-After` if it gave one) or permanent (move on to the
 //! merchant's next channel).
 
+pub mod aliyun;
 mod email;
 pub mod jwt;
 pub mod twilio;
