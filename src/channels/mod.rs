@@ -5,6 +5,7 @@
 
 pub mod aliyun;
 mod email;
+pub mod fcm;
 pub mod jwt;
 pub mod twilio;
 mod webhook;
