@@ -4,6 +4,7 @@
 //! merchant's next channel).
 
 pub mod aliyun;
+pub mod apns;
 mod email;
 pub mod fcm;
 pub mod jwt;
