@@ -3,7 +3,12 @@
 //! retry, with the provider's `Retry-After` if it gave one) or permanent (move on to the
 //! merchant's next channel).
 
+pub mod aliyun;
+pub mod apns;
 mod email;
+pub mod fcm;
+pub mod jwt;
+pub mod twilio;
 mod webhook;
 
 use std::collections::{HashMap, HashSet};

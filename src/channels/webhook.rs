@@ -96,15 +96,6 @@ impl WebhookTransport {
     }
 }
 
-fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let raw = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
-    if let Ok(secs) = raw.trim().parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let when = chrono::DateTime::parse_from_rfc2822(raw.trim()).ok()?;
-    (when.with_timezone(&chrono::Utc) - chrono::Utc::now()).to_std().ok()
-}
-
 #[async_trait]
 impl Provider for WebhookTransport {
     async fn send(&self, m: &Outbound<'_>) -> Result<Accepted, SendError> {
@@ -174,8 +165,23 @@ impl Provider for WebhookTransport {
     }
 }
 
-/// reqwest's errors print the URL; keep the kind of failure only.
-fn without_url(e: &reqwest::Error) -> String {
+// Shared HTTP plumbing of the provider modules (Twilio, Aliyun, FCM, APNs): one reading of
+// `Retry-After`, one client policy, one mapping of HTTP answers to failure kinds.
+
+/// The provider's `Retry-After`: delay-seconds or an HTTP date (RFC 9110 §10.2.3); a date in
+/// the past or an unreadable value gives none.
+pub(super) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let raw = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    if let Ok(secs) = raw.trim().parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = chrono::DateTime::parse_from_rfc2822(raw.trim()).ok()?;
+    (when.with_timezone(&chrono::Utc) - chrono::Utc::now()).to_std().ok()
+}
+
+/// reqwest's errors print the URL (which may hold a phone number or push token); keep the kind
+/// of failure only.
+pub(super) fn without_url(e: &reqwest::Error) -> String {
     let kind = if e.is_timeout() {
         "timed out"
     } else if e.is_connect() {
@@ -184,6 +190,124 @@ fn without_url(e: &reqwest::Error) -> String {
         "transport error"
     };
     kind.to_owned()
+}
+
+/// A client that follows no redirects (a redirected POST arrives as a GET without the message,
+/// and would read as a success) and gives up after `timeout_seconds`.
+pub(super) fn client_builder(timeout_seconds: u64) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(timeout_seconds))
+}
+
+/// A request that got no answer: timeout or network failure, without the URL.
+pub(super) fn request_failed(provider: &str, e: &reqwest::Error) -> SendError {
+    let kind = if e.is_timeout() {
+        FailureKind::Timeout
+    } else {
+        FailureKind::Network
+    };
+    SendError::new(kind, format!("{provider} request failed: {}", without_url(e)))
+}
+
+/// The failure an HTTP status means when the provider's body says nothing more specific:
+/// 401/403 our credentials; 408, 5xx and (unfollowed) redirects the provider's trouble; 429 a
+/// request to slow down; any other 4xx a refusal of this message.
+pub(super) fn status_kind(status: u16) -> FailureKind {
+    match status {
+        401 | 403 => FailureKind::Auth,
+        429 => FailureKind::Throttled,
+        408 | 300..=399 | 500..=599 => FailureKind::ProviderError,
+        _ => FailureKind::Rejected,
+    }
+}
+
+/// A failed HTTP answer as a [`SendError`]: `kind` (see [`status_kind`]), a message naming the
+/// provider, the status and the provider's error code (never its free text, which may repeat
+/// the number), and the `Retry-After` it gave.
+pub(super) fn http_failure(
+    provider: &str,
+    kind: FailureKind,
+    status: u16,
+    code: Option<&str>,
+    headers: &reqwest::header::HeaderMap,
+) -> SendError {
+    let message = match code {
+        Some(code) if !code.is_empty() => format!("{provider} answered HTTP {status} ({code})"),
+        _ => format!("{provider} answered HTTP {status}"),
+    };
+    SendError::new(kind, message).retry_after(retry_after(headers))
+}
+
+/// Test material shared by the provider modules: one delivery of one rendered notice.
+#[cfg(test)]
+pub(super) mod fixture {
+    use chrono::Utc;
+
+    use crate::channels::Outbound;
+    use crate::domain::{Channel, DeliveryId, DeliveryStatus, DraftId, IncidentId, Locale, NoticeId};
+    use crate::model::{Delivery, Notice, NoticeSections};
+
+    pub struct Sample {
+        pub delivery: Delivery,
+        pub notice: Notice,
+    }
+
+    pub const REFERENCE: &str = "INC-2026-0042";
+
+    pub fn sample(channel: Channel, address: &str, locale: Locale) -> Sample {
+        let draft_id = DraftId::generate();
+        let merchant_id = "m-1".parse().expect("merchant id");
+        let now = Utc::now();
+        let notice = Notice {
+            id: NoticeId::generate(),
+            draft_id: draft_id.clone(),
+            merchant_id: "m-1".parse().expect("merchant id"),
+            locale,
+            url: "https://notices.example.com/n/abc123".into(),
+            sections: NoticeSections::default(),
+            email_subject: "Security incident".into(),
+            email_text: "text".into(),
+            email_html: "<p>text</p>".into(),
+            sms_text: "Security notice INC-2026-0042: https://notices.example.com/n/abc123".into(),
+            push_title: "Security notice".into(),
+            push_body: "Your shop data was involved in an incident. Tap to read.".into(),
+            letter_html: String::new(),
+            content_hash: "hash".into(),
+        };
+        let delivery = Delivery {
+            id: DeliveryId::generate(),
+            idempotency_key: format!("{draft_id}:m-1:{}", channel.as_str()),
+            incident_id: IncidentId::generate(),
+            draft_id,
+            notice_id: notice.id.clone(),
+            merchant_id,
+            channel,
+            address: address.into(),
+            plan_position: 0,
+            status: DeliveryStatus::Pending,
+            attempts: 0,
+            next_attempt_at: now,
+            last_error: None,
+            error_class: None,
+            provider_message_id: None,
+            content_hash: None,
+            created_at: now,
+            sent_at: None,
+        };
+        Sample { delivery, notice }
+    }
+
+    impl Sample {
+        pub fn outbound(&self) -> Outbound<'_> {
+            Outbound {
+                delivery: &self.delivery,
+                notice: &self.notice,
+                reference: REFERENCE,
+                notice_url: &self.notice.url,
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -204,5 +328,34 @@ mod tests {
         let mut h = reqwest::header::HeaderMap::new();
         h.insert(reqwest::header::RETRY_AFTER, "7".parse().expect("header"));
         assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
+    }
+
+    #[test]
+    fn retry_after_reads_http_dates() {
+        let mut h = reqwest::header::HeaderMap::new();
+        let when = (chrono::Utc::now() + chrono::Duration::seconds(120)).format("%a, %d %b %Y %H:%M:%S GMT");
+        h.insert(reqwest::header::RETRY_AFTER, when.to_string().parse().expect("header"));
+        let after = retry_after(&h).expect("a date in the future");
+        assert!(
+            after > Duration::from_secs(100) && after <= Duration::from_secs(120),
+            "{after:?}"
+        );
+        h.insert(
+            reqwest::header::RETRY_AFTER,
+            "Wed, 21 Oct 2015 07:28:00 GMT".parse().expect("header"),
+        );
+        assert_eq!(retry_after(&h), None, "a date in the past");
+    }
+
+    #[test]
+    fn statuses_map_to_failure_kinds() {
+        assert_eq!(status_kind(401), FailureKind::Auth);
+        assert_eq!(status_kind(403), FailureKind::Auth);
+        assert_eq!(status_kind(429), FailureKind::Throttled);
+        assert_eq!(status_kind(408), FailureKind::ProviderError);
+        assert_eq!(status_kind(503), FailureKind::ProviderError);
+        assert_eq!(status_kind(301), FailureKind::ProviderError);
+        assert_eq!(status_kind(400), FailureKind::Rejected);
+        assert_eq!(status_kind(404), FailureKind::Rejected);
     }
 }
