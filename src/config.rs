@@ -190,6 +190,10 @@ pub struct EmailSettings {
     /// How long an accepted message may wait for its receipt, for providers that send receipts.
     #[serde(default = "receipt_timeout")]
     pub receipt_timeout_seconds: u64,
+    /// Bearer token the mail system presents when it posts a bounce (RFC 3464 delivery status
+    /// notification) to `/hooks/email/dsn`; empty disables the endpoint.
+    #[serde(default)]
+    pub dsn_token: Secret,
 }
 
 impl EmailSettings {
@@ -264,6 +268,10 @@ pub struct ProviderSettings {
     pub breaker: BreakerSettings,
     pub smtp: Option<SmtpSettings>,
     pub webhook: Option<WebhookSettings>,
+    pub twilio: Option<crate::channels::twilio::TwilioSettings>,
+    pub aliyun_sms: Option<crate::channels::aliyun::AliyunSettings>,
+    pub fcm: Option<crate::channels::fcm::FcmSettings>,
+    pub apns: Option<crate::channels::apns::ApnsSettings>,
 }
 
 /// A provider's limits, kept in the store so every instance sharing it respects them together.

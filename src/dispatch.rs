@@ -225,6 +225,7 @@ impl Dispatcher {
 
     /// [`Dispatcher::step`], also saying when held-back work may go.
     pub async fn step_detail(&self, now: DateTime<Utc>) -> Result<Step, DispatchError> {
+        let t0 = std::time::Instant::now();
         let mut step = Step {
             report: self.expire_receipts(now).await?,
             held_until: None,
@@ -265,6 +266,7 @@ impl Dispatcher {
             hold(got.limited_until);
             claimed.extend(got.deliveries.into_iter().map(|d| (handle.clone(), d)));
         }
+        let t_claim = t0.elapsed();
         let mut report = StepReport {
             claimed: claimed.len() as u64,
             ..Default::default()
@@ -283,11 +285,13 @@ impl Dispatcher {
             .into_iter()
             .map(|r| (r.id.clone(), r))
             .collect();
+        let t_records = t0.elapsed();
         let sends = claimed.iter().map(|(handle, delivery)| {
             let reference = references.get(&delivery.incident_id).map(|r| &**r).unwrap_or("");
             self.send_one(handle, delivery, records.get(&delivery.notice_id), reference)
         });
         let results = futures_util::future::join_all(sends).await;
+        let t_sends = t0.elapsed();
         let mut records_out = Vec::with_capacity(claimed.len());
         let mut health_updates: HashMap<String, HealthUpdate> = HashMap::new();
         for ((handle, delivery), result) in claimed.into_iter().zip(results) {
@@ -341,6 +345,16 @@ impl Dispatcher {
         let health_updates: Vec<HealthUpdate> = health_updates.into_values().collect();
         let stored = self.store.record_attempts(&records_out, &health_updates).await?;
         let lost = stored.iter().filter(|s| !**s).count();
+        if std::env::var_os("TOCSIN_STEP_TIMING").is_some() {
+            eprintln!(
+                "claim {:?} records {:?} sends {:?} record {:?} n {}",
+                t_claim,
+                t_records - t_claim,
+                t_sends - t_records,
+                t0.elapsed() - t_sends,
+                stored.len()
+            );
+        }
         if lost > 0 {
             // Our lease ran out and another worker took the rows over: its outcomes stand.
             tracing::warn!(

@@ -66,6 +66,16 @@ pub enum EngineError {
     NotFound { what: &'static str, id: String },
     #[error("four eyes: {approver} drafted notice version {version} and cannot also approve it")]
     SameActor { approver: String, version: i64 },
+    /// A provider callback whose signature or token does not check out.
+    #[error("{0}")]
+    Unauthenticated(String),
+}
+
+/// Compares two secrets in time independent of where they differ.
+fn same_secret(a: &str, b: &str) -> bool {
+    use sha2::Digest;
+    let (x, y) = (sha2::Sha256::digest(a.as_bytes()), sha2::Sha256::digest(b.as_bytes()));
+    !a.is_empty() && x.iter().zip(y.iter()).fold(0u8, |acc, (p, q)| acc | (p ^ q)) == 0
 }
 
 impl EngineError {
@@ -1404,6 +1414,73 @@ impl Tocsin {
             }
         }
         Ok(out)
+    }
+
+    fn provider_settings(&self, name: &str, kind: &str) -> Result<&crate::config::ProviderSettings, EngineError> {
+        self.settings
+            .providers
+            .get(name)
+            .filter(|p| p.kind == kind)
+            .ok_or_else(|| EngineError::NotFound {
+                what: "provider",
+                id: format!("{name} ({kind})"),
+            })
+    }
+
+    /// A Twilio status callback for provider `name`: the signature is checked against the
+    /// configured callback URL and auth token; a bad one changes nothing.
+    pub async fn twilio_status(
+        &self,
+        name: &str,
+        params: &[(String, String)],
+        signature: Option<&str>,
+    ) -> Result<ReceiptTally, EngineError> {
+        let p = self.provider_settings(name, "twilio")?;
+        let twilio = p.twilio.as_ref().ok_or_else(|| EngineError::NotFound {
+            what: "provider",
+            id: name.to_owned(),
+        })?;
+        let url = twilio.status_callback_url.as_deref().unwrap_or_default();
+        let valid = signature
+            .is_some_and(|sig| crate::channels::twilio::verify_signature(twilio.auth_token.expose(), url, params, sig));
+        if !valid {
+            tracing::warn!(
+                provider = name,
+                "a Twilio status callback with a missing or wrong signature was refused"
+            );
+            return Err(EngineError::Unauthenticated(
+                "X-Twilio-Signature: missing or does not match this request".into(),
+            ));
+        }
+        let receipts: Vec<Receipt> = crate::channels::twilio::receipt_from_status(params)
+            .into_iter()
+            .collect();
+        self.apply_receipts(&receipts).await
+    }
+
+    /// An Aliyun SMS delivery report push for provider `name`, authenticated by its token.
+    pub async fn aliyun_report(
+        &self,
+        name: &str,
+        token: Option<&str>,
+        body: &[u8],
+    ) -> Result<ReceiptTally, EngineError> {
+        let p = self.provider_settings(name, "aliyun_sms")?;
+        let expected = p
+            .aliyun_sms
+            .as_ref()
+            .map(|a| a.report_token.expose())
+            .unwrap_or_default();
+        if !token.is_some_and(|t| same_secret(t, expected)) {
+            tracing::warn!(
+                provider = name,
+                "an Aliyun delivery report without the right token was refused"
+            );
+            return Err(EngineError::Unauthenticated("token: missing or wrong".into()));
+        }
+        let receipts =
+            crate::channels::aliyun::receipts_from_report(body).map_err(|reason| FieldError::new("body", reason))?;
+        self.apply_receipts(&receipts).await
     }
 
     /// Applies provider receipts (status callbacks, delivery reports, bounces).

@@ -111,6 +111,12 @@ impl From<EngineError> for Problem {
                 detail,
                 field: None,
             },
+            EngineError::Unauthenticated(_) => Problem {
+                status: StatusCode::FORBIDDEN,
+                title: "not authenticated",
+                detail,
+                field: None,
+            },
             EngineError::SameActor { .. } => Problem {
                 status: StatusCode::FORBIDDEN,
                 title: "four-eyes rule",
@@ -197,6 +203,9 @@ fn router_with(state: AppState) -> Router {
         .route("/api/v1/incidents/{id}/diff/{merchant}", get(diff))
         .route("/api/v1/notices/{id}", get(get_notice))
         .route("/n/{token}", get(notice_page))
+        // Provider callbacks, each authenticated by the provider's own scheme.
+        .route("/hooks/twilio/{provider}", post(twilio_status))
+        .route("/hooks/aliyun/{provider}", post(aliyun_report))
         .nest_service("/bulletins", bulletins)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
@@ -431,6 +440,36 @@ async fn list_deliveries(State(s): State<AppState>, Path(id): Path<String>) -> A
 
 async fn get_notice(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
     ok(s.engine.notice(&id).await?)
+}
+
+/// Twilio's message status callback (form-encoded, signed with `X-Twilio-Signature`).
+async fn twilio_status(
+    State(s): State<AppState>,
+    Path(provider): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<StatusCode, Problem> {
+    let params: Vec<(String, String)> =
+        serde_urlencoded::from_bytes(&body).map_err(|e| bad_request("body", format!("not a form: {e}")))?;
+    let signature = headers.get("x-twilio-signature").and_then(|v| v.to_str().ok());
+    s.engine.twilio_status(&provider, &params, signature).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+/// Aliyun's SMS delivery report push (a JSON array); answered as Aliyun expects.
+async fn aliyun_report(
+    State(s): State<AppState>,
+    Path(provider): Path<String>,
+    Query(q): Query<TokenQuery>,
+    body: Bytes,
+) -> Result<Response, Problem> {
+    s.engine.aliyun_report(&provider, q.token.as_deref(), &body).await?;
+    Ok(axum::Json(json!({ "code": 0, "msg": "成功" })).into_response())
 }
 
 /// The background work of `serve`: the delivery pipelines, and on every tick of the sweep

@@ -67,6 +67,10 @@ pub struct AliyunSettings {
     pub template_param_url: String,
     #[serde(default = "default_region")]
     pub region_id: String,
+    /// Aliyun's delivery-report push carries no signature: the report URL configured in the
+    /// console must end in `?token=<this>`, and reports without it are refused.
+    #[serde(default)]
+    pub report_token: Secret,
     #[serde(default = "default_base_url")]
     pub base_url: String,
     #[serde(default = "default_timeout")]

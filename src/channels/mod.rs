@@ -293,11 +293,25 @@ fn named_provider(
             s.timeout_seconds = w.timeout_seconds;
             Arc::new(WebhookTransport::from_settings(channel, &s, dir)?)
         }
-        ("smtp" | "webhook", _) => return Err(wrong()),
+        ("twilio", Channel::Sms) => Arc::new(twilio::TwilioProvider::from_settings(
+            p.twilio.as_ref().ok_or_else(|| missing("twilio"))?,
+        )?),
+        ("aliyun_sms", Channel::Sms) => Arc::new(aliyun::AliyunProvider::from_settings(
+            p.aliyun_sms.as_ref().ok_or_else(|| missing("aliyun_sms"))?,
+        )?),
+        ("fcm", Channel::Push) => Arc::new(fcm::FcmProvider::from_settings(
+            p.fcm.as_ref().ok_or_else(|| missing("fcm"))?,
+        )?),
+        ("apns", Channel::Push) => Arc::new(apns::ApnsProvider::from_settings(
+            p.apns.as_ref().ok_or_else(|| missing("apns"))?,
+        )?),
+        ("smtp" | "webhook" | "twilio" | "aliyun_sms" | "fcm" | "apns", _) => return Err(wrong()),
         (other, _) => {
             return Err(setup_err(
                 which,
-                format!("providers.{name}.kind: unknown kind {other:?}; expected file, smtp, webhook"),
+                format!(
+                    "providers.{name}.kind: unknown kind {other:?}; expected file, smtp, webhook, twilio, aliyun_sms, fcm, apns"
+                ),
             ));
         }
     })
