@@ -360,6 +360,7 @@ mod tests {
             template_param_reference: "reference".into(),
             template_param_url: "url".into(),
             region_id: "cn-hangzhou".into(),
+            report_token: Secret::default(),
             base_url: base.into(),
             timeout_seconds: 5,
         }

@@ -294,6 +294,10 @@ pub(super) mod fixture {
             content_hash: None,
             created_at: now,
             sent_at: None,
+            provider: None,
+            error_kind: None,
+            delivered_at: None,
+            receipt_due_at: None,
         };
         Sample { delivery, notice }
     }
