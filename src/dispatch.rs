@@ -137,7 +137,14 @@ pub struct Dispatcher {
     channels: ChannelSet,
     settings: DeliverySettings,
     renderer: Arc<NoticeRenderer>,
+    /// Breaker states, re-read at most every [`HEALTH_TTL`] or after a failure was recorded.
+    health: Arc<std::sync::Mutex<Option<(std::time::Instant, Arc<HashMap<String, ProviderHealth>>)>>>,
+    /// When overdue receipts were last looked for (at most once a second).
+    receipt_sweep: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
+
+const HEALTH_TTL: Duration = Duration::from_millis(250);
+const RECEIPT_SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// How a provider may be used now, from its breaker state.
 enum Breaker {
@@ -169,7 +176,41 @@ impl Dispatcher {
             channels,
             settings,
             renderer,
+            health: Default::default(),
+            receipt_sweep: Default::default(),
         }
+    }
+
+    async fn health(&self) -> Result<Arc<HashMap<String, ProviderHealth>>, DispatchError> {
+        if let Some((at, h)) = self.health.lock().ok().and_then(|g| g.clone())
+            && at.elapsed() < HEALTH_TTL
+        {
+            return Ok(h);
+        }
+        let fresh: Arc<HashMap<String, ProviderHealth>> = Arc::new(
+            self.store
+                .provider_health()
+                .await?
+                .into_iter()
+                .map(|h| (h.provider.clone(), h))
+                .collect(),
+        );
+        if let Ok(mut g) = self.health.lock() {
+            *g = Some((std::time::Instant::now(), fresh.clone()));
+        }
+        Ok(fresh)
+    }
+
+    /// Whether it is time to look for overdue receipts (and notes that it is being done).
+    fn receipt_sweep_due(&self) -> bool {
+        let Ok(mut last) = self.receipt_sweep.lock() else {
+            return true;
+        };
+        if last.is_some_and(|at| at.elapsed() < RECEIPT_SWEEP_EVERY) {
+            return false;
+        }
+        *last = Some(std::time::Instant::now());
+        true
     }
 
     /// The provider to use for `channel` now (the first whose breaker lets it through) and how
@@ -227,7 +268,11 @@ impl Dispatcher {
     pub async fn step_detail(&self, now: DateTime<Utc>) -> Result<Step, DispatchError> {
         let t0 = std::time::Instant::now();
         let mut step = Step {
-            report: self.expire_receipts(now).await?,
+            report: if self.receipt_sweep_due() {
+                self.expire_receipts(now).await?
+            } else {
+                StepReport::default()
+            },
             held_until: None,
         };
         let mut hold = |at: Option<DateTime<Utc>>| {
@@ -235,13 +280,7 @@ impl Dispatcher {
                 step.held_until = Some(step.held_until.map_or(at, |h: DateTime<Utc>| h.min(at)));
             }
         };
-        let health: HashMap<String, ProviderHealth> = self
-            .store
-            .provider_health()
-            .await?
-            .into_iter()
-            .map(|h| (h.provider.clone(), h))
-            .collect();
+        let health = self.health().await?;
         let lease_until = now + chrono::Duration::seconds(self.settings.lease_seconds as i64);
         let mut claimed: Vec<(Arc<ProviderHandle>, Delivery)> = Vec::new();
         for channel in Channel::ALL.iter().copied() {
@@ -343,6 +382,12 @@ impl Dispatcher {
             });
         }
         let health_updates: Vec<HealthUpdate> = health_updates.into_values().collect();
+        if health_updates.iter().any(|h| h.failures > 0)
+            && let Ok(mut g) = self.health.lock()
+        {
+            // The breaker may have opened: read it again before the next claim.
+            *g = None;
+        }
         let stored = self.store.record_attempts(&records_out, &health_updates).await?;
         let lost = stored.iter().filter(|s| !**s).count();
         if std::env::var_os("TOCSIN_STEP_TIMING").is_some() {

@@ -14,7 +14,10 @@ ALTER TABLE deliveries ADD COLUMN delivered_at TEXT;    -- when a receipt confir
 ALTER TABLE deliveries ADD COLUMN receipt_due_at TEXT;  -- accepted, waiting for a receipt until
 ALTER TABLE deliveries ADD COLUMN receipt_detail TEXT;  -- the provider's last status words
 
-CREATE INDEX deliveries_due_by_channel ON deliveries (channel, status, next_attempt_at);
+-- Claims read only rows waiting to go; partial indexes keep them small and leave the rows
+-- already sent (most of a large outbox) out of every status change.
+DROP INDEX deliveries_due;
+CREATE INDEX deliveries_pending ON deliveries (channel, next_attempt_at) WHERE status = 'pending';
 CREATE INDEX deliveries_in_flight ON deliveries (provider, lease_until) WHERE status = 'sending';
 CREATE INDEX deliveries_awaiting_receipt ON deliveries (receipt_due_at) WHERE receipt_due_at IS NOT NULL;
 CREATE INDEX deliveries_by_provider_message ON deliveries (provider_message_id) WHERE provider_message_id IS NOT NULL;

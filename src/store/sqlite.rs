@@ -2198,7 +2198,8 @@ impl Store for SqliteStore {
 
     async fn open_deliveries(&self, incident: Option<&IncidentId>) -> Result<u64, StoreError> {
         let count: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM deliveries WHERE status IN ('pending', 'sending') AND ($1 IS NULL OR incident_id = $1)",
+            "SELECT (SELECT COUNT(*) FROM deliveries WHERE status = 'pending' AND ($1 IS NULL OR +incident_id = $1))
+                  + (SELECT COUNT(*) FROM deliveries WHERE status = 'sending' AND ($1 IS NULL OR +incident_id = $1))",
         )
         .bind(incident.map(|i| i.as_str()))
         .fetch_one(&self.pool)
@@ -2220,8 +2221,11 @@ impl Store for SqliteStore {
 
     async fn next_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
         let next: Option<String> = sqlx::query_scalar(
-            "SELECT MIN(CASE WHEN status = 'pending' THEN next_attempt_at ELSE lease_until END)
-             FROM deliveries WHERE status IN ('pending', 'sending')",
+            "SELECT MIN(at) FROM (
+                 SELECT MIN(next_attempt_at) AS at FROM deliveries WHERE status = 'pending' AND channel = 'email'
+                 UNION ALL SELECT MIN(next_attempt_at) FROM deliveries WHERE status = 'pending' AND channel = 'sms'
+                 UNION ALL SELECT MIN(next_attempt_at) FROM deliveries WHERE status = 'pending' AND channel = 'push'
+                 UNION ALL SELECT MIN(lease_until) FROM deliveries WHERE status = 'sending')",
         )
         .fetch_one(&self.pool)
         .await

@@ -71,6 +71,20 @@ fn bucket_size(limits: &LimitSettings) -> f64 {
 pub(super) async fn claim_for_provider(store: &SqliteStore, c: &ProviderClaim<'_>) -> Result<Claimed, StoreError> {
     let limits = c.limits;
     let now = fmt_ts(c.now);
+    // A read first: most channels have nothing due most of the time, and a read does not
+    // wait for (or hold up) the writer.
+    let due: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM deliveries WHERE status = 'pending' AND channel = $1 AND next_attempt_at <= $2)
+             OR EXISTS (SELECT 1 FROM deliveries WHERE status = 'sending' AND +channel = $1 AND lease_until <= $2)",
+    )
+    .bind(c.channel.as_str())
+    .bind(&now)
+    .fetch_one(&store.pool)
+    .await
+    .doing("looking for due deliveries")?;
+    if !due {
+        return Ok(Claimed::default());
+    }
     let _turn = store.write_gate.lock().await;
     let mut tx = store
         .pool
@@ -146,10 +160,10 @@ pub(super) async fn claim_for_provider(store: &SqliteStore, c: &ProviderClaim<'_
     let sql = format!(
         "UPDATE deliveries SET status = 'sending', lease_until = $1, attempts = attempts + 1, updated_at = $2, provider = $5
          WHERE id IN (SELECT id FROM (SELECT id FROM deliveries
-                                      WHERE status = 'sending' AND channel = $3 AND lease_until <= $2 LIMIT $4)
+                                      WHERE status = 'sending' AND +channel = $3 AND lease_until <= $2 LIMIT $4)
                       UNION ALL
                       SELECT id FROM (SELECT id FROM deliveries
-                                      WHERE channel = $3 AND status = 'pending' AND next_attempt_at <= $2
+                                      WHERE status = 'pending' AND channel = $3 AND next_attempt_at <= $2
                                       ORDER BY next_attempt_at LIMIT $4)
                       LIMIT $4)
          RETURNING {DELIVERY_COLUMNS}"
@@ -323,6 +337,7 @@ pub(super) async fn record_attempts(
         .begin_with("BEGIN IMMEDIATE")
         .await
         .doing("starting to record attempts")?;
+    let t0 = std::time::Instant::now();
     let mut stored = vec![false; records.len()];
     let mut events = Vec::with_capacity(records.len());
     // Acceptances in one statement: each row only if its claim is still this attempt's.
@@ -365,6 +380,7 @@ pub(super) async fn record_attempts(
         .await
         .doing("recording accepted deliveries")?;
         let done: std::collections::HashSet<String> = done.into_iter().collect();
+        let t_upd = t0.elapsed();
         let mut reached = Vec::new();
         for (i, _) in chunk {
             let r = &records[*i];
@@ -403,6 +419,10 @@ pub(super) async fn record_attempts(
                     "i": r.delivery.incident_id.as_str(), "m": r.delivery.merchant_id.as_str(), "c": r.delivery.channel.as_str(),
                 }));
             }
+        }
+        let t_loop = t0.elapsed();
+        if std::env::var_os("TOCSIN_STEP_TIMING").is_some() {
+            eprintln!("  update {:?} loop {:?}", t_upd, t_loop - t_upd);
         }
         if !reached.is_empty() {
             sqlx::query(
@@ -479,11 +499,21 @@ pub(super) async fn record_attempts(
         }
         apply_followup(&mut tx, d, &r.followup, &now, at).await?;
     }
+    let t_a = t0.elapsed();
     insert_events(&mut tx, &events).await?;
+    let t_b = t0.elapsed();
     for h in health {
         update_health_in(&mut tx, h, at).await?;
     }
     tx.commit().await.doing("committing recorded attempts")?;
+    if std::env::var_os("TOCSIN_STEP_TIMING").is_some() {
+        eprintln!(
+            "  reach+ledger {:?} events {:?} health+commit {:?}",
+            t_a,
+            t_b - t_a,
+            t0.elapsed() - t_b
+        );
+    }
     Ok(stored)
 }
 
