@@ -3,7 +3,9 @@
 //! retry, with the provider's `Retry-After` if it gave one) or permanent (move on to the
 //! merchant's next channel).
 
+mod dkim;
 mod email;
+pub mod smtp;
 mod webhook;
 
 use std::path::Path;
