@@ -4,6 +4,7 @@
 //! merchant's next channel).
 
 mod dkim;
+pub mod dsn;
 mod email;
 pub mod smtp;
 mod webhook;
