@@ -73,7 +73,7 @@ fn recipient_receipt(fields: &[(String, String)], key: &str) -> Option<Receipt> 
     let action = field(fields, "action")?.trim().to_ascii_lowercase();
     // `Action: failed (bad destination mailbox)` style comments are tolerated.
     let action = action.split(|c: char| c.is_whitespace() || c == '(').next()?.to_owned();
-    let status = field(fields, "status").and_then(|s| status_code(s));
+    let status = field(fields, "status").and_then(status_code);
     let class = status.as_deref().and_then(|s| s.chars().next());
     let receipt_status = match action.as_str() {
         "failed" if class == Some('4') => ReceiptStatus::InProgress,
@@ -168,22 +168,16 @@ fn collect(entity: &Entity, depth: usize, found: &mut Found) -> Result<(), DsnEr
                 collect(&Entity::parse(&part)?, depth + 1, found)?;
             }
         }
-        "message/delivery-status" | "message/global-delivery-status" => {
-            if found.status.is_none() {
-                found.status = Some(entity.decoded_body());
-            }
+        "message/delivery-status" | "message/global-delivery-status" if found.status.is_none() => {
+            found.status = Some(entity.decoded_body());
         }
-        "text/rfc822-headers" | "message/global-headers" => {
-            if found.original_headers.is_none() {
-                found.original_headers = Some(entity.decoded_body());
-            }
+        "text/rfc822-headers" | "message/global-headers" if found.original_headers.is_none() => {
+            found.original_headers = Some(entity.decoded_body());
         }
-        "message/rfc822" | "message/global" => {
-            if found.original_headers.is_none() {
-                let body = entity.decoded_body();
-                let headers = body.split_once("\n\n").map_or(body.as_str(), |(h, _)| h).to_owned();
-                found.original_headers = Some(headers);
-            }
+        "message/rfc822" | "message/global" if found.original_headers.is_none() => {
+            let body = entity.decoded_body();
+            let headers = body.split_once("\n\n").map_or(body.as_str(), |(h, _)| h).to_owned();
+            found.original_headers = Some(headers);
         }
         _ => {}
     }
@@ -199,10 +193,9 @@ struct Entity {
 impl Entity {
     /// `text` uses LF line ends.
     fn parse(text: &str) -> Result<Self, DsnError> {
-        let (head, body) = if text.starts_with('\n') {
-            ("", &text[1..])
-        } else {
-            text.split_once("\n\n").unwrap_or((text, ""))
+        let (head, body) = match text.strip_prefix('\n') {
+            Some(body) => ("", body),
+            None => text.split_once("\n\n").unwrap_or((text, "")),
         };
         let headers = parse_headers(head);
         let well_formed = head
