@@ -481,3 +481,66 @@ async fn half_configured_dkim_is_refused_at_setup() {
     let err = EmailTransport::from_settings(&s, dir.path()).err().expect("refused");
     assert!(err.to_string().contains("dkim"), "{err}");
 }
+
+// ---- Throughput (manual) --------------------------------------------------------------------
+
+/// Throughput of the pool against an external sink, e.g. Postfix's
+/// `smtp-sink -c -u root 127.0.0.1:2525 1000`:
+/// `TOCSIN_SMTP_BENCH=127.0.0.1:2525 cargo test --release --test smtp -- --ignored --nocapture`
+/// (`TOCSIN_SMTP_BENCH_MESSAGES`, default 20000; `TOCSIN_SMTP_BENCH_CONCURRENCY`, default 16,
+/// which is also the pool size). Messages are built (MIME, Message-ID) as in production.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs an external SMTP sink; run by hand"]
+async fn throughput_against_an_external_sink() {
+    let Ok(target) = std::env::var("TOCSIN_SMTP_BENCH") else {
+        eprintln!("set TOCSIN_SMTP_BENCH=host:port");
+        return;
+    };
+    let env_num = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let total = env_num("TOCSIN_SMTP_BENCH_MESSAGES", 20_000);
+    let concurrency = env_num("TOCSIN_SMTP_BENCH_CONCURRENCY", 16);
+    let (host, port) = target.rsplit_once(':').expect("host:port");
+    let mut s = settings(port.parse().expect("port"), "none");
+    s.smtp.host = host.to_owned();
+    s.smtp.pool_size = u32::try_from(concurrency).expect("pool size");
+    let t = Arc::new(transport(&s));
+    // ~2 KB: 1 KB of text and 1 KB of HTML.
+    let text: Arc<str> = "Dear merchant, we write about a security incident. ".repeat(20).into();
+    let html: Arc<str> = format!("<p>{}</p>", "Dear merchant, we write about an incident. ".repeat(23)).into();
+    let started = std::time::Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    for w in 0..concurrency {
+        let (t, text, html) = (Arc::clone(&t), Arc::clone(&text), Arc::clone(&html));
+        let n = total / concurrency + usize::from(w < total % concurrency);
+        workers.spawn(async move {
+            let mut bytes = 0usize;
+            for i in 0..n {
+                let key = format!("bench-{w}-{i}");
+                let m = Mail {
+                    to: "merchant@shop.example",
+                    subject: "Security incident notice",
+                    text: &text,
+                    html: &html,
+                    language: "en",
+                    key: &key,
+                };
+                if i == 0 {
+                    bytes = t.build(&m).expect("builds").formatted().len();
+                }
+                t.send_mail(&m).await.expect("sent");
+            }
+            bytes
+        });
+    }
+    let mut size = 0;
+    while let Some(r) = workers.join_next().await {
+        size = size.max(r.expect("worker"));
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let pool = t.smtp_pool().expect("smtp");
+    eprintln!(
+        "pool: {total} messages of {size} bytes, {concurrency} concurrent, {} connections: {secs:.2} s, {:.0} msg/s",
+        pool.connections_opened(),
+        total as f64 / secs
+    );
+}
