@@ -114,7 +114,7 @@ async fn plain_smtp_sends_with_the_key_derived_message_id_and_no_list_unsubscrib
 async fn starttls_upgrades_before_the_transaction() {
     let server = SmtpServer::start_with(ServerOptions {
         tls: ServerTls::StartTls,
-        auth: None,
+        ..ServerOptions::default()
     })
     .await;
     let t = transport(&settings(server.port(), "starttls"));
@@ -141,7 +141,7 @@ async fn starttls_is_required_when_configured() {
 async fn implicit_tls_speaks_tls_from_the_first_byte() {
     let server = SmtpServer::start_with(ServerOptions {
         tls: ServerTls::Implicit,
-        auth: None,
+        ..ServerOptions::default()
     })
     .await;
     let t = transport(&settings(server.port(), "tls"));
@@ -155,7 +155,7 @@ async fn implicit_tls_speaks_tls_from_the_first_byte() {
 async fn an_untrusted_certificate_is_a_network_failure() {
     let server = SmtpServer::start_with(ServerOptions {
         tls: ServerTls::Implicit,
-        auth: None,
+        ..ServerOptions::default()
     })
     .await;
     let mut s = settings(server.port(), "tls");
@@ -179,6 +179,7 @@ async fn auth_with_the_right_credentials_sends() {
     let server = SmtpServer::start_with(ServerOptions {
         tls: ServerTls::StartTls,
         auth: Some(("tocsin".into(), "s3cret pass".into())),
+        ..ServerOptions::default()
     })
     .await;
     let t = transport(&with_auth(server.port(), "tocsin", "s3cret pass"));
@@ -191,10 +192,28 @@ async fn auth_with_the_right_credentials_sends() {
 }
 
 #[tokio::test]
+async fn auth_login_is_used_when_the_server_offers_only_login() {
+    let server = SmtpServer::start_with(ServerOptions {
+        tls: ServerTls::Implicit,
+        auth: Some(("tocsin".into(), "pw".into())),
+        login_only: true,
+    })
+    .await;
+    let mut s = with_auth(server.port(), "tocsin", "pw");
+    s.smtp.tls = "tls".into();
+    transport(&s)
+        .send_mail(&mail("merchant@shop.example", "k-login"))
+        .await
+        .expect("sent");
+    assert_eq!(one(&server).await.authenticated_as.as_deref(), Some("tocsin"));
+}
+
+#[tokio::test]
 async fn refused_credentials_are_an_auth_failure() {
     let server = SmtpServer::start_with(ServerOptions {
         tls: ServerTls::StartTls,
         auth: Some(("tocsin".into(), "right".into())),
+        ..ServerOptions::default()
     })
     .await;
     let t = transport(&with_auth(server.port(), "tocsin", "wrong"));
@@ -488,7 +507,8 @@ async fn half_configured_dkim_is_refused_at_setup() {
 /// `smtp-sink -c -u root 127.0.0.1:2525 1000`:
 /// `TOCSIN_SMTP_BENCH=127.0.0.1:2525 cargo test --release --test smtp -- --ignored --nocapture`
 /// (`TOCSIN_SMTP_BENCH_MESSAGES`, default 20000; `TOCSIN_SMTP_BENCH_CONCURRENCY`, default 16,
-/// which is also the pool size). Messages are built (MIME, Message-ID) as in production.
+/// which is also the pool size). Messages are built (MIME, Message-ID) as in production, or
+/// with `TOCSIN_SMTP_BENCH_PREBUILT=1` one pre-formatted message is sent (the pool alone).
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs an external SMTP sink; run by hand"]
 async fn throughput_against_an_external_sink() {
@@ -507,6 +527,10 @@ async fn throughput_against_an_external_sink() {
     // ~2 KB: 1 KB of text and 1 KB of HTML.
     let text: Arc<str> = "Dear merchant, we write about a security incident. ".repeat(20).into();
     let html: Arc<str> = format!("<p>{}</p>", "Dear merchant, we write about an incident. ".repeat(23)).into();
+    let prebuilt = std::env::var("TOCSIN_SMTP_BENCH_PREBUILT").is_ok_and(|v| v == "1");
+    fn pool_of(t: &EmailTransport) -> &tocsin::channels::smtp::SmtpPool {
+        t.smtp_pool().expect("smtp")
+    }
     let started = std::time::Instant::now();
     let mut workers = tokio::task::JoinSet::new();
     for w in 0..concurrency {
@@ -524,6 +548,16 @@ async fn throughput_against_an_external_sink() {
                     language: "en",
                     key: &key,
                 };
+                if prebuilt {
+                    // The pool alone: the same pre-formatted message every time.
+                    let message = t.build(&m).expect("builds");
+                    let raw = message.formatted();
+                    bytes = raw.len();
+                    for _ in 0..n {
+                        pool_of(&t).send(message.envelope(), &raw).await.expect("sent");
+                    }
+                    break;
+                }
                 if i == 0 {
                     bytes = t.build(&m).expect("builds").formatted().len();
                 }
@@ -539,7 +573,12 @@ async fn throughput_against_an_external_sink() {
     let secs = started.elapsed().as_secs_f64();
     let pool = t.smtp_pool().expect("smtp");
     eprintln!(
-        "pool: {total} messages of {size} bytes, {concurrency} concurrent, {} connections: {secs:.2} s, {:.0} msg/s",
+        "pool{}: {total} messages of {size} bytes, {concurrency} concurrent, {} connections: {secs:.2} s, {:.0} msg/s",
+        if prebuilt {
+            " (pre-built message)"
+        } else {
+            " (building each message)"
+        },
         pool.connections_opened(),
         total as f64 / secs
     );

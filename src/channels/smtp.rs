@@ -377,9 +377,9 @@ impl SmtpPool {
                     Ok(Err(e)) => return Err(failure(Stage::Tls, &e)),
                     Ok(Ok(())) => {}
                 }
-                Box::new(Encrypted(stream))
+                Box::new(Coalesce::new(Encrypted(stream)))
             }
-            _ => Box::new(tcp),
+            _ => Box::new(Coalesce::new(tcp)),
         };
         let mut conn = step(
             t,
@@ -468,10 +468,13 @@ fn failure(stage: Stage, e: &lettre::transport::smtp::Error) -> Failure {
     }
 }
 
-/// Classifies an SMTP failure. Only a refusal of the recipient or the message (550-554) is
-/// permanent; authentication refusals (530, 534, 535, 454) are `Auth`; 421 and a 452 "too
-/// many" are throttling; other 4xx and 5xx answers are provider errors (retried: a protocol
-/// or configuration problem is fixed on our side). No reply at all is a network failure.
+/// Classifies an SMTP failure. Only a refusal of the recipient or the message (550-554 to
+/// RCPT, DATA or the message; 552 "too big" to MAIL) is permanent; a refusal of our sender
+/// (MAIL FROM 550/551/553/554) says the relay will take nothing from us, so it is the
+/// provider's problem (retried, counted against it) rather than every merchant's. Auth
+/// refusals (530, 534, 535, 538, 454) are `Auth`; 421 and a 452 "too many" are throttling;
+/// other 4xx and 5xx answers are provider errors (a protocol or configuration problem fixed on
+/// our side). A failed STARTTLS is a TLS (network) failure, no reply at all a network failure.
 /// The server's text is never kept (it may echo the address), only the status code.
 fn classify(stage: Stage, e: &lettre::transport::smtp::Error) -> SendError {
     let at = stage.as_str();
@@ -480,25 +483,32 @@ fn classify(stage: Stage, e: &lettre::transport::smtp::Error) -> SendError {
             return SendError::new(FailureKind::Timeout, format!("SMTP {at}: timed out"));
         }
         let what = if e.is_tls() || stage == Stage::Tls {
-            "TLS failed"
+            format!("TLS failed: {e}")
+        } else if e.is_response() {
+            // A reply lettre could not parse: its text is not repeated.
+            "the server's reply could not be read".to_owned()
         } else {
-            "connection failed"
+            format!("connection failed: {e}")
         };
-        // lettre's own errors (I/O, TLS, parse) carry no server text.
-        return SendError::new(FailureKind::Network, format!("SMTP {at}: {what}: {e}"));
+        return SendError::new(FailureKind::Network, format!("SMTP {at}: {what}"));
     };
     let code = code.to_string();
-    let kind = match code.as_str() {
-        "550" | "551" | "552" | "553" | "554" => FailureKind::Rejected,
-        "530" | "534" | "535" | "538" | "454" => FailureKind::Auth,
-        "421" => FailureKind::Throttled,
-        "452" if mentions_rate(e) => FailureKind::Throttled,
+    let transaction = matches!(stage, Stage::RcptTo | Stage::Data | Stage::Message);
+    let kind = match (stage, code.as_str()) {
+        (Stage::Tls, _) => FailureKind::Network,
+        (_, "421") => FailureKind::Throttled,
+        (_, "452") if mentions_rate(e) => FailureKind::Throttled,
+        (_, "530" | "534" | "535" | "538" | "454") => FailureKind::Auth,
+        (Stage::MailFrom, "552") => FailureKind::Rejected,
+        (_, "550" | "551" | "552" | "553" | "554") if transaction => FailureKind::Rejected,
         _ => FailureKind::ProviderError,
     };
     let what = match kind {
         FailureKind::Rejected => "refused the recipient or message",
         FailureKind::Auth => "refused our credentials or configuration",
         FailureKind::Throttled => "asked us to slow down",
+        FailureKind::Network => "refused TLS",
+        _ if stage == Stage::MailFrom && code.starts_with('5') => "refused our sender (configuration?)",
         _ if code.starts_with('4') => "deferred the message",
         _ => "refused the command (configuration?)",
     };
@@ -580,6 +590,102 @@ impl tokio::io::AsyncWrite for Encrypted {
 impl AsyncTokioStream for Encrypted {
     fn peer_addr(&self) -> io::Result<SocketAddr> {
         self.0.peer_addr()
+    }
+}
+
+/// Holds writes until the next read (or close): lettre writes and flushes the message and its
+/// closing dot separately, and every command before reading its reply; held back, each leaves
+/// in one segment and one system call. Every lettre write is followed by a read of the reply
+/// or by closing, so nothing stays held.
+struct Coalesce<S> {
+    inner: S,
+    out: Vec<u8>,
+    written: usize,
+}
+
+/// Past this much held data, writes go out without waiting for a read.
+const COALESCE_LIMIT: usize = 256 * 1024;
+
+impl<S> Coalesce<S> {
+    fn new(inner: S) -> Self {
+        Self {
+            inner,
+            out: Vec::with_capacity(8 * 1024),
+            written: 0,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> Coalesce<S> {
+    /// Writes out what is held, then flushes the inner stream.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.written < self.out.len() {
+            match Pin::new(&mut self.inner).poll_write(cx, &self.out[self.written..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => self.written += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        if !self.out.is_empty() {
+            self.out.clear();
+            self.written = 0;
+        }
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for Coalesce<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Coalesce")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncRead for Coalesce<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        match this.poll_drain(cx) {
+            Poll::Ready(Ok(())) => Pin::new(&mut this.inner).poll_read(cx, buf),
+            other => other,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Coalesce<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if this.out.len() >= COALESCE_LIMIT {
+            match this.poll_drain(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        this.out.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Deferred to the next read (see the type's documentation).
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        match this.poll_drain(cx) {
+            Poll::Ready(Ok(())) => Pin::new(&mut this.inner).poll_shutdown(cx),
+            other => other,
+        }
+    }
+}
+
+impl<S: AsyncTokioStream> AsyncTokioStream for Coalesce<S> {
+    fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.peer_addr()
     }
 }
 

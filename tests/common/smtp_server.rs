@@ -75,6 +75,8 @@ pub struct ServerOptions {
     /// Username and password accepted by AUTH PLAIN and LOGIN; when set, MAIL
     /// without a successful AUTH is refused with 530.
     pub auth: Option<(String, String)>,
+    /// Offer (and accept) only AUTH LOGIN, not PLAIN.
+    pub login_only: bool,
 }
 
 /// Reply the server gives to a `RCPT TO` command.
@@ -545,7 +547,11 @@ where
                     greeting.push_str("250-STARTTLS\r\n");
                 }
                 if offer_auth {
-                    greeting.push_str("250-AUTH PLAIN LOGIN\r\n");
+                    greeting.push_str(if options.login_only {
+                        "250-AUTH LOGIN\r\n"
+                    } else {
+                        "250-AUTH PLAIN LOGIN\r\n"
+                    });
                 }
                 greeting.push_str(&format!("250 SIZE {MAX_MESSAGE_SIZE}"));
                 reply(writer, &greeting).await?;
@@ -664,6 +670,9 @@ where
             "AUTH" if offer_auth => match &options.auth {
                 Some(_) if authenticated_as.is_some() => {
                     reply(writer, "503 5.5.1 Already authenticated").await?;
+                }
+                Some(_) if options.login_only && !arg.to_ascii_uppercase().starts_with("LOGIN") => {
+                    reply(writer, "504 5.5.4 Unrecognized authentication type").await?;
                 }
                 Some(expected) => match authenticate(reader, writer, arg, expected).await? {
                     Ok(user) => {
