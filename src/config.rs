@@ -194,6 +194,16 @@ pub struct EmailSettings {
     /// notification) to `/hooks/email/dsn`; empty disables the endpoint.
     #[serde(default)]
     pub dsn_token: Secret,
+    /// DKIM: the selector (`<selector>._domainkey.<domain>` holds the public key). Signing
+    /// is on when selector, domain and key file are all set.
+    #[serde(default)]
+    pub dkim_selector: Option<String>,
+    /// DKIM: the signing domain (`d=`), usually the domain of `from`.
+    #[serde(default)]
+    pub dkim_domain: Option<String>,
+    /// DKIM: the private key, RSA (PKCS#1 or PKCS#8 PEM) or Ed25519 (PKCS#8 PEM).
+    #[serde(default)]
+    pub dkim_private_key_file: Option<PathBuf>,
 }
 
 impl EmailSettings {
@@ -221,6 +231,20 @@ pub struct SmtpSettings {
     pub password: Secret,
     pub pool_size: u32,
     pub timeout_seconds: u64,
+    /// Pooled connections idle for longer than this are closed rather than reused.
+    #[serde(default = "default_idle_timeout_seconds")]
+    pub idle_timeout_seconds: u64,
+    /// An extra root certificate (PEM) trusted for the server's certificate, besides the
+    /// public roots: a private or staging CA.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// The name sent with EHLO; the machine's host name when unset.
+    #[serde(default)]
+    pub hello_name: Option<String>,
+}
+
+fn default_idle_timeout_seconds() -> u64 {
+    60
 }
 
 /// SMS and push: a file transport (embedded default) or a generic HMAC-signed JSON webhook.

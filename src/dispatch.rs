@@ -138,10 +138,13 @@ pub struct Dispatcher {
     settings: DeliverySettings,
     renderer: Arc<NoticeRenderer>,
     /// Breaker states, re-read at most every [`HEALTH_TTL`] or after a failure was recorded.
-    health: Arc<std::sync::Mutex<Option<(std::time::Instant, Arc<HashMap<String, ProviderHealth>>)>>>,
+    health: Arc<std::sync::Mutex<Option<HealthSnapshot>>>,
     /// When overdue receipts were last looked for (at most once a second).
     receipt_sweep: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
+
+/// Breaker states by provider, as read at a time.
+type HealthSnapshot = (std::time::Instant, Arc<HashMap<String, ProviderHealth>>);
 
 const HEALTH_TTL: Duration = Duration::from_millis(250);
 const RECEIPT_SWEEP_EVERY: Duration = Duration::from_secs(1);

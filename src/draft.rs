@@ -271,8 +271,11 @@ pub struct Frozen {
     /// Per (class, locale, kind, channel): the channel's texts rendered once with placeholders
     /// for the merchant's id, name and link, or `None` where filling them in would not give
     /// exactly what rendering does (a template that tests or transforms them).
-    skeletons: Mutex<HashMap<(i64, Locale, MerchantKind, Channel), Option<Arc<Skeleton>>>>,
+    skeletons: Mutex<HashMap<SkeletonKey, Option<Arc<Skeleton>>>>,
 }
+
+/// Class, locale, kind of merchant and channel: notices alike but for the merchant's fields.
+type SkeletonKey = (i64, Locale, MerchantKind, Channel);
 
 /// Placeholders no merchant value contains (Unicode private use).
 const PLACEHOLDER_ID: &str = "\u{E000}id\u{E001}";

@@ -1,23 +1,25 @@
-//! Email through lettre: SMTP (pooled, plain / STARTTLS / implicit TLS, optional AUTH) or
-//! lettre's file transport (the embedded default: one `.eml` per message). The `Message-ID`
-//! is derived from the delivery's idempotency key, so a resend after a crash is recognisable.
+//! Email through lettre: SMTP through Tocsin's own connection pool ([`super::smtp`]: plain,
+//! STARTTLS or implicit TLS, optional AUTH) or lettre's file transport (the embedded default:
+//! one `.eml` per message). The `Message-ID` is derived from the delivery's idempotency key, so
+//! a resend after a crash is recognisable, and it is the provider message id a bounce (DSN) is
+//! matched by. Messages are DKIM-signed when configured.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use async_trait::async_trait;
-use lettre::message::{Mailbox, MultiPart, header};
-use lettre::transport::smtp::PoolConfig;
-use lettre::transport::smtp::authentication::Credentials;
-use lettre::{AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use lettre::message::dkim::DkimConfig;
+use lettre::message::header::{self, ContentTransferEncoding, ContentType};
+use lettre::message::{Body, Mailbox, MultiPart};
+use lettre::{AsyncFileTransport, AsyncTransport, Message, Tokio1Executor};
 
-use super::{Accepted, ChannelSetupError, FailureKind, Outbound, Provider, SendError, setup_err};
+use super::smtp::SmtpPool;
+use super::{Accepted, ChannelSetupError, Outbound, Provider, SendError, dkim, setup_err};
 use crate::config::EmailSettings;
 use crate::ledger::content_hash;
 
 enum Inner {
     File(AsyncFileTransport<Tokio1Executor>, PathBuf),
-    Smtp(AsyncSmtpTransport<Tokio1Executor>),
+    Smtp(SmtpPool),
 }
 
 pub struct EmailTransport {
@@ -25,6 +27,7 @@ pub struct EmailTransport {
     from: Mailbox,
     reply_to: Option<Mailbox>,
     id_domain: String,
+    dkim: Option<DkimConfig>,
 }
 
 impl EmailTransport {
@@ -41,29 +44,9 @@ impl EmailTransport {
                     .map_err(|e| setup_err("email", format!("email.reply_to: {e}")))
             })
             .transpose()?;
+        let dkim = dkim::from_settings(s).map_err(|e| setup_err("email", e))?;
         let inner = match s.transport.as_str() {
-            "smtp" => {
-                let smtp = &s.smtp;
-                let mut builder = match smtp.tls.as_str() {
-                    "tls" => {
-                        AsyncSmtpTransport::<Tokio1Executor>::relay(&smtp.host).map_err(|e| setup_err("email", e))?
-                    }
-                    "starttls" => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&smtp.host)
-                        .map_err(|e| setup_err("email", e))?,
-                    _ => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&smtp.host),
-                };
-                builder = builder
-                    .port(smtp.port)
-                    .timeout(Some(Duration::from_secs(smtp.timeout_seconds)))
-                    .pool_config(PoolConfig::new().max_size(smtp.pool_size));
-                if !smtp.username.is_empty() {
-                    builder = builder.credentials(Credentials::new(
-                        smtp.username.clone(),
-                        smtp.password.expose().to_owned(),
-                    ));
-                }
-                Inner::Smtp(builder.build())
-            }
+            "smtp" => Inner::Smtp(SmtpPool::from_settings(&s.smtp).map_err(|e| setup_err("email", e))?),
             _ => {
                 std::fs::create_dir_all(file_dir)
                     .map_err(|e| setup_err("email", format!("{}: {e}", file_dir.display())))?;
@@ -76,6 +59,7 @@ impl EmailTransport {
             from,
             reply_to,
             id_domain,
+            dkim,
         })
     }
 
@@ -87,37 +71,72 @@ impl EmailTransport {
         }
     }
 
-    /// Builds a text + HTML message; the `Message-ID` is derived from the mail's key.
-    fn build(&self, mail: &Mail<'_>) -> Result<Message, SendError> {
+    /// The SMTP pool, if the transport is SMTP.
+    pub fn smtp_pool(&self) -> Option<&SmtpPool> {
+        match &self.inner {
+            Inner::Smtp(pool) => Some(pool),
+            Inner::File(..) => None,
+        }
+    }
+
+    /// The `Message-ID` of a mail with this key, without angle brackets: the same key always
+    /// gives the same id.
+    pub fn message_id(&self, key: &str) -> String {
+        format!("{}@{}", &content_hash(key.as_bytes())[..32], self.id_domain)
+    }
+
+    /// Builds a text + HTML message; the `Message-ID` is derived from the mail's key. The
+    /// multipart's `Content-Type` is a header of the message itself (not of its body), so
+    /// DKIM can cover it.
+    pub fn build(&self, mail: &Mail<'_>) -> Result<Message, SendError> {
         let to: Mailbox = mail
             .to
             .parse()
             .map_err(|_| SendError::permanent("the recipient address is not a valid mailbox"))?;
-        let message_id = format!("<{}@{}>", &content_hash(mail.key.as_bytes())[..32], self.id_domain);
+        let alternative = MultiPart::alternative_plain_html(mail.text.to_owned(), mail.html.to_owned());
+        let content_type = alternative
+            .headers()
+            .get::<ContentType>()
+            .ok_or_else(|| SendError::permanent("building the message: the multipart has no Content-Type"))?;
+        let formatted = alternative.formatted();
+        let body = formatted
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map(|i| formatted[i + 4..].to_vec())
+            .ok_or_else(|| SendError::permanent("building the message: the multipart has no body"))?;
+        let encoding = if body.is_ascii() {
+            ContentTransferEncoding::SevenBit
+        } else {
+            ContentTransferEncoding::EightBit
+        };
         let mut builder = Message::builder()
             .from(self.from.clone())
             .to(to)
             .subject(mail.subject.to_owned())
-            .message_id(Some(message_id))
+            .message_id(Some(format!("<{}>", self.message_id(mail.key))))
             .raw_header(header::HeaderValue::new(
                 header::HeaderName::new_from_ascii_str("Content-Language"),
                 mail.language.to_owned(),
             ))
-            .user_agent("Tocsin".to_owned());
+            .user_agent("Tocsin".to_owned())
+            .header(header::MIME_VERSION_1_0)
+            .header(content_type);
         if let Some(reply_to) = &self.reply_to {
             builder = builder.reply_to(reply_to.clone());
         }
         // A mandatory security notice: deliberately no List-Unsubscribe header.
-        builder
-            .multipart(MultiPart::alternative_plain_html(
-                mail.text.to_owned(),
-                mail.html.to_owned(),
-            ))
-            .map_err(|e| SendError::permanent(format!("building the message: {e}")))
+        let mut message = builder
+            .body(Body::dangerous_pre_encoded(body, encoding))
+            .map_err(|e| SendError::permanent(format!("building the message: {e}")))?;
+        if let Some(dkim) = &self.dkim {
+            message.sign(dkim);
+        }
+        Ok(message)
     }
 
-    /// Sends a mail (a notice, or a regulator filing) through the configured transport.
-    pub async fn send_mail(&self, mail: &Mail<'_>) -> Result<Option<String>, SendError> {
+    /// Sends a mail (a notice, or a regulator filing) through the configured transport; returns
+    /// its `Message-ID` without angle brackets.
+    pub async fn send_mail(&self, mail: &Mail<'_>) -> Result<String, SendError> {
         if undeliverable_domain(mail.to) {
             return Err(SendError::permanent(
                 "the recipient's domain is reserved as invalid and can never receive mail",
@@ -125,17 +144,14 @@ impl EmailTransport {
         }
         let message = self.build(mail)?;
         match &self.inner {
-            Inner::File(t, _) => t
-                .send(message)
-                .await
-                .map(Some)
-                .map_err(|e| SendError::transient(format!("writing the message file: {e}"))),
-            Inner::Smtp(t) => t
-                .send(message)
-                .await
-                .map(|r| r.message().next().map(str::to_owned))
-                .map_err(|e| classify(&e)),
+            Inner::File(t, _) => {
+                t.send(message)
+                    .await
+                    .map_err(|e| SendError::transient(format!("writing the message file: {e}")))?;
+            }
+            Inner::Smtp(pool) => pool.send(message.envelope(), &message.formatted()).await?,
         }
+        Ok(self.message_id(mail.key))
     }
 }
 
@@ -171,35 +187,8 @@ impl Provider for EmailTransport {
             key: &m.delivery.idempotency_key,
         })
         .await
-        .map(|id| Accepted {
-            provider_message_id: id,
-        })
+        .map(Accepted::with_id)
     }
-}
-
-/// Only a rejection of the recipient or the message is permanent for the merchant (550, 551,
-/// 552, 553, 554). Other 5xx answers (530/535 authentication, 500-504 protocol) say the relay
-/// or our configuration is wrong: retried, so fixing the configuration delivers them. Network
-/// and TLS failures are transient.
-fn classify(e: &lettre::transport::smtp::Error) -> SendError {
-    let code = smtp_code(e);
-    if e.is_permanent() && matches!(code.as_str(), "550" | "551" | "552" | "553" | "554") {
-        SendError::permanent(format!("SMTP rejected the recipient or message: {code}"))
-    } else if e.is_permanent() {
-        SendError::new(
-            FailureKind::Auth,
-            format!("SMTP refused the relay (configuration or authentication?): {code}"),
-        )
-    } else if e.is_transient() {
-        SendError::transient(format!("SMTP deferred the message: {code}"))
-    } else {
-        SendError::new(FailureKind::Network, format!("SMTP connection failed: {e}"))
-    }
-}
-
-/// The SMTP status without the server's free text, which may echo the recipient's address.
-fn smtp_code(e: &lettre::transport::smtp::Error) -> String {
-    e.status().map(|c| c.to_string()).unwrap_or_else(|| "no status".into())
 }
 
 #[cfg(test)]

@@ -5,9 +5,12 @@
 
 pub mod aliyun;
 pub mod apns;
+mod dkim;
+pub mod dsn;
 mod email;
 pub mod fcm;
 pub mod jwt;
+pub mod smtp;
 pub mod twilio;
 mod webhook;
 

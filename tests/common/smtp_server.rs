@@ -2,7 +2,10 @@
 //!
 //! Speaks enough ESMTP (RFC 5321) for lettre's `AsyncSmtpTransport` with
 //! connection pooling: EHLO/HELO, MAIL, RCPT, DATA, RSET, NOOP, QUIT, plus
-//! PIPELINING-tolerant input handling. No TLS and no AUTH.
+//! PIPELINING-tolerant input handling. [`SmtpServer::start`] speaks plain text
+//! without AUTH; [`SmtpServer::start_with`] adds STARTTLS or implicit TLS (with
+//! the test certificate under `tests/fixtures/`) and AUTH PLAIN/LOGIN with one
+//! username and password.
 //!
 //! Every accepted message is recorded and can be inspected with
 //! [`SmtpServer::messages`] / [`SmtpServer::wait_for_messages`]. The reply to
@@ -12,11 +15,16 @@
 // part of the API.
 #![allow(dead_code)]
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
+use tokio::task::AbortHandle;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls;
 
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -42,6 +50,33 @@ pub struct ReceivedMail {
     /// Raw message after dot-unstuffing, CRLF line endings preserved, without
     /// the terminating `.` line.
     pub data: String,
+    /// The message came over TLS (STARTTLS or implicit).
+    pub secure: bool,
+    /// The user that authenticated on the connection, if any.
+    pub authenticated_as: Option<String>,
+}
+
+/// How the server secures connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ServerTls {
+    /// Plain text.
+    #[default]
+    None,
+    /// Offers STARTTLS and refuses MAIL before it.
+    StartTls,
+    /// TLS from the first byte (SMTPS).
+    Implicit,
+}
+
+/// Options of [`SmtpServer::start_with`].
+#[derive(Clone, Debug, Default)]
+pub struct ServerOptions {
+    pub tls: ServerTls,
+    /// Username and password accepted by AUTH PLAIN and LOGIN; when set, MAIL
+    /// without a successful AUTH is refused with 530.
+    pub auth: Option<(String, String)>,
+    /// Offer (and accept) only AUTH LOGIN, not PLAIN.
+    pub login_only: bool,
 }
 
 /// Reply the server gives to a `RCPT TO` command.
@@ -64,6 +99,10 @@ struct Shared {
     attempts: Mutex<HashMap<String, u32>>,
     new_message: Notify,
     queue_ids: AtomicU64,
+    options: ServerOptions,
+    tls: Option<TlsAcceptor>,
+    connections: AtomicU64,
+    open: Mutex<Vec<AbortHandle>>,
 }
 
 /// Lock a mutex, ignoring poisoning: a panicking test must not cascade.
@@ -109,6 +148,12 @@ pub struct SmtpServer {
 impl SmtpServer {
     /// Bind to `127.0.0.1:0` and start serving in the background.
     pub async fn start() -> SmtpServer {
+        Self::start_with(ServerOptions::default()).await
+    }
+
+    /// Like [`SmtpServer::start`], with TLS and AUTH as `options` say.
+    pub async fn start_with(options: ServerOptions) -> SmtpServer {
+        let tls = (options.tls != ServerTls::None).then(test_tls_acceptor);
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind test SMTP server to 127.0.0.1:0");
@@ -119,6 +164,10 @@ impl SmtpServer {
             attempts: Mutex::new(HashMap::new()),
             new_message: Notify::new(),
             queue_ids: AtomicU64::new(0),
+            options,
+            tls,
+            connections: AtomicU64::new(0),
+            open: Mutex::new(Vec::new()),
         });
         let task = tokio::spawn(accept_loop(listener, Arc::clone(&shared)));
         SmtpServer { addr, shared, task }
@@ -130,6 +179,19 @@ impl SmtpServer {
 
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.shared.connections.load(Ordering::Relaxed)
+    }
+
+    /// Closes every open connection abruptly (as a server restart or idle
+    /// timeout would); the server keeps accepting new ones.
+    pub fn drop_connections(&self) {
+        for handle in lock(&self.shared.open).drain(..) {
+            handle.abort();
+        }
     }
 
     /// All messages accepted so far, in order of acceptance.
@@ -192,7 +254,11 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => {
-                    connections.spawn(handle_connection(stream, Arc::clone(&shared)));
+                    shared.connections.fetch_add(1, Ordering::Relaxed);
+                    let handle = connections.spawn(handle_connection(stream, Arc::clone(&shared)));
+                    let mut open = lock(&shared.open);
+                    open.retain(|h| !h.is_finished());
+                    open.push(handle);
                 }
                 // Transient accept errors (e.g. EMFILE): back off briefly.
                 Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
@@ -281,13 +347,138 @@ impl Session {
     }
 }
 
+/// The test certificate (127.0.0.1, localhost) signed by the test CA.
+fn test_tls_acceptor() -> TlsAcceptor {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let certs = CertificateDer::pem_file_iter(dir.join("test-server.pem"))
+        .expect("read test-server.pem")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("parse test-server.pem");
+    let key = PrivateKeyDer::from_pem_file(dir.join("test-server.key")).expect("read test-server.key");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("test server certificate");
+    TlsAcceptor::from(Arc::new(config))
+}
+
+/// What ended a [`serve`] loop.
+enum Outcome {
+    Closed,
+    /// The client asked for STARTTLS and was told to go ahead.
+    StartTls,
+}
+
 /// Serve one connection; any I/O error or timeout simply ends it.
 async fn handle_connection(stream: TcpStream, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
+    if shared.options.tls == ServerTls::Implicit {
+        let Some(acceptor) = shared.tls.clone() else { return };
+        let Ok(tls) = acceptor.accept(stream).await else { return };
+        let (read_half, mut writer) = tokio::io::split(tls);
+        let mut reader = BufReader::new(read_half);
+        let _ = serve(&mut reader, &mut writer, &shared, true, true).await;
+        let _ = writer.shutdown().await;
+        return;
+    }
     let (read_half, mut writer) = stream.into_split();
     let mut reader = BufReader::new(read_half);
-    let _ = serve(&mut reader, &mut writer, &shared).await;
-    let _ = writer.shutdown().await;
+    match serve(&mut reader, &mut writer, &shared, false, true).await {
+        Ok(Outcome::StartTls) => {
+            let Some(acceptor) = shared.tls.clone() else { return };
+            let Ok(stream) = reader.into_inner().reunite(writer) else {
+                return;
+            };
+            let Ok(tls) = acceptor.accept(stream).await else { return };
+            let (read_half, mut writer) = tokio::io::split(tls);
+            let mut reader = BufReader::new(read_half);
+            let _ = serve(&mut reader, &mut writer, &shared, true, false).await;
+            let _ = writer.shutdown().await;
+        }
+        _ => {
+            let _ = writer.shutdown().await;
+        }
+    }
+}
+
+/// Reads one line of an AUTH exchange and decodes it from base64.
+async fn read_auth_line<R: AsyncBufRead + Unpin>(reader: &mut R) -> std::io::Result<Option<String>> {
+    let mut buf = Vec::new();
+    match tokio::time::timeout(IDLE_TIMEOUT, read_line(reader, &mut buf, MAX_COMMAND_LINE)).await {
+        Ok(Ok(Line::Complete)) => {}
+        Ok(Err(e)) => return Err(e),
+        _ => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "AUTH aborted")),
+    }
+    let line = String::from_utf8_lossy(strip_eol(&buf)).trim().to_owned();
+    Ok(decode_b64(&line))
+}
+
+fn decode_b64(text: &str) -> Option<String> {
+    B64.decode(text.trim())
+        .ok()
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+/// AUTH PLAIN or LOGIN: the user if the credentials match, `Err(reply)` otherwise.
+async fn authenticate<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    arg: &str,
+    expected: &(String, String),
+) -> std::io::Result<Result<String, &'static str>>
+where
+    R: AsyncBufRead + Unpin,
+    W: AsyncWriteExt + Unpin,
+{
+    let (mechanism, initial) = match arg.split_once(' ') {
+        Some((m, i)) => (m.to_ascii_uppercase(), Some(i.trim().to_owned())),
+        None => (arg.to_ascii_uppercase(), None),
+    };
+    let (user, pass) = match mechanism.as_str() {
+        "PLAIN" => {
+            let response = match initial {
+                Some(i) => decode_b64(&i),
+                None => {
+                    reply(writer, "334 ").await?;
+                    read_auth_line(reader).await?
+                }
+            };
+            let Some(response) = response else {
+                return Ok(Err("501 5.5.2 Cannot decode response"));
+            };
+            let mut fields = response.split('\0');
+            let _authzid = fields.next();
+            (
+                fields.next().unwrap_or_default().to_owned(),
+                fields.next().unwrap_or_default().to_owned(),
+            )
+        }
+        "LOGIN" => {
+            let user = match initial {
+                Some(i) => decode_b64(&i),
+                None => {
+                    reply(writer, "334 VXNlcm5hbWU6").await?;
+                    read_auth_line(reader).await?
+                }
+            };
+            reply(writer, "334 UGFzc3dvcmQ6").await?;
+            let pass = read_auth_line(reader).await?;
+            match (user, pass) {
+                (Some(u), Some(p)) => (u, p),
+                _ => return Ok(Err("501 5.5.2 Cannot decode response")),
+            }
+        }
+        _ => return Ok(Err("504 5.5.4 Unrecognized authentication type")),
+    };
+    if (user.as_str(), pass.as_str()) == (expected.0.as_str(), expected.1.as_str()) {
+        Ok(Ok(user))
+    } else {
+        Ok(Err("535 5.7.8 Authentication credentials invalid"))
+    }
 }
 
 async fn reply<W: AsyncWriteExt + Unpin>(w: &mut W, text: &str) -> std::io::Result<()> {
@@ -296,24 +487,36 @@ async fn reply<W: AsyncWriteExt + Unpin>(w: &mut W, text: &str) -> std::io::Resu
     w.flush().await
 }
 
-async fn serve<R, W>(reader: &mut R, writer: &mut W, shared: &Shared) -> std::io::Result<()>
+async fn serve<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    shared: &Shared,
+    secure: bool,
+    banner: bool,
+) -> std::io::Result<Outcome>
 where
     R: AsyncBufRead + Unpin,
     W: AsyncWriteExt + Unpin,
 {
-    reply(writer, "220 localhost ESMTP tocsin-test-smtp ready").await?;
+    if banner {
+        reply(writer, "220 localhost ESMTP tocsin-test-smtp ready").await?;
+    }
+    let options = &shared.options;
+    let offer_starttls = options.tls == ServerTls::StartTls && !secure;
+    let offer_auth = options.auth.is_some() && (secure || options.tls == ServerTls::None);
+    let mut authenticated_as: Option<String> = None;
     let mut session = Session::default();
     let mut buf = Vec::new();
     loop {
         let line = match tokio::time::timeout(IDLE_TIMEOUT, read_line(reader, &mut buf, MAX_COMMAND_LINE)).await {
             Err(_elapsed) => {
                 reply(writer, "421 4.4.2 localhost Idle timeout, closing connection").await?;
-                return Ok(());
+                return Ok(Outcome::Closed);
             }
             Ok(line) => line?,
         };
         match line {
-            Line::Eof => return Ok(()),
+            Line::Eof => return Ok(Outcome::Closed),
             Line::TooLong => {
                 reply(writer, "500 5.5.6 Line too long").await?;
                 continue;
@@ -334,13 +537,23 @@ where
                 }
                 session.reset();
                 session.greeted = true;
-                let greeting = format!(
+                let mut greeting = format!(
                     "250-localhost Hello {arg}\r\n\
                      250-PIPELINING\r\n\
                      250-8BITMIME\r\n\
-                     250-SMTPUTF8\r\n\
-                     250 SIZE {MAX_MESSAGE_SIZE}"
+                     250-SMTPUTF8\r\n"
                 );
+                if offer_starttls {
+                    greeting.push_str("250-STARTTLS\r\n");
+                }
+                if offer_auth {
+                    greeting.push_str(if options.login_only {
+                        "250-AUTH LOGIN\r\n"
+                    } else {
+                        "250-AUTH PLAIN LOGIN\r\n"
+                    });
+                }
+                greeting.push_str(&format!("250 SIZE {MAX_MESSAGE_SIZE}"));
                 reply(writer, &greeting).await?;
             }
             "HELO" => {
@@ -355,6 +568,10 @@ where
             "MAIL" => {
                 if !session.greeted {
                     reply(writer, "503 5.5.1 Send HELO/EHLO first").await?;
+                } else if offer_starttls {
+                    reply(writer, "530 5.7.0 Must issue a STARTTLS command first").await?;
+                } else if options.auth.is_some() && authenticated_as.is_none() {
+                    reply(writer, "530 5.7.0 Authentication required").await?;
                 } else if session.mail_from.is_some() {
                     reply(writer, "503 5.5.1 Nested MAIL command").await?;
                 } else {
@@ -423,6 +640,8 @@ where
                             mail_from,
                             rcpt_to,
                             data,
+                            secure,
+                            authenticated_as: authenticated_as.clone(),
                         });
                         reply(writer, &format!("250 2.0.0 Ok: queued as {id}")).await?;
                     }
@@ -438,8 +657,32 @@ where
             "NOOP" => reply(writer, "250 2.0.0 Ok").await?,
             "QUIT" => {
                 reply(writer, "221 2.0.0 localhost Bye").await?;
-                return Ok(());
+                return Ok(Outcome::Closed);
             }
+            "STARTTLS" if offer_starttls => {
+                if !arg.is_empty() {
+                    reply(writer, "501 5.5.4 Syntax: STARTTLS").await?;
+                    continue;
+                }
+                reply(writer, "220 2.0.0 Ready to start TLS").await?;
+                return Ok(Outcome::StartTls);
+            }
+            "AUTH" if offer_auth => match &options.auth {
+                Some(_) if authenticated_as.is_some() => {
+                    reply(writer, "503 5.5.1 Already authenticated").await?;
+                }
+                Some(_) if options.login_only && !arg.to_ascii_uppercase().starts_with("LOGIN") => {
+                    reply(writer, "504 5.5.4 Unrecognized authentication type").await?;
+                }
+                Some(expected) => match authenticate(reader, writer, arg, expected).await? {
+                    Ok(user) => {
+                        authenticated_as = Some(user);
+                        reply(writer, "235 2.7.0 Authentication successful").await?;
+                    }
+                    Err(answer) => reply(writer, answer).await?,
+                },
+                None => reply(writer, "502 5.5.1 Command not implemented").await?,
+            },
             "VRFY" => reply(writer, "252 2.1.5 Cannot VRFY user").await?,
             "HELP" => reply(writer, "214 2.0.0 See RFC 5321").await?,
             "STARTTLS" | "AUTH" | "EXPN" | "BDAT" | "TURN" | "ETRN" => {

@@ -1,0 +1,703 @@
+//! A fast SMTP connection pool on lettre's protocol client.
+//!
+//! lettre's pooled `AsyncSmtpTransport` opens its sockets without `TCP_NODELAY` and writes the
+//! message and its closing dot in two writes, so every message waits for the peer's delayed
+//! ACK (~40 ms: ~23 messages a second per connection). This pool opens the socket itself with
+//! `TCP_NODELAY` and hands it to [`AsyncSmtpConnection::connect_with_transport`], keeping
+//! lettre's protocol handling (EHLO, STARTTLS, AUTH, dot-stuffing, reply parsing).
+//!
+//! Up to `pool_size` connections; idle ones are reused most recently used first, closed when
+//! idle longer than the idle timeout. A connection that answered a transaction error is reset
+//! (`RSET`) and kept, one that broke or timed out is dropped. A reused connection the server
+//! closed while idle is replaced by a fresh one for the same message. Every step (connect,
+//! TLS, greeting, each command) is bounded by the timeout.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use lettre::address::Envelope;
+use lettre::transport::smtp::authentication::{Credentials, Mechanism};
+#[allow(deprecated)]
+use lettre::transport::smtp::client::AsyncNetworkStream;
+use lettre::transport::smtp::client::{AsyncSmtpConnection, AsyncTokioStream, Certificate, TlsParameters};
+use lettre::transport::smtp::commands::{Data, Mail, Rcpt, Rset};
+use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+
+use super::{FailureKind, SendError};
+use crate::config::SmtpSettings;
+
+/// How the connection is secured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Plain text (a local relay).
+    None,
+    /// Plain connect, then `STARTTLS` (required: a server that does not offer it is refused).
+    StartTls,
+    /// TLS from the first byte (SMTPS, port 465).
+    Tls,
+}
+
+impl FromStr for TlsMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(Self::None),
+            "starttls" => Ok(Self::StartTls),
+            "tls" => Ok(Self::Tls),
+            other => Err(format!("unknown TLS mode {other:?}; expected none, starttls or tls")),
+        }
+    }
+}
+
+/// What the pool needs to know; [`SmtpPoolConfig::from_settings`] reads it from the settings.
+#[derive(Debug, Clone)]
+pub struct SmtpPoolConfig {
+    pub host: String,
+    pub port: u16,
+    pub tls: TlsMode,
+    /// Username and password for `AUTH` (PLAIN or LOGIN), if any.
+    pub credentials: Option<(String, String)>,
+    pub pool_size: usize,
+    /// Bound on each step: connect, TLS handshake, greeting, each command, the message.
+    pub timeout: Duration,
+    pub idle_timeout: Duration,
+    /// An extra trusted root certificate (PEM), besides the public roots.
+    pub tls_ca_file: Option<PathBuf>,
+    /// The EHLO name; the host name when `None`.
+    pub hello_name: Option<String>,
+}
+
+impl SmtpPoolConfig {
+    pub fn from_settings(s: &SmtpSettings) -> Result<Self, String> {
+        Ok(Self {
+            host: s.host.clone(),
+            port: s.port,
+            tls: s.tls.parse()?,
+            credentials: (!s.username.is_empty()).then(|| (s.username.clone(), s.password.expose().to_owned())),
+            pool_size: usize::try_from(s.pool_size).unwrap_or(usize::MAX).max(1),
+            timeout: Duration::from_secs(s.timeout_seconds.max(1)),
+            idle_timeout: Duration::from_secs(s.idle_timeout_seconds),
+            tls_ca_file: s.tls_ca_file.clone(),
+            hello_name: s.hello_name.clone(),
+        })
+    }
+}
+
+struct Idle {
+    conn: AsyncSmtpConnection,
+    since: Instant,
+}
+
+/// A pool of SMTP connections to one server.
+pub struct SmtpPool {
+    host: String,
+    port: u16,
+    mode: TlsMode,
+    tls: Option<TlsParameters>,
+    credentials: Option<Credentials>,
+    hello: ClientId,
+    timeout: Duration,
+    idle_timeout: Duration,
+    /// Idle connections, most recently returned last (taken first).
+    idle: Mutex<Vec<Idle>>,
+    /// One permit per connection that may exist (idle or in use).
+    permits: Semaphore,
+    opened: AtomicU64,
+}
+
+impl fmt::Debug for SmtpPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SmtpPool")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("mode", &self.mode)
+            .field("auth", &self.credentials.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Where a transaction failed, for the error message and to know whether a retry on a fresh
+/// connection is safe (nothing was committed before the message content).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Connect,
+    Tls,
+    Greeting,
+    Auth,
+    MailFrom,
+    RcptTo,
+    Data,
+    Message,
+}
+
+impl Stage {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Tls => "TLS",
+            Self::Greeting => "greeting",
+            Self::Auth => "AUTH",
+            Self::MailFrom => "MAIL FROM",
+            Self::RcptTo => "RCPT TO",
+            Self::Data => "DATA",
+            Self::Message => "message",
+        }
+    }
+}
+
+/// A failed step: the error to report, and whether the connection can still be used.
+struct Failure {
+    error: SendError,
+    stage: Stage,
+    /// The server's reply code, if it answered (the connection is then in a known state).
+    code: Option<String>,
+}
+
+impl Failure {
+    fn replied(&self) -> bool {
+        self.code.is_some()
+    }
+    /// The server said it is closing the connection.
+    fn closing(&self) -> bool {
+        self.code.as_deref() == Some("421")
+    }
+}
+
+impl SmtpPool {
+    /// A pool (no connection is opened until the first send).
+    pub fn new(config: SmtpPoolConfig) -> Result<Self, String> {
+        let tls = match config.tls {
+            TlsMode::None => None,
+            TlsMode::StartTls | TlsMode::Tls => Some(tls_parameters(&config.host, config.tls_ca_file.as_deref())?),
+        };
+        let hello = match &config.hello_name {
+            Some(name) if !name.is_empty() => ClientId::Domain(name.clone()),
+            _ => ClientId::default(),
+        };
+        Ok(Self {
+            host: config.host,
+            port: config.port,
+            mode: config.tls,
+            tls,
+            credentials: config.credentials.map(|(u, p)| Credentials::new(u, p)),
+            hello,
+            timeout: config.timeout,
+            idle_timeout: config.idle_timeout,
+            idle: Mutex::new(Vec::with_capacity(config.pool_size)),
+            permits: Semaphore::new(config.pool_size),
+            opened: AtomicU64::new(0),
+        })
+    }
+
+    pub fn from_settings(s: &SmtpSettings) -> Result<Self, String> {
+        Self::new(SmtpPoolConfig::from_settings(s)?)
+    }
+
+    /// Connections opened since the pool was made (reuse keeps this low).
+    pub fn connections_opened(&self) -> u64 {
+        self.opened.load(Ordering::Relaxed)
+    }
+
+    /// Connections waiting for the next message.
+    pub fn idle_connections(&self) -> usize {
+        lock(&self.idle).len()
+    }
+
+    /// Sends one message (already formatted, CRLF line endings) to the envelope's recipients.
+    /// Errors carry the SMTP status code only, never the server's text (it may echo addresses).
+    pub async fn send(&self, envelope: &Envelope, message: &[u8]) -> Result<(), SendError> {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| SendError::new(FailureKind::ProviderError, "the SMTP pool is closed"))?;
+        let options = mail_options_for(envelope, message);
+        // A reused connection may have been closed by the server while idle: if it fails before
+        // the message content was sent, nothing was committed, so try again on a new one.
+        if let Some(mut conn) = self.take_idle() {
+            match self.transaction(&mut conn, envelope, message, &options).await {
+                Ok(()) => {
+                    self.put_back(conn);
+                    return Ok(());
+                }
+                Err(f) if f.stage == Stage::MailFrom && (!f.replied() || f.closing()) => {
+                    tracing::debug!(error = %f.error.message, "SMTP: pooled connection gone, reconnecting");
+                    close(conn);
+                }
+                Err(f) => {
+                    self.recycle(conn, &f).await;
+                    return Err(f.error);
+                }
+            }
+        }
+        let mut conn = self.connect().await.map_err(|f| f.error)?;
+        match self.transaction(&mut conn, envelope, message, &options).await {
+            Ok(()) => {
+                self.put_back(conn);
+                Ok(())
+            }
+            Err(f) => {
+                self.recycle(conn, &f).await;
+                Err(f.error)
+            }
+        }
+    }
+
+    /// The most recently used idle connection that is not too old; older ones are closed.
+    fn take_idle(&self) -> Option<AsyncSmtpConnection> {
+        let (fresh, stale) = {
+            let mut idle = lock(&self.idle);
+            let mut stale = Vec::new();
+            let mut fresh = None;
+            while let Some(entry) = idle.pop() {
+                if entry.since.elapsed() < self.idle_timeout && !entry.conn.has_broken() {
+                    fresh = Some(entry.conn);
+                    break;
+                }
+                stale.push(entry.conn);
+            }
+            // Entries are pushed in return order, so the oldest are at the front.
+            let cutoff = self.idle_timeout;
+            let mut i = 0;
+            while i < idle.len() {
+                if idle[i].since.elapsed() >= cutoff {
+                    stale.push(idle.remove(i).conn);
+                } else {
+                    i += 1;
+                }
+            }
+            (fresh, stale)
+        };
+        stale.into_iter().for_each(close);
+        fresh
+    }
+
+    fn put_back(&self, conn: AsyncSmtpConnection) {
+        if conn.has_broken() {
+            return;
+        }
+        lock(&self.idle).push(Idle {
+            conn,
+            since: Instant::now(),
+        });
+    }
+
+    /// After a failed transaction: a connection that answered is reset and kept; one that
+    /// broke, timed out or is closing (421) is dropped.
+    async fn recycle(&self, mut conn: AsyncSmtpConnection, failure: &Failure) {
+        if !failure.replied() || failure.closing() || conn.has_broken() {
+            close(conn);
+            return;
+        }
+        match tokio::time::timeout(self.timeout, conn.command(Rset)).await {
+            Ok(Ok(_)) => self.put_back(conn),
+            _ => close(conn),
+        }
+    }
+
+    async fn transaction(
+        &self,
+        conn: &mut AsyncSmtpConnection,
+        envelope: &Envelope,
+        message: &[u8],
+        options: &[MailParameter],
+    ) -> Result<(), Failure> {
+        let info = conn.server_info();
+        if options.contains(&MailParameter::SmtpUtfEight) && !info.supports_feature(Extension::SmtpUtfEight) {
+            return Err(Failure {
+                error: SendError::permanent("the address is not ASCII and the SMTP server does not offer SMTPUTF8"),
+                stage: Stage::MailFrom,
+                code: Some("555".into()),
+            });
+        }
+        if !message.is_ascii() && !info.supports_feature(Extension::EightBitMime) {
+            return Err(Failure {
+                error: SendError::permanent("the message is not ASCII and the SMTP server does not offer 8BITMIME"),
+                stage: Stage::MailFrom,
+                code: Some("555".into()),
+            });
+        }
+        let t = self.timeout;
+        step(
+            t,
+            Stage::MailFrom,
+            conn.command(Mail::new(envelope.from().cloned(), options.to_vec())),
+        )
+        .await?;
+        for rcpt in envelope.to() {
+            step(t, Stage::RcptTo, conn.command(Rcpt::new(rcpt.clone(), vec![]))).await?;
+        }
+        step(t, Stage::Data, conn.command(Data)).await?;
+        step(t, Stage::Message, conn.message(message)).await?;
+        Ok(())
+    }
+
+    /// A new connection: TCP with `TCP_NODELAY`, TLS as configured, greeting and EHLO, AUTH.
+    async fn connect(&self) -> Result<AsyncSmtpConnection, Failure> {
+        let t = self.timeout;
+        let tcp = match tokio::time::timeout(t, TcpStream::connect((self.host.as_str(), self.port))).await {
+            Err(_) => return Err(timeout_failure(Stage::Connect, t)),
+            Ok(Err(e)) => {
+                return Err(Failure {
+                    error: SendError::new(
+                        FailureKind::Network,
+                        format!("SMTP connect to {}:{} failed: {e}", self.host, self.port),
+                    ),
+                    stage: Stage::Connect,
+                    code: None,
+                });
+            }
+            Ok(Ok(tcp)) => tcp,
+        };
+        tcp.set_nodelay(true).map_err(|e| Failure {
+            error: SendError::new(FailureKind::Network, format!("SMTP: setting TCP_NODELAY: {e}")),
+            stage: Stage::Connect,
+            code: None,
+        })?;
+        let stream: Box<dyn AsyncTokioStream> = match (self.mode, &self.tls) {
+            (TlsMode::Tls, Some(params)) => {
+                #[allow(deprecated)]
+                let mut stream = AsyncNetworkStream::use_existing_tokio1(Box::new(tcp));
+                match tokio::time::timeout(t, stream.upgrade_tls(params.clone())).await {
+                    Err(_) => return Err(timeout_failure(Stage::Tls, t)),
+                    Ok(Err(e)) => return Err(failure(Stage::Tls, &e)),
+                    Ok(Ok(())) => {}
+                }
+                Box::new(Coalesce::new(Encrypted(stream)))
+            }
+            _ => Box::new(Coalesce::new(tcp)),
+        };
+        let mut conn = step(
+            t,
+            Stage::Greeting,
+            AsyncSmtpConnection::connect_with_transport(stream, &self.hello),
+        )
+        .await?;
+        if let (TlsMode::StartTls, Some(params)) = (self.mode, &self.tls) {
+            if !conn.server_info().supports_feature(Extension::StartTls) {
+                close(conn);
+                return Err(Failure {
+                    error: SendError::new(
+                        FailureKind::Network,
+                        "SMTP server does not offer STARTTLS, which the configuration requires",
+                    ),
+                    stage: Stage::Tls,
+                    code: None,
+                });
+            }
+            step(t, Stage::Tls, conn.starttls(params.clone(), &self.hello)).await?;
+        }
+        if let Some(credentials) = &self.credentials {
+            let auth = step(
+                t,
+                Stage::Auth,
+                conn.auth(&[Mechanism::Plain, Mechanism::Login], credentials),
+            )
+            .await;
+            if let Err(mut f) = auth {
+                // Any refusal at this stage is about our credentials or configuration.
+                if f.replied() && !matches!(f.error.kind, FailureKind::Throttled) {
+                    f.error.kind = FailureKind::Auth;
+                }
+                close(conn);
+                return Err(f);
+            }
+        }
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        Ok(conn)
+    }
+}
+
+/// `SMTPUTF8` for non-ASCII addresses, `BODY=8BITMIME` for a non-ASCII message.
+fn mail_options_for(envelope: &Envelope, message: &[u8]) -> Vec<MailParameter> {
+    let mut options = Vec::new();
+    let non_ascii = envelope.from().is_some_and(|a| !AsRef::<str>::as_ref(a).is_ascii())
+        || envelope.to().iter().any(|a| !AsRef::<str>::as_ref(a).is_ascii());
+    if non_ascii {
+        options.push(MailParameter::SmtpUtfEight);
+    }
+    if !message.is_ascii() {
+        options.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+    }
+    options
+}
+
+/// Runs one protocol step under the timeout, classifying its failure.
+async fn step<T>(
+    t: Duration,
+    stage: Stage,
+    fut: impl Future<Output = Result<T, lettre::transport::smtp::Error>>,
+) -> Result<T, Failure> {
+    match tokio::time::timeout(t, fut).await {
+        Err(_) => Err(timeout_failure(stage, t)),
+        Ok(Err(e)) => Err(failure(stage, &e)),
+        Ok(Ok(v)) => Ok(v),
+    }
+}
+
+fn timeout_failure(stage: Stage, t: Duration) -> Failure {
+    Failure {
+        error: SendError::new(
+            FailureKind::Timeout,
+            format!("SMTP {}: no answer within {} s", stage.as_str(), t.as_secs()),
+        ),
+        stage,
+        code: None,
+    }
+}
+
+fn failure(stage: Stage, e: &lettre::transport::smtp::Error) -> Failure {
+    Failure {
+        error: classify(stage, e),
+        stage,
+        code: e.status().map(|c| c.to_string()),
+    }
+}
+
+/// Classifies an SMTP failure. Only a refusal of the recipient or the message (550-554 to
+/// RCPT, DATA or the message; 552 "too big" to MAIL) is permanent; a refusal of our sender
+/// (MAIL FROM 550/551/553/554) says the relay will take nothing from us, so it is the
+/// provider's problem (retried, counted against it) rather than every merchant's. Auth
+/// refusals (530, 534, 535, 538, 454) are `Auth`; 421 and a 452 "too many" are throttling;
+/// other 4xx and 5xx answers are provider errors (a protocol or configuration problem fixed on
+/// our side). A failed STARTTLS is a TLS (network) failure, no reply at all a network failure.
+/// The server's text is never kept (it may echo the address), only the status code.
+fn classify(stage: Stage, e: &lettre::transport::smtp::Error) -> SendError {
+    let at = stage.as_str();
+    let Some(code) = e.status() else {
+        if e.is_timeout() {
+            return SendError::new(FailureKind::Timeout, format!("SMTP {at}: timed out"));
+        }
+        let what = if e.is_tls() || stage == Stage::Tls {
+            format!("TLS failed: {e}")
+        } else if e.is_response() {
+            // A reply lettre could not parse: its text is not repeated.
+            "the server's reply could not be read".to_owned()
+        } else {
+            format!("connection failed: {e}")
+        };
+        return SendError::new(FailureKind::Network, format!("SMTP {at}: {what}"));
+    };
+    let code = code.to_string();
+    let transaction = matches!(stage, Stage::RcptTo | Stage::Data | Stage::Message);
+    let kind = match (stage, code.as_str()) {
+        (Stage::Tls, _) => FailureKind::Network,
+        (_, "421") => FailureKind::Throttled,
+        (_, "452") if mentions_rate(e) => FailureKind::Throttled,
+        (_, "530" | "534" | "535" | "538" | "454") => FailureKind::Auth,
+        (Stage::MailFrom, "552") => FailureKind::Rejected,
+        (_, "550" | "551" | "552" | "553" | "554") if transaction => FailureKind::Rejected,
+        _ => FailureKind::ProviderError,
+    };
+    let what = match kind {
+        FailureKind::Rejected => "refused the recipient or message",
+        FailureKind::Auth => "refused our credentials or configuration",
+        FailureKind::Throttled => "asked us to slow down",
+        FailureKind::Network => "refused TLS",
+        _ if stage == Stage::MailFrom && code.starts_with('5') => "refused our sender (configuration?)",
+        _ if code.starts_with('4') => "deferred the message",
+        _ => "refused the command (configuration?)",
+    };
+    SendError::new(kind, format!("SMTP {at}: server {what}: {code}"))
+}
+
+/// Whether the server's text speaks of a rate or too many of something (the text itself is
+/// not kept).
+fn mentions_rate(e: &lettre::transport::smtp::Error) -> bool {
+    let text = e.to_string().to_ascii_lowercase();
+    text.contains("too many") || text.contains("rate")
+}
+
+/// Closes a connection politely (QUIT) in the background, bounded in time.
+fn close(mut conn: AsyncSmtpConnection) {
+    if conn.has_broken() {
+        return;
+    }
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        handle.spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn.quit()).await;
+        });
+    }
+}
+
+/// lettre's TLS parameters for `host`: the public roots, plus `ca_file` if given.
+fn tls_parameters(host: &str, ca_file: Option<&Path>) -> Result<TlsParameters, String> {
+    let mut builder = TlsParameters::builder(host.to_owned());
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path).map_err(|e| format!("email.smtp.tls_ca_file {}: {e}", path.display()))?;
+        let cert =
+            Certificate::from_pem(&pem).map_err(|e| format!("email.smtp.tls_ca_file {}: {e}", path.display()))?;
+        builder = builder.add_root_certificate(cert);
+    }
+    builder.build().map_err(|e| format!("TLS setup for {host}: {e}"))
+}
+
+/// A TLS stream made by lettre (implicit TLS), adapted back to tokio's I/O traits so
+/// `connect_with_transport` can speak SMTP over it.
+#[allow(deprecated)]
+struct Encrypted(AsyncNetworkStream);
+
+impl fmt::Debug for Encrypted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Encrypted")
+    }
+}
+
+impl tokio::io::AsyncRead for Encrypted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let dst = buf.initialize_unfilled();
+        match futures_io::AsyncRead::poll_read(Pin::new(&mut self.0), cx, dst) {
+            Poll::Ready(Ok(n)) => {
+                buf.advance(n);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Encrypted {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        futures_io::AsyncWrite::poll_write(Pin::new(&mut self.0), cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        futures_io::AsyncWrite::poll_flush(Pin::new(&mut self.0), cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        futures_io::AsyncWrite::poll_close(Pin::new(&mut self.0), cx)
+    }
+}
+
+impl AsyncTokioStream for Encrypted {
+    fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.0.peer_addr()
+    }
+}
+
+/// Holds writes until the next read (or close): lettre writes and flushes the message and its
+/// closing dot separately, and every command before reading its reply; held back, each leaves
+/// in one segment and one system call. Every lettre write is followed by a read of the reply
+/// or by closing, so nothing stays held.
+struct Coalesce<S> {
+    inner: S,
+    out: Vec<u8>,
+    written: usize,
+}
+
+/// Past this much held data, writes go out without waiting for a read.
+const COALESCE_LIMIT: usize = 256 * 1024;
+
+impl<S> Coalesce<S> {
+    fn new(inner: S) -> Self {
+        Self {
+            inner,
+            out: Vec::with_capacity(8 * 1024),
+            written: 0,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> Coalesce<S> {
+    /// Writes out what is held, then flushes the inner stream.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.written < self.out.len() {
+            match Pin::new(&mut self.inner).poll_write(cx, &self.out[self.written..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => self.written += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        if !self.out.is_empty() {
+            self.out.clear();
+            self.written = 0;
+        }
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for Coalesce<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Coalesce")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncRead for Coalesce<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        match this.poll_drain(cx) {
+            Poll::Ready(Ok(())) => Pin::new(&mut this.inner).poll_read(cx, buf),
+            other => other,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Coalesce<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if this.out.len() >= COALESCE_LIMIT {
+            match this.poll_drain(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        this.out.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Deferred to the next read (see the type's documentation).
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        match this.poll_drain(cx) {
+            Poll::Ready(Ok(())) => Pin::new(&mut this.inner).poll_shutdown(cx),
+            other => other,
+        }
+    }
+}
+
+impl<S: AsyncTokioStream> AsyncTokioStream for Coalesce<S> {
+    fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.peer_addr()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_modes_parse() {
+        assert_eq!("none".parse::<TlsMode>(), Ok(TlsMode::None));
+        assert_eq!("starttls".parse::<TlsMode>(), Ok(TlsMode::StartTls));
+        assert_eq!("tls".parse::<TlsMode>(), Ok(TlsMode::Tls));
+        assert!("ssl".parse::<TlsMode>().is_err());
+    }
+}
