@@ -1443,3 +1443,116 @@ async fn fcm_and_apns_unregistered_tokens_are_permanent() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Receipts are only believed from whoever may give them.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "BUG: with api_key_sid/api_key_secret and no auth_token, Engine::twilio_status verifies X-Twilio-Signature with an empty HMAC key, so anyone can forge callbacks (204, receipt applied)"]
+async fn a_twilio_provider_using_an_api_key_accepts_no_callback_signed_with_an_empty_key() {
+    tocsin::install_crypto_provider();
+    const SID: &str = "SM0000000000000000000000000000dd04";
+    let twilio = twilio_accepting(SID).await;
+    let port = free_port();
+    let callback = format!("http://127.0.0.1:{port}/hooks/twilio/tw");
+    let mut t = Tocsin::new();
+    // Basic auth with an API key; no auth token, so there is no key to check signatures with.
+    t.set("TOCSIN_PROVIDERS__TW__KIND", "twilio")
+        .set("TOCSIN_PROVIDERS__TW__TWILIO__ACCOUNT_SID", ACCOUNT_SID)
+        .set(
+            "TOCSIN_PROVIDERS__TW__TWILIO__API_KEY_SID",
+            "SK00000000000000000000000000000001",
+        )
+        .set("TOCSIN_PROVIDERS__TW__TWILIO__API_KEY_SECRET", "api-key-secret")
+        .set("TOCSIN_PROVIDERS__TW__TWILIO__FROM", TWILIO_FROM)
+        .set("TOCSIN_PROVIDERS__TW__TWILIO__BASE_URL", twilio.uri())
+        .set("TOCSIN_PROVIDERS__TW__TWILIO__STATUS_CALLBACK_URL", &callback)
+        .set("TOCSIN_SMS__PROVIDERS", "tw");
+    let incident = approved_incident(
+        &t,
+        "twilio-apikey",
+        &[merchant("tk-1", "en", None, Some("+8613800000901"), None, HOLDINGS)],
+    );
+    dispatch(&t, &incident, 30);
+    let sms = one(&deliveries(&t, &incident), "tk-1", "sms");
+    assert_eq!(sms["status"], "accepted", "{sms:#}");
+    let _server = t.serve_at(&format!("127.0.0.1:{port}"));
+    // Anyone can compute an HMAC with an empty key.
+    let forged = [
+        ("AccountSid", ACCOUNT_SID),
+        ("MessageSid", SID),
+        ("MessageStatus", "undelivered"),
+    ];
+    let (status, body) = post_twilio(&callback, &forged, Some(&twilio_signature("", &callback, &forged))).await;
+    assert_eq!(
+        status, 403,
+        "a signature keyed by the empty string proves nothing: {body}"
+    );
+    assert_eq!(one(&deliveries(&t, &incident), "tk-1", "sms")["status"], "accepted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "BUG: receipts are matched to any delivery (out_id / provider_message_id) without checking it was sent by the provider whose hook received them; an Aliyun report fails an SMTP email delivery and starts an SMS fallback"]
+async fn an_aliyun_report_cannot_settle_another_providers_delivery() {
+    tocsin::install_crypto_provider();
+    const REPORT_TOKEN: &str = "aliyun-report-token-8";
+    let smtp = SmtpServer::start().await;
+    let aliyun = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"Code": "OK", "BizId": "BIZ999^0"})))
+        .mount(&aliyun)
+        .await;
+    let mut t = Tocsin::new();
+    t.smtp(smtp.port())
+        .set("TOCSIN_PROVIDERS__ALI__KIND", "aliyun_sms")
+        .set("TOCSIN_PROVIDERS__ALI__ALIYUN_SMS__ACCESS_KEY_ID", "LTAI5tTestKeyId")
+        .set("TOCSIN_PROVIDERS__ALI__ALIYUN_SMS__ACCESS_KEY_SECRET", "secret")
+        .set("TOCSIN_PROVIDERS__ALI__ALIYUN_SMS__SIGN_NAME", "示例商城")
+        .set("TOCSIN_PROVIDERS__ALI__ALIYUN_SMS__TEMPLATE_CODE", "SMS_000001")
+        .set("TOCSIN_PROVIDERS__ALI__ALIYUN_SMS__REPORT_TOKEN", REPORT_TOKEN)
+        .set("TOCSIN_PROVIDERS__ALI__ALIYUN_SMS__BASE_URL", aliyun.uri())
+        .set("TOCSIN_SMS__PROVIDERS", "ali");
+    // Reached by email (SMTP: no receipts), with SMS as the next channel.
+    let incident = approved_incident(
+        &t,
+        "cross-receipt",
+        &[merchant(
+            "xr-1",
+            "en",
+            Some("xr1@example.com"),
+            Some("+8613800000902"),
+            None,
+            HOLDINGS,
+        )],
+    );
+    let after = dispatch(&t, &incident, 30);
+    assert_eq!(after["reached"], 1, "{after:#}");
+    let email = one(&deliveries(&t, &incident), "xr-1", "email");
+    assert_eq!(email["status"], "accepted");
+
+    let server = t.serve_at(&format!("127.0.0.1:{}", free_port()));
+    // A report with the right Aliyun token whose out_id names the email delivery.
+    let report = json!([{
+        "phone_number": "8613800000902", "success": false, "err_code": "MK:0001",
+        "biz_id": "BIZ999^0", "out_id": email["id"],
+    }]);
+    let r = reqwest::Client::new()
+        .post(format!("{}/hooks/aliyun/ali?token={REPORT_TOKEN}", server.base))
+        .json(&report)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status().as_u16(), 200, "Aliyun is answered as it expects");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let list = deliveries(&t, &incident);
+    assert_eq!(
+        one(&list, "xr-1", "email")["status"],
+        "accepted",
+        "an SMS provider's report says nothing about an email: {list:#?}"
+    );
+    assert!(
+        !list.iter().any(|d| d["channel"] == "sms"),
+        "no SMS fallback for a merchant reached by email: {list:#?}"
+    );
+    assert!(aliyun.received_requests().await.expect("recorded").is_empty());
+}
