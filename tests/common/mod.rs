@@ -156,6 +156,39 @@ impl Tocsin {
     }
 }
 
+impl Tocsin {
+    /// Starts `tocsin serve` on `listen` (e.g. `127.0.0.1:PORT` from [`free_port`]), for tests
+    /// that must name the server's URL in the configuration before it starts (provider
+    /// callbacks); returns the server and its base URL.
+    pub fn serve_at(&self, listen: &str) -> Server {
+        let mut child = self
+            .command(&["serve", "--listen", listen])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read the listening line");
+        let base = line
+            .trim()
+            .strip_prefix("tocsin listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+            .to_owned();
+        Server { child, base }
+    }
+}
+
+/// A loopback port that was free a moment ago (bound, read, released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
 /// A running `tocsin serve`, killed when dropped.
 pub struct Server {
     child: Child,
