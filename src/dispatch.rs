@@ -536,10 +536,11 @@ impl Dispatcher {
         })
     }
 
-    /// Applies a provider's receipt: confirms delivery, or ends the channel and moves the
-    /// merchant on. Returns `None` if no delivery matches, else whether anything changed.
-    pub async fn apply_receipt(&self, receipt: &Receipt) -> Result<Option<bool>, DispatchError> {
-        let Some(delivery) = self.store.delivery_for_receipt(&receipt.key).await? else {
+    /// Applies a receipt from one of `providers`: confirms delivery, or ends the channel and
+    /// moves the merchant on. Returns `None` if no delivery of theirs matches, else whether
+    /// anything changed.
+    pub async fn apply_receipt(&self, receipt: &Receipt, providers: &[&str]) -> Result<Option<bool>, DispatchError> {
+        let Some(delivery) = self.store.delivery_for_receipt(&receipt.key, providers).await? else {
             return Ok(None);
         };
         let followup = match receipt.status {

@@ -1441,8 +1441,11 @@ impl Tocsin {
             id: name.to_owned(),
         })?;
         let url = twilio.status_callback_url.as_deref().unwrap_or_default();
-        let valid = signature
-            .is_some_and(|sig| crate::channels::twilio::verify_signature(twilio.auth_token.expose(), url, params, sig));
+        // An empty key would let anyone sign: without an auth token no callback is believed.
+        let valid = !twilio.auth_token.is_empty()
+            && signature.is_some_and(|sig| {
+                crate::channels::twilio::verify_signature(twilio.auth_token.expose(), url, params, sig)
+            });
         if !valid {
             tracing::warn!(
                 provider = name,
@@ -1455,7 +1458,7 @@ impl Tocsin {
         let receipts: Vec<Receipt> = crate::channels::twilio::receipt_from_status(params)
             .into_iter()
             .collect();
-        self.apply_receipts(&receipts).await
+        self.apply_receipts(&receipts, &[name]).await
     }
 
     /// An Aliyun SMS delivery report push for provider `name`, authenticated by its token.
@@ -1480,15 +1483,35 @@ impl Tocsin {
         }
         let receipts =
             crate::channels::aliyun::receipts_from_report(body).map_err(|reason| FieldError::new("body", reason))?;
-        self.apply_receipts(&receipts).await
+        self.apply_receipts(&receipts, &[name]).await
+    }
+
+    /// A bounce or delivery report (a raw RFC 3464 message) posted by the mail system with the
+    /// configured bearer token; matched to its delivery by the original Message-ID.
+    pub async fn email_dsn(&self, token: Option<&str>, raw: &[u8]) -> Result<ReceiptTally, EngineError> {
+        if !token.is_some_and(|t| same_secret(t, self.settings.email.dsn_token.expose())) {
+            tracing::warn!("a delivery status notification without the right token was refused");
+            return Err(EngineError::Unauthenticated(
+                "Authorization: a bearer token matching email.dsn_token is required".into(),
+            ));
+        }
+        let receipts =
+            crate::channels::dsn::receipts_from_dsn(raw).map_err(|e| FieldError::new("body", e.to_string()))?;
+        let providers: Vec<&str> = self
+            .channels
+            .providers(Channel::Email)
+            .iter()
+            .map(|h| h.name.as_str())
+            .collect();
+        self.apply_receipts(&receipts, &providers).await
     }
 
     /// Applies provider receipts (status callbacks, delivery reports, bounces).
-    pub async fn apply_receipts(&self, receipts: &[Receipt]) -> Result<ReceiptTally, EngineError> {
+    pub async fn apply_receipts(&self, receipts: &[Receipt], providers: &[&str]) -> Result<ReceiptTally, EngineError> {
         let dispatcher = self.dispatcher();
         let mut tally = ReceiptTally::default();
         for r in receipts {
-            match dispatcher.apply_receipt(r).await? {
+            match dispatcher.apply_receipt(r, providers).await? {
                 None => tally.unmatched += 1,
                 Some(changed) => {
                     tally.matched += 1;

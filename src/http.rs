@@ -206,6 +206,7 @@ fn router_with(state: AppState) -> Router {
         // Provider callbacks, each authenticated by the provider's own scheme.
         .route("/hooks/twilio/{provider}", post(twilio_status))
         .route("/hooks/aliyun/{provider}", post(aliyun_report))
+        .route("/hooks/email/dsn", post(email_dsn))
         .nest_service("/bulletins", bulletins)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
@@ -470,6 +471,16 @@ async fn aliyun_report(
 ) -> Result<Response, Problem> {
     s.engine.aliyun_report(&provider, q.token.as_deref(), &body).await?;
     Ok(axum::Json(json!({ "code": 0, "msg": "成功" })).into_response())
+}
+
+/// A delivery status notification (RFC 3464) piped in by the mail system.
+async fn email_dsn(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, Problem> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let tally = s.engine.email_dsn(token, &body).await?;
+    Ok(axum::Json(tally).into_response())
 }
 
 /// The background work of `serve`: the delivery pipelines, and on every tick of the sweep

@@ -1448,7 +1448,6 @@ async fn fcm_and_apns_unregistered_tokens_are_permanent() {
 // Receipts are only believed from whoever may give them.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "BUG: with api_key_sid/api_key_secret and no auth_token, Engine::twilio_status verifies X-Twilio-Signature with an empty HMAC key, so anyone can forge callbacks (204, receipt applied)"]
 async fn a_twilio_provider_using_an_api_key_accepts_no_callback_signed_with_an_empty_key() {
     tocsin::install_crypto_provider();
     const SID: &str = "SM0000000000000000000000000000dd04";
@@ -1492,7 +1491,6 @@ async fn a_twilio_provider_using_an_api_key_accepts_no_callback_signed_with_an_e
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "BUG: receipts are matched to any delivery (out_id / provider_message_id) without checking it was sent by the provider whose hook received them; an Aliyun report fails an SMTP email delivery and starts an SMS fallback"]
 async fn an_aliyun_report_cannot_settle_another_providers_delivery() {
     tocsin::install_crypto_provider();
     const REPORT_TOKEN: &str = "aliyun-report-token-8";

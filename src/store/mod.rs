@@ -455,8 +455,10 @@ pub trait Store: Send + Sync {
     ) -> Result<Vec<bool>, StoreError>;
     /// Circuit-breaker state of every provider that has any.
     async fn provider_health(&self) -> Result<Vec<ProviderHealth>, StoreError>;
-    /// The delivery a receipt refers to (by provider message id, or by our delivery id).
-    async fn delivery_for_receipt(&self, key: &ReceiptKey) -> Result<Option<Delivery>, StoreError>;
+    /// The delivery a receipt refers to (by provider message id, or by our delivery id), among
+    /// those last sent through one of `providers`: a provider's callback can only speak for
+    /// its own messages.
+    async fn delivery_for_receipt(&self, key: &ReceiptKey, providers: &[&str]) -> Result<Option<Delivery>, StoreError>;
     /// Stores a receipt: `Delivered` confirms (the merchant is reached), `Failed` ends the
     /// channel with `followup`, `InProgress` is only recorded. Returns `false` if the receipt
     /// changes nothing (a repeat, or a delivery no longer waiting for it).

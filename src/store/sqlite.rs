@@ -2117,8 +2117,8 @@ impl Store for SqliteStore {
         outbox::provider_health(&self.pool).await
     }
 
-    async fn delivery_for_receipt(&self, key: &ReceiptKey) -> Result<Option<Delivery>, StoreError> {
-        outbox::delivery_for_receipt(&self.pool, key).await
+    async fn delivery_for_receipt(&self, key: &ReceiptKey, providers: &[&str]) -> Result<Option<Delivery>, StoreError> {
+        outbox::delivery_for_receipt(&self.pool, key, providers).await
     }
 
     async fn record_receipt(

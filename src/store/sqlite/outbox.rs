@@ -576,16 +576,29 @@ pub(super) async fn provider_health(pool: &SqlitePool) -> Result<Vec<ProviderHea
         .collect()
 }
 
-pub(super) async fn delivery_for_receipt(pool: &SqlitePool, key: &ReceiptKey) -> Result<Option<Delivery>, StoreError> {
+pub(super) async fn delivery_for_receipt(
+    pool: &SqlitePool,
+    key: &ReceiptKey,
+    providers: &[&str],
+) -> Result<Option<Delivery>, StoreError> {
     let (sql, value) = match key {
         ReceiptKey::ProviderMessageId(id) => (
-            format!("SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE provider_message_id = $1 LIMIT 1"),
+            format!(
+                "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE provider_message_id = $1
+                 AND provider IN (SELECT value FROM json_each($2)) LIMIT 1"
+            ),
             id,
         ),
-        ReceiptKey::DeliveryId(id) => (format!("SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE id = $1"), id),
+        ReceiptKey::DeliveryId(id) => (
+            format!(
+                "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE id = $1 AND provider IN (SELECT value FROM json_each($2))"
+            ),
+            id,
+        ),
     };
     sqlx::query(trusted(sql))
         .bind(value)
+        .bind(to_json(&providers))
         .fetch_optional(pool)
         .await
         .doing("finding the delivery a receipt refers to")?
