@@ -168,7 +168,7 @@ pub struct DeliverBench {
     pub accepted: u64,
     pub failed: u64,
     pub concurrency: u32,
-    pub pipelines: u32,
+    pub batch: u32,
     pub setup_seconds: f64,
     pub peak_rss_mb: Option<f64>,
 }
@@ -180,7 +180,7 @@ pub async fn deliver(
     target: &DeliverTarget,
     n: u64,
     concurrency: u32,
-    pipelines: u32,
+    batch: u32,
 ) -> Result<DeliverBench, EngineError> {
     let setup = Instant::now();
     let channel = match target {
@@ -248,7 +248,7 @@ pub async fn deliver(
 
     let mut settings = engine.settings.clone();
     settings.delivery.concurrency = concurrency.max(1);
-    settings.delivery.pipelines = pipelines.max(1);
+    settings.delivery.batch = batch.max(1);
     match target {
         DeliverTarget::Smtp { host, port } => {
             settings.email.transport = "smtp".into();
@@ -256,7 +256,7 @@ pub async fn deliver(
             settings.email.smtp.host = host.clone();
             settings.email.smtp.port = *port;
             settings.email.smtp.tls = "none".into();
-            settings.email.smtp.pool_size = concurrency.max(1) * pipelines.max(1);
+            settings.email.smtp.pool_size = concurrency.max(1);
         }
         DeliverTarget::Http { channel, url } => {
             let s = if *channel == Channel::Sms {
@@ -292,7 +292,7 @@ pub async fn deliver(
         accepted: report.sent,
         failed: report.failed + report.dead,
         concurrency: settings.delivery.concurrency,
-        pipelines: settings.delivery.pipelines,
+        batch: settings.delivery.batch,
         setup_seconds,
         peak_rss_mb: peak_rss_mb(),
     })

@@ -92,12 +92,12 @@ pub enum BenchCmd {
         url: Option<String>,
         #[arg(long, default_value_t = 20_000)]
         notices: u64,
-        /// Sends in flight per pipeline.
+        /// Sends in flight.
         #[arg(long, default_value_t = 64)]
         concurrency: u32,
-        /// Claim-send-record loops side by side.
-        #[arg(long, default_value_t = 4)]
-        pipelines: u32,
+        /// Deliveries claimed at once.
+        #[arg(long, default_value_t = 1024)]
+        batch: u32,
     },
     /// A minimal HTTP peer answering 200 to everything, for `bench deliver --url` and `wrk`.
     Sink {
@@ -573,7 +573,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             url,
             notices,
             concurrency,
-            pipelines,
+            batch,
         }) => {
             let target = match (channel.parse::<crate::domain::Channel>()?, smtp, url) {
                 (crate::domain::Channel::Email, Some(smtp), _) => {
@@ -594,7 +594,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     return Err(FieldError::new("url", format!("--channel {channel} needs --url URL")).into());
                 }
             };
-            let report = crate::bench::deliver(&engine, &target, *notices, *concurrency, *pipelines).await?;
+            let report = crate::bench::deliver(&engine, &target, *notices, *concurrency, *batch).await?;
             engine.store.checkpoint().await?;
             println!("{}", serde_json::to_string(&report).unwrap_or_default());
         }

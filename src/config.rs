@@ -132,12 +132,12 @@ pub struct DeliverySettings {
     pub backoff_max_ms: u64,
     /// How long a claim holds before another worker may take the row (crash recovery).
     pub lease_seconds: u64,
-    /// Deliveries one worker claims and sends at once (one lease covers them all).
+    /// Sends one process keeps in flight.
     pub concurrency: u32,
-    /// Claim-send-record loops one process runs side by side, so the store's work for one
-    /// batch overlaps the sends of another.
-    #[serde(default = "one")]
-    pub pipelines: u32,
+    /// Deliveries claimed at once (one lease covers them; at least `concurrency`): large
+    /// claims keep the store's work per notice small.
+    #[serde(default = "claim_batch")]
+    pub batch: u32,
     /// Channel order of a merchant's plan; channels the merchant has no address for are left out.
     /// A list in files; a comma-separated string in the environment.
     #[serde(deserialize_with = "list_or_csv")]
@@ -361,6 +361,10 @@ pub struct WebhookSettings {
 
 fn webhook_timeout() -> u64 {
     15
+}
+
+fn claim_batch() -> u32 {
+    512
 }
 
 fn one() -> u32 {

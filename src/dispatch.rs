@@ -15,7 +15,7 @@ use serde::Serialize;
 use tokio::task::JoinSet;
 
 use crate::channels::{Accepted, ChannelSet, FailureKind, Outbound, ProviderHandle, Receipt, ReceiptStatus, SendError};
-use crate::config::DeliverySettings;
+use crate::config::{DeliverySettings, LimitSettings};
 use crate::domain::*;
 use crate::draft::{DraftError, NoticeRenderer, channel_hash};
 use crate::model::*;
@@ -223,12 +223,13 @@ impl Dispatcher {
         channel: Channel,
         health: &HashMap<String, ProviderHealth>,
         now: DateTime<Utc>,
-    ) -> Result<(Arc<ProviderHandle>, u32), Option<DateTime<Utc>>> {
+        room: u32,
+    ) -> Result<(Arc<ProviderHandle>, u32, bool), Option<DateTime<Utc>>> {
         let mut reopens: Option<DateTime<Utc>> = None;
         for handle in self.channels.providers(channel) {
             match breaker(handle, health.get(&handle.name), now) {
-                Breaker::Closed => return Ok((handle.clone(), self.settings.concurrency.max(1))),
-                Breaker::HalfOpen => return Ok((handle.clone(), 1)),
+                Breaker::Closed => return Ok((handle.clone(), room.max(1), false)),
+                Breaker::HalfOpen => return Ok((handle.clone(), 1, true)),
                 Breaker::Open(until) => reopens = Some(reopens.map_or(until, |r| r.min(until))),
             }
         }
@@ -259,40 +260,40 @@ impl Dispatcher {
         Ok(report)
     }
 
-    /// Claims due deliveries of every channel from the provider its breaker and limits allow,
-    /// sends them concurrently and stores every outcome in one batch. Claiming no more than
-    /// can be sent at once keeps every send well inside its lease, so a healthy worker never
-    /// has its rows taken over.
-    pub async fn step(&self, now: DateTime<Utc>) -> Result<StepReport, DispatchError> {
-        Ok(self.step_detail(now).await?.report)
-    }
-
-    /// [`Dispatcher::step`], also saying when held-back work may go.
-    pub async fn step_detail(&self, now: DateTime<Utc>) -> Result<Step, DispatchError> {
-        let t0 = std::time::Instant::now();
-        let mut step = Step {
-            report: if self.receipt_sweep_due() {
-                self.expire_receipts(now).await?
-            } else {
-                StepReport::default()
-            },
-            held_until: None,
-        };
+    /// Claims due deliveries of every channel from the provider its breaker and limits allow
+    /// (up to `room` in all), with what sending them needs; and when held-back work may go.
+    async fn claim(&self, now: DateTime<Utc>, room: u32) -> Result<(Vec<Work>, Option<DateTime<Utc>>), DispatchError> {
+        let mut held_until: Option<DateTime<Utc>> = None;
         let mut hold = |at: Option<DateTime<Utc>>| {
             if let Some(at) = at {
-                step.held_until = Some(step.held_until.map_or(at, |h: DateTime<Utc>| h.min(at)));
+                held_until = Some(held_until.map_or(at, |h: DateTime<Utc>| h.min(at)));
             }
         };
         let health = self.health().await?;
         let lease_until = now + chrono::Duration::seconds(self.settings.lease_seconds as i64);
         let mut claimed: Vec<(Arc<ProviderHandle>, Delivery)> = Vec::new();
         for channel in Channel::ALL.iter().copied() {
-            let (handle, want) = match self.choose(channel, &health, now) {
+            let left = room.saturating_sub(claimed.len() as u32);
+            if left == 0 {
+                break;
+            }
+            let (handle, want, trial_only) = match self.choose(channel, &health, now, left) {
                 Ok(choice) => choice,
                 Err(reopens) => {
                     hold(reopens);
                     continue;
                 }
+            };
+            // A half-open breaker lets one trial through across every instance.
+            let trial;
+            let limits = if trial_only {
+                trial = LimitSettings {
+                    max_in_flight: 1,
+                    ..handle.limits.clone()
+                };
+                &trial
+            } else {
+                &handle.limits
             };
             let got = self
                 .store
@@ -300,7 +301,7 @@ impl Dispatcher {
                     channel,
                     provider: &handle.name,
                     want,
-                    limits: &handle.limits,
+                    limits,
                     now,
                     lease_until,
                 })
@@ -308,35 +309,68 @@ impl Dispatcher {
             hold(got.limited_until);
             claimed.extend(got.deliveries.into_iter().map(|d| (handle.clone(), d)));
         }
-        let t_claim = t0.elapsed();
-        let mut report = StepReport {
-            claimed: claimed.len() as u64,
-            ..Default::default()
-        };
         if claimed.is_empty() {
-            report += step.report;
-            step.report = report;
-            return Ok(step);
+            return Ok((Vec::new(), held_until));
         }
         let references = self.references(claimed.iter().map(|(_, d)| &d.incident_id)).await?;
         let ids: Vec<NoticeId> = claimed.iter().map(|(_, d)| d.notice_id.clone()).collect();
-        let records: HashMap<NoticeId, NoticeRecord> = self
+        let mut records: HashMap<NoticeId, NoticeRecord> = self
             .store
             .notice_records_by_id(&ids)
             .await?
             .into_iter()
             .map(|r| (r.id.clone(), r))
             .collect();
-        let t_records = t0.elapsed();
-        let sends = claimed.iter().map(|(handle, delivery)| {
-            let reference = references.get(&delivery.incident_id).map(|r| &**r).unwrap_or("");
-            self.send_one(handle, delivery, records.get(&delivery.notice_id), reference)
-        });
-        let results = futures_util::future::join_all(sends).await;
-        let t_sends = t0.elapsed();
-        let mut records_out = Vec::with_capacity(claimed.len());
+        let work = claimed
+            .into_iter()
+            .map(|(handle, delivery)| Work {
+                reference: references.get(&delivery.incident_id).cloned().unwrap_or_else(|| Arc::from("")),
+                record: records.remove(&delivery.notice_id),
+                handle,
+                delivery,
+            })
+            .collect();
+        Ok((work, held_until))
+    }
+
+    /// One claim-send-record round: claims up to `concurrency` due deliveries, sends them
+    /// concurrently and stores every outcome in one batch. For tests and single rounds;
+    /// `serve`, the CLI and the benchmark stream work through [`Dispatcher::run`] and
+    /// [`Dispatcher::drain`].
+    pub async fn step(&self, now: DateTime<Utc>) -> Result<StepReport, DispatchError> {
+        Ok(self.step_detail(now).await?.report)
+    }
+
+    /// [`Dispatcher::step`], also saying when held-back work may go.
+    pub async fn step_detail(&self, now: DateTime<Utc>) -> Result<Step, DispatchError> {
+        let mut report = if self.receipt_sweep_due() {
+            self.expire_receipts(now).await?
+        } else {
+            StepReport::default()
+        };
+        let (work, held_until) = self.claim(now, self.settings.concurrency.max(1)).await?;
+        let done = futures_util::future::join_all(work.into_iter().map(|w| self.send_work(w))).await;
+        report += self.record(done).await?;
+        Ok(Step { report, held_until })
+    }
+
+    async fn send_work(&self, w: Work) -> Done {
+        let result = self.send_one(&w.handle, &w.delivery, w.record.as_ref(), &w.reference).await;
+        (w.handle, w.delivery, result)
+    }
+
+    /// Stores a batch of finished sends: outcomes, follow-ups and the providers' health.
+    async fn record(&self, done: Vec<Done>) -> Result<StepReport, DispatchError> {
+        let mut report = StepReport {
+            claimed: done.len() as u64,
+            ..Default::default()
+        };
+        if done.is_empty() {
+            return Ok(report);
+        }
+        let mut records_out = Vec::with_capacity(done.len());
         let mut health_updates: HashMap<String, HealthUpdate> = HashMap::new();
-        for ((handle, delivery), result) in claimed.into_iter().zip(results) {
+        for (handle, delivery, result) in done {
             let h = health_updates
                 .entry(handle.name.clone())
                 .or_insert_with(|| HealthUpdate {
@@ -359,7 +393,6 @@ impl Dispatcher {
                     } else {
                         Followup::Reached
                     };
-                    tracing::debug!(delivery = %delivery.id, channel = %delivery.channel, provider = %handle.name, "notice accepted");
                     (
                         AttemptOutcome::Accepted {
                             provider_message_id: accepted.provider_message_id,
@@ -393,27 +426,13 @@ impl Dispatcher {
         }
         let stored = self.store.record_attempts(&records_out, &health_updates).await?;
         let lost = stored.iter().filter(|s| !**s).count();
-        if std::env::var_os("TOCSIN_STEP_TIMING").is_some() {
-            eprintln!(
-                "claim {:?} records {:?} sends {:?} record {:?} n {}",
-                t_claim,
-                t_records - t_claim,
-                t_sends - t_records,
-                t0.elapsed() - t_sends,
-                stored.len()
-            );
-        }
         if lost > 0 {
             // Our lease ran out and another worker took the rows over: its outcomes stand.
-            tracing::warn!(
-                lost,
-                "leases lost before outcomes were stored; those outcomes were discarded"
-            );
+            tracing::warn!(lost, "leases lost before outcomes were stored; those outcomes were discarded");
         }
-        report += step.report;
-        step.report = report;
-        Ok(step)
+        Ok(report)
     }
+
 
     /// What a failed send means: a retry, a dead letter, or the end of this channel.
     async fn failure(
@@ -559,104 +578,267 @@ impl Dispatcher {
         Ok(Some(changed))
     }
 
-    /// Runs `pipelines` step loops side by side until no delivery of `incident` (or of any
-    /// incident) is open or `limit` passed, sleeping until the next one is due in between.
-    /// For the CLI, the demo and the benchmark; `serve` runs [`Dispatcher::run`].
+    /// Streams deliveries until no delivery of `incident` (or of any incident) is open or
+    /// `limit` passed. For the CLI, the demo and the benchmark; `serve` runs
+    /// [`Dispatcher::run`].
     pub async fn drain(&self, incident: Option<&IncidentId>, limit: Duration) -> Result<StepReport, DispatchError> {
-        let started = tokio::time::Instant::now();
-        let mut loops = JoinSet::new();
-        for _ in 0..self.settings.pipelines.max(1) {
-            let this = self.clone();
-            let incident = incident.cloned();
-            loops.spawn(async move {
-                let mut total = StepReport::default();
-                loop {
-                    let step = this.step_detail(Utc::now()).await?;
-                    total += step.report;
-                    if step.report.claimed > 0 {
-                        continue;
-                    }
-                    if this.store.open_deliveries(incident.as_ref()).await? == 0 || started.elapsed() >= limit {
-                        return Ok::<_, DispatchError>(total);
-                    }
-                    this.idle(step.held_until, limit.saturating_sub(started.elapsed()))
-                        .await?;
-                }
-            });
-        }
-        let mut total = StepReport::default();
-        let mut first_error = None;
-        while let Some(joined) = loops.join_next().await {
-            match joined {
-                Ok(Ok(r)) => total += r,
-                Ok(Err(e)) => {
-                    first_error.get_or_insert(e);
-                }
-                Err(e) => tracing::error!(error = %e, "a delivery loop panicked"),
-            }
-        }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(total),
+        let (_keep, stop) = tokio::sync::watch::channel(false);
+        let until = Until {
+            incident: incident.cloned(),
+            deadline: tokio::time::Instant::now() + limit,
+        };
+        self.stream(stop, None, Some(until)).await
+    }
+
+    /// The worker of `serve`: streams deliveries until `stop` turns true. On stop nothing new
+    /// is claimed, claimed rows not yet sent go back to the outbox, and sends in flight finish
+    /// and are recorded before this returns (SIGTERM drains cleanly). `wake` starts a round at
+    /// once (a dispatch was requested).
+    pub async fn run(&self, stop: tokio::sync::watch::Receiver<bool>, wake: Arc<tokio::sync::Notify>) {
+        if let Err(e) = self.stream(stop, Some(wake), None).await {
+            tracing::error!(error = %e, "the delivery worker stopped");
         }
     }
 
-    /// Sleeps until the next delivery is due or held-back work may go (within bounds).
-    async fn idle(&self, held_until: Option<DateTime<Utc>>, remaining: Duration) -> Result<(), DispatchError> {
+    /// The delivery engine: claims in batches of `delivery.batch`, keeps `delivery.concurrency`
+    /// sends in flight (spread over the runtime's threads), and records what finished in
+    /// batches on a task of its own, so the store's work overlaps the sends.
+    async fn stream(
+        &self,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+        wake: Option<Arc<tokio::sync::Notify>>,
+        until: Option<Until>,
+    ) -> Result<StepReport, DispatchError> {
+        let concurrency = self.settings.concurrency.max(1) as usize;
+        let batch = (self.settings.batch as usize).max(concurrency);
+        let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel::<Done>();
+        let recorder = tokio::spawn(self.clone().recorder(done_rx));
+        // The claimer fills a queue of at most `batch` claimed deliveries on a task of its own,
+        // so finished sends are replaced at once while the store works on the next claim.
+        let (work_tx, mut work_rx) = tokio::sync::mpsc::channel::<Work>(batch);
+        let claimer = tokio::spawn(self.clone().claimer(work_tx, stop.clone(), wake, until));
+        let mut inflight: JoinSet<Done> = JoinSet::new();
+        let mut queue_open = true;
+        let mut stopping = false;
+        while queue_open || !inflight.is_empty() {
+            tokio::select! {
+                work = work_rx.recv(), if queue_open && !stopping && inflight.len() < concurrency => match work {
+                    Some(w) => {
+                        let this = self.clone();
+                        inflight.spawn(async move { this.send_work(w).await });
+                    }
+                    None => queue_open = false,
+                },
+                joined = inflight.join_next(), if !inflight.is_empty() => {
+                    if let Some(joined) = joined {
+                        forward(joined, &done_tx);
+                    }
+                }
+                changed = stop.changed(), if !stopping => {
+                    let _ = changed;
+                    stopping = true;
+                    queue_open = false;
+                }
+            }
+        }
+        // Stopping: what was claimed but not sent goes back; what was in flight finished above.
+        work_rx.close();
+        let mut unsent = Vec::new();
+        while let Some(w) = work_rx.recv().await {
+            unsent.push(w.delivery);
+        }
+        if !unsent.is_empty() {
+            match self.store.release_claims(&unsent).await {
+                Ok(n) => tracing::info!(released = n, "claimed deliveries not yet sent went back to the outbox"),
+                Err(e) => tracing::error!(error = %e, "releasing claims failed; their leases will run out"),
+            }
+        }
+        drop(done_tx);
+        let (mut report, claim_error) = match claimer.await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "the claimer panicked");
+                (StepReport::default(), None)
+            }
+        };
+        match recorder.await {
+            Ok((total, error)) => {
+                report += total;
+                if let Some(e) = error.or(claim_error)
+                    && !stopping
+                {
+                    return Err(e);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "the recorder panicked"),
+        }
+        Ok(report)
+    }
+
+    /// Records finished sends in batches of whatever has arrived, until the senders are done.
+    async fn recorder(self, mut done_rx: tokio::sync::mpsc::UnboundedReceiver<Done>) -> (StepReport, Option<DispatchError>) {
+        let mut total = StepReport::default();
+        let mut first_error = None;
+        while let Some(first) = done_rx.recv().await {
+            let mut done = vec![first];
+            while done.len() < RECORD_BATCH {
+                match done_rx.try_recv() {
+                    Ok(d) => done.push(d),
+                    Err(_) => break,
+                }
+            }
+            match self.record(done).await {
+                Ok(r) => total += r,
+                Err(e) => {
+                    // The rows stay `sending`; their leases run out and they are sent again.
+                    tracing::error!(error = %e, "outcomes could not be recorded; their deliveries will be retried");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        (total, first_error)
+    }
+
+    /// Claims work into `queue` whenever half of it has room; sweeps overdue receipts; sleeps
+    /// while nothing is due. Ends on `stop`, or (draining) once nothing is open.
+    async fn claimer(
+        self,
+        queue: tokio::sync::mpsc::Sender<Work>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+        wake: Option<Arc<tokio::sync::Notify>>,
+        until: Option<Until>,
+    ) -> (StepReport, Option<DispatchError>) {
+        let mut report = StepReport::default();
+        let half = (queue.max_capacity() / 2).max(1);
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            if self.receipt_sweep_due() {
+                match self.expire_receipts(Utc::now()).await {
+                    Ok(r) => report += r,
+                    Err(e) => tracing::error!(error = %e, "looking for overdue receipts failed"),
+                }
+            }
+            // Wait for room for half a queue, then claim as much as there is room for.
+            let permits = tokio::select! {
+                permits = queue.reserve_many(half) => match permits {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+                _ = stop.changed() => break,
+            };
+            drop(permits);
+            let room = queue.capacity() as u32;
+            let (work, held_until) = match self.claim(Utc::now(), room).await {
+                Ok(claimed) => claimed,
+                Err(e) => {
+                    tracing::error!(error = %e, "claiming deliveries failed");
+                    if until.is_some() {
+                        return (report, Some(e));
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            if !work.is_empty() {
+                let mut work = work.into_iter();
+                while let Some(w) = work.next() {
+                    if let Err(refused) = queue.send(w).await {
+                        // Stopping while this claim was under way: give it back.
+                        let unsent: Vec<Delivery> =
+                            std::iter::once(refused.0.delivery).chain(work.map(|w| w.delivery)).collect();
+                        if let Err(e) = self.store.release_claims(&unsent).await {
+                            tracing::error!(error = %e, "releasing claims failed; their leases will run out");
+                        }
+                        return (report, None);
+                    }
+                }
+                continue;
+            }
+            if let Some(u) = &until {
+                // Done once nothing is open (sends in flight and unrecorded outcomes count).
+                match self.store.open_deliveries(u.incident.as_ref()).await {
+                    Ok(0) => break,
+                    Ok(_) if tokio::time::Instant::now() >= u.deadline => break,
+                    Ok(_) => {}
+                    Err(e) => return (report, Some(e.into())),
+                }
+            }
+            let mut wait = match self.idle_wait(held_until).await {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::error!(error = %e, "finding the next due delivery failed");
+                    Duration::from_secs(1)
+                }
+            };
+            if until.is_some() {
+                // Draining: the last sends' outcomes are about to be recorded; look again soon.
+                wait = wait.min(DRAIN_POLL);
+            }
+            let woken = async {
+                match &wake {
+                    Some(w) => w.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = woken => {}
+                _ = stop.changed() => break,
+            }
+        }
+        (report, None)
+    }
+
+    /// How long to wait for the next delivery to fall due or held-back work to go (bounded).
+    async fn idle_wait(&self, held_until: Option<DateTime<Utc>>) -> Result<Duration, DispatchError> {
         let now = Utc::now();
         let due = self.store.next_due().await?;
         let next = match (due, held_until) {
             (Some(d), Some(h)) => Some(d.min(h)),
             (d, h) => d.or(h),
         };
-        let wait = next
+        Ok(next
             .map(|at| (at - now).to_std().unwrap_or_default())
-            .unwrap_or(Duration::from_millis(50));
-        tokio::time::sleep(
-            wait.clamp(Duration::from_millis(5), Duration::from_secs(5))
-                .min(remaining),
-        )
-        .await;
-        Ok(())
-    }
-
-    /// The worker of `serve`: `pipelines` step loops until `stop` turns true. On stop no new
-    /// work is claimed; sends in flight finish and are recorded before this returns (SIGTERM
-    /// drains cleanly). `wake` starts a round at once (a dispatch was requested).
-    pub async fn run(&self, mut stop: tokio::sync::watch::Receiver<bool>, wake: Arc<tokio::sync::Notify>) {
-        let mut loops = JoinSet::new();
-        for n in 0..self.settings.pipelines.max(1) {
-            let this = self.clone();
-            let mut stop = stop.clone();
-            let wake = wake.clone();
-            loops.spawn(async move {
-                loop {
-                    if *stop.borrow() {
-                        return;
-                    }
-                    let held_until = match this.step_detail(Utc::now()).await {
-                        Ok(step) if step.report.claimed > 0 => continue,
-                        Ok(step) => step.held_until,
-                        Err(e) => {
-                            tracing::error!(pipeline = n, error = %e, "delivery step failed");
-                            None
-                        }
-                    };
-                    let wait = async {
-                        let _ = this.idle(held_until, Duration::from_secs(5)).await;
-                    };
-                    tokio::select! {
-                        _ = wait => {}
-                        _ = wake.notified() => {}
-                        _ = stop.changed() => return,
-                    }
-                }
-            });
-        }
-        let _ = stop.changed().await;
-        while loops.join_next().await.is_some() {}
+            .unwrap_or(Duration::from_secs(5))
+            .clamp(Duration::from_millis(5), Duration::from_secs(5)))
     }
 }
+
+/// Passes a finished send on to the recorder (a panicked send is left to its lease).
+fn forward(joined: Result<Done, tokio::task::JoinError>, to: &tokio::sync::mpsc::UnboundedSender<Done>) {
+    match joined {
+        Ok(done) => {
+            let _ = to.send(done);
+        }
+        Err(e) => tracing::error!(error = %e, "a send panicked; its lease will run out and it is sent again"),
+    }
+}
+
+/// A claimed delivery with what sending it needs.
+struct Work {
+    handle: Arc<ProviderHandle>,
+    delivery: Delivery,
+    record: Option<NoticeRecord>,
+    reference: Arc<str>,
+}
+
+/// A finished send: provider, delivery, and the hash of what was sent or why it failed.
+type Done = (Arc<ProviderHandle>, Delivery, Result<(Accepted, String), SendError>);
+
+/// When [`Dispatcher::drain`] stops.
+struct Until {
+    incident: Option<IncidentId>,
+    deadline: tokio::time::Instant,
+}
+
+/// How often a drain looks whether the last outcomes were recorded.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
+
+/// Outcomes recorded in one transaction at most.
+const RECORD_BATCH: usize = 2000;
+
 
 fn count_followup(report: &mut StepReport, followup: &Followup) {
     match followup {

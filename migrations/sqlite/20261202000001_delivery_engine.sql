@@ -13,6 +13,7 @@ ALTER TABLE deliveries ADD COLUMN error_kind TEXT;      -- network, throttled, r
 ALTER TABLE deliveries ADD COLUMN delivered_at TEXT;    -- when a receipt confirmed delivery
 ALTER TABLE deliveries ADD COLUMN receipt_due_at TEXT;  -- accepted, waiting for a receipt until
 ALTER TABLE deliveries ADD COLUMN receipt_detail TEXT;  -- the provider's last status words
+ALTER TABLE deliveries ADD COLUMN claim_id TEXT;        -- the claim that holds a 'sending' row
 
 -- Claims read only rows waiting to go; partial indexes keep them small and leave the rows
 -- already sent (most of a large outbox) out of every status change.

@@ -453,6 +453,9 @@ pub trait Store: Send + Sync {
         records: &[AttemptRecord],
         health: &[HealthUpdate],
     ) -> Result<Vec<bool>, StoreError>;
+    /// Puts claimed deliveries that were never sent back in the outbox as they were (a worker
+    /// stopping); returns how many were still this claim's.
+    async fn release_claims(&self, deliveries: &[Delivery]) -> Result<u64, StoreError>;
     /// Circuit-breaker state of every provider that has any.
     async fn provider_health(&self) -> Result<Vec<ProviderHealth>, StoreError>;
     /// The delivery a receipt refers to (by provider message id, or by our delivery id), among

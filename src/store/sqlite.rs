@@ -1876,16 +1876,46 @@ impl Store for SqliteStore {
             }
         }
         for (prefix, seqs) in by_draft {
-            let rows = sqlx::query(trusted(format!(
-                "{NOTICE_SELECT} WHERE substr(d.id, 5, 20) = $1 AND a.seq IN (SELECT value FROM json_each($2))"
+            // One JSON document rather than a row at a time: rows crossing from SQLite's
+            // thread cost as much as statements.
+            let json: String = sqlx::query_scalar(trusted(format!(
+                "SELECT json_group_array(json_object('draft_id', draft_id, 'seq', seq, 'merchant_id', merchant_id,
+                        'class_no', class_no, 'locale', locale, 'region', region, 'merchant_name', merchant_name,
+                        'merchant_kind', merchant_kind, 'link_secret', link_secret))
+                 FROM ({NOTICE_SELECT} WHERE substr(d.id, 5, 20) = $1 AND a.seq IN (SELECT value FROM json_each($2)))"
             )))
             .bind(prefix)
             .bind(to_json(&seqs))
-            .fetch_all(&self.pool)
+            .fetch_one(&self.pool)
             .await
             .doing("looking up notices")?;
-            for row in &rows {
-                records.push(record_from(row)?);
+            #[derive(serde::Deserialize)]
+            struct Row {
+                draft_id: String,
+                seq: i64,
+                merchant_id: String,
+                class_no: i64,
+                locale: String,
+                region: String,
+                merchant_name: String,
+                merchant_kind: String,
+                link_secret: String,
+            }
+            let rows: Vec<Row> = serde_json::from_str(&json).map_err(|e| corrupt("notices", e))?;
+            for r in rows {
+                let draft_id: DraftId = r.draft_id.parse().map_err(|e: FieldError| corrupt("drafts.id", e))?;
+                records.push(NoticeRecord {
+                    id: notice_id(&draft_id, r.seq)?,
+                    draft_id,
+                    merchant_id: r.merchant_id.parse().map_err(|e: FieldError| corrupt("affected_merchants.merchant_id", e))?,
+                    class_no: r.class_no,
+                    locale: r.locale.parse().map_err(|e: FieldError| corrupt("affected_merchants.locale", e))?,
+                    region: r.region,
+                    merchant_name: r.merchant_name,
+                    merchant_kind: r.merchant_kind.parse().map_err(|e: FieldError| corrupt("affected_merchants.merchant_kind", e))?,
+                    link_token: format!("{:08x}{}", r.seq, r.link_secret),
+                    legacy: None,
+                });
             }
         }
         Ok(records)
@@ -2111,6 +2141,10 @@ impl Store for SqliteStore {
         health: &[HealthUpdate],
     ) -> Result<Vec<bool>, StoreError> {
         outbox::record_attempts(self, records, health).await
+    }
+
+    async fn release_claims(&self, deliveries: &[Delivery]) -> Result<u64, StoreError> {
+        outbox::release_claims(self, deliveries).await
     }
 
     async fn provider_health(&self) -> Result<Vec<ProviderHealth>, StoreError> {

@@ -7,6 +7,84 @@ use crate::channels::{ReceiptKey, ReceiptStatus};
 use crate::model::FailureKind;
 
 /// Columns of a delivery row, in the order [`delivery_from`] reads them by name.
+/// [`DELIVERY_COLUMNS`] as `json_object` arguments.
+const DELIVERY_JSON: &str = "'id', id, 'idempotency_key', idempotency_key, 'incident_id', incident_id, 'draft_id', draft_id, \
+     'notice_id', notice_id, 'merchant_id', merchant_id, 'channel', channel, 'address', address, \
+     'plan_position', plan_position, 'status', status, 'attempts', attempts, 'next_attempt_at', next_attempt_at, \
+     'last_error', last_error, 'error_class', error_class, 'provider_message_id', provider_message_id, \
+     'content_hash', content_hash, 'created_at', created_at, 'sent_at', sent_at, 'provider', provider, \
+     'error_kind', error_kind, 'delivered_at', delivered_at, 'receipt_due_at', receipt_due_at";
+
+/// A delivery row as [`DELIVERY_JSON`] writes it.
+#[derive(serde::Deserialize)]
+struct DeliveryJson {
+    id: String,
+    idempotency_key: String,
+    incident_id: String,
+    draft_id: String,
+    notice_id: String,
+    merchant_id: String,
+    channel: String,
+    address: String,
+    plan_position: i64,
+    status: String,
+    attempts: i64,
+    next_attempt_at: String,
+    last_error: Option<String>,
+    error_class: Option<String>,
+    provider_message_id: Option<String>,
+    content_hash: Option<String>,
+    created_at: String,
+    sent_at: Option<String>,
+    provider: Option<String>,
+    error_kind: Option<String>,
+    delivered_at: Option<String>,
+    receipt_due_at: Option<String>,
+}
+
+fn deliveries_from_json(text: &str) -> Result<Vec<Delivery>, StoreError> {
+    let rows: Vec<DeliveryJson> = serde_json::from_str(text).map_err(|e| corrupt("deliveries", e))?;
+    let field = |name: &'static str| move |e: FieldError| corrupt(name, e);
+    let ts = |name: &'static str, v: &str| parse_ts(v).map_err(|e| corrupt(name, e));
+    let opt_ts = |name: &'static str, v: Option<String>| v.map(|v| ts(name, &v)).transpose();
+    rows.into_iter()
+        .map(|r| {
+            Ok(Delivery {
+                id: r.id.parse().map_err(field("deliveries.id"))?,
+                idempotency_key: r.idempotency_key,
+                incident_id: r.incident_id.parse().map_err(field("deliveries.incident_id"))?,
+                draft_id: r.draft_id.parse().map_err(field("deliveries.draft_id"))?,
+                notice_id: r.notice_id.parse().map_err(field("deliveries.notice_id"))?,
+                merchant_id: r.merchant_id.parse().map_err(field("deliveries.merchant_id"))?,
+                channel: r.channel.parse().map_err(field("deliveries.channel"))?,
+                address: r.address,
+                plan_position: r.plan_position,
+                status: r.status.parse().map_err(field("deliveries.status"))?,
+                attempts: r.attempts,
+                next_attempt_at: ts("deliveries.next_attempt_at", &r.next_attempt_at)?,
+                last_error: r.last_error,
+                error_class: match r.error_class.as_deref() {
+                    None => None,
+                    Some("transient") => Some(ErrorClass::Transient),
+                    Some("permanent") => Some(ErrorClass::Permanent),
+                    Some(other) => return Err(corrupt("deliveries.error_class", other)),
+                },
+                provider_message_id: r.provider_message_id,
+                content_hash: r.content_hash,
+                created_at: ts("deliveries.created_at", &r.created_at)?,
+                sent_at: opt_ts("deliveries.sent_at", r.sent_at)?,
+                provider: r.provider,
+                error_kind: r
+                    .error_kind
+                    .map(|k| k.parse().map_err(|e: String| corrupt("deliveries.error_kind", e)))
+                    .transpose()?,
+                delivered_at: opt_ts("deliveries.delivered_at", r.delivered_at)?,
+                receipt_due_at: opt_ts("deliveries.receipt_due_at", r.receipt_due_at)?,
+            })
+        })
+        .collect()
+}
+
 pub(super) const DELIVERY_COLUMNS: &str = "id, idempotency_key, incident_id, draft_id, notice_id, merchant_id, channel, address, \
      plan_position, status, attempts, next_attempt_at, last_error, error_class, provider_message_id, content_hash, \
      created_at, sent_at, provider, error_kind, delivered_at, receipt_due_at";
@@ -156,27 +234,40 @@ pub(super) async fn claim_for_provider(store: &SqliteStore, c: &ProviderClaim<'_
             limited_until,
         });
     }
-    // Taken-over rows first (a worker died holding them), then due rows oldest first.
-    let sql = format!(
-        "UPDATE deliveries SET status = 'sending', lease_until = $1, attempts = attempts + 1, updated_at = $2, provider = $5
+    // Taken-over rows first (a worker died holding them), then due rows oldest first. The
+    // rows come back as one JSON document: a row crossing from SQLite's thread costs as much
+    // as a statement.
+    let claim_id = uuid::Uuid::new_v4().to_string();
+    sqlx::query(
+        "UPDATE deliveries SET status = 'sending', lease_until = $1, attempts = attempts + 1, updated_at = $2,
+                provider = $5, claim_id = $6
          WHERE id IN (SELECT id FROM (SELECT id FROM deliveries
                                       WHERE status = 'sending' AND +channel = $3 AND lease_until <= $2 LIMIT $4)
                       UNION ALL
                       SELECT id FROM (SELECT id FROM deliveries
                                       WHERE status = 'pending' AND channel = $3 AND next_attempt_at <= $2
                                       ORDER BY next_attempt_at LIMIT $4)
-                      LIMIT $4)
-         RETURNING {DELIVERY_COLUMNS}"
-    );
-    let rows = sqlx::query(trusted(sql))
-        .bind(fmt_ts(c.lease_until))
-        .bind(&now)
-        .bind(c.channel.as_str())
-        .bind(granted as i64)
-        .bind(c.provider)
-        .fetch_all(&mut *tx)
-        .await
-        .doing("claiming due deliveries")?;
+                      LIMIT $4)",
+    )
+    .bind(fmt_ts(c.lease_until))
+    .bind(&now)
+    .bind(c.channel.as_str())
+    .bind(granted as i64)
+    .bind(c.provider)
+    .bind(&claim_id)
+    .execute(&mut *tx)
+    .await
+    .doing("claiming due deliveries")?;
+    let claimed: String = sqlx::query_scalar(trusted(format!(
+        "SELECT json_group_array(json_object({DELIVERY_JSON})) FROM deliveries
+         WHERE status = 'sending' AND provider = $1 AND claim_id = $2"
+    )))
+    .bind(c.provider)
+    .bind(&claim_id)
+    .fetch_one(&mut *tx)
+    .await
+    .doing("reading claimed deliveries")?;
+    let rows = deliveries_from_json(&claimed)?;
     let taken = rows.len() as f64;
     if limits.rate_per_second > 0.0 {
         sqlx::query(
@@ -209,13 +300,10 @@ pub(super) async fn claim_for_provider(store: &SqliteStore, c: &ProviderClaim<'_
             .doing("forgetting a provider's old window slots")?;
     }
     tx.commit().await.doing("committing a claim")?;
+    let taken = rows.len() as u32;
     Ok(Claimed {
-        deliveries: rows.iter().map(delivery_from).collect::<Result<_, _>>()?,
-        limited_until: if (rows.len() as u32) < c.want {
-            limited_until
-        } else {
-            None
-        },
+        deliveries: rows,
+        limited_until: if taken < c.want { limited_until } else { None },
     })
 }
 
@@ -337,7 +425,6 @@ pub(super) async fn record_attempts(
         .begin_with("BEGIN IMMEDIATE")
         .await
         .doing("starting to record attempts")?;
-    let t0 = std::time::Instant::now();
     let mut stored = vec![false; records.len()];
     let mut events = Vec::with_capacity(records.len());
     // Acceptances in one statement: each row only if its claim is still this attempt's.
@@ -364,23 +451,37 @@ pub(super) async fn record_attempts(
     let mut accepted_by_incident: std::collections::BTreeMap<&str, Vec<serde_json::Value>> = Default::default();
     for chunk in accepted.chunks(1000) {
         let values: Vec<&serde_json::Value> = chunk.iter().map(|(_, v)| v).collect();
-        let done: Vec<String> = sqlx::query_scalar(
-            "UPDATE deliveries SET status = 'accepted', sent_at = $1, updated_at = $1, lease_until = NULL,
+        let affected = sqlx::query(
+            "UPDATE deliveries SET status = 'accepted', sent_at = $1, updated_at = $1, lease_until = NULL, claim_id = NULL,
                     provider = j.value ->> '$.p', provider_message_id = j.value ->> '$.m',
                     content_hash = j.value ->> '$.h', receipt_due_at = j.value ->> '$.due',
                     last_error = NULL, error_class = NULL, error_kind = NULL
              FROM json_each($2) AS j
              WHERE deliveries.id = j.value ->> '$.id' AND +deliveries.status = 'sending'
-               AND deliveries.attempts = j.value ->> '$.n'
-             RETURNING deliveries.id",
+               AND deliveries.attempts = j.value ->> '$.n'",
         )
         .bind(&now)
         .bind(to_json(&values))
-        .fetch_all(&mut *tx)
+        .execute(&mut *tx)
         .await
-        .doing("recording accepted deliveries")?;
-        let done: std::collections::HashSet<String> = done.into_iter().collect();
-        let t_upd = t0.elapsed();
+        .doing("recording accepted deliveries")?
+        .rows_affected();
+        // Usually every claim still held; only if not, ask which ones were stored.
+        let done: std::collections::HashSet<String> = if affected as usize == chunk.len() {
+            chunk.iter().map(|(i, _)| records[*i].delivery.id.to_string()).collect()
+        } else {
+            let ids: Vec<&str> = chunk.iter().map(|(i, _)| records[*i].delivery.id.as_str()).collect();
+            let stored: String = sqlx::query_scalar(
+                "SELECT json_group_array(id) FROM deliveries
+                 WHERE id IN (SELECT value FROM json_each($1)) AND status = 'accepted' AND sent_at = $2",
+            )
+            .bind(to_json(&ids))
+            .bind(&now)
+            .fetch_one(&mut *tx)
+            .await
+            .doing("checking which acceptances were stored")?;
+            serde_json::from_str(&stored).map_err(|e| corrupt("deliveries", e))?
+        };
         let mut reached = Vec::new();
         for (i, _) in chunk {
             let r = &records[*i];
@@ -419,10 +520,6 @@ pub(super) async fn record_attempts(
                     "i": r.delivery.incident_id.as_str(), "m": r.delivery.merchant_id.as_str(), "c": r.delivery.channel.as_str(),
                 }));
             }
-        }
-        let t_loop = t0.elapsed();
-        if std::env::var_os("TOCSIN_STEP_TIMING").is_some() {
-            eprintln!("  update {:?} loop {:?}", t_upd, t_loop - t_upd);
         }
         if !reached.is_empty() {
             sqlx::query(
@@ -499,22 +596,32 @@ pub(super) async fn record_attempts(
         }
         apply_followup(&mut tx, d, &r.followup, &now, at).await?;
     }
-    let t_a = t0.elapsed();
     insert_events(&mut tx, &events).await?;
-    let t_b = t0.elapsed();
     for h in health {
         update_health_in(&mut tx, h, at).await?;
     }
     tx.commit().await.doing("committing recorded attempts")?;
-    if std::env::var_os("TOCSIN_STEP_TIMING").is_some() {
-        eprintln!(
-            "  reach+ledger {:?} events {:?} health+commit {:?}",
-            t_a,
-            t_b - t_a,
-            t0.elapsed() - t_b
-        );
-    }
     Ok(stored)
+}
+
+pub(super) async fn release_claims(store: &SqliteStore, deliveries: &[Delivery]) -> Result<u64, StoreError> {
+    let claims: Vec<serde_json::Value> = deliveries
+        .iter()
+        .map(|d| serde_json::json!({ "id": d.id.as_str(), "n": d.attempts }))
+        .collect();
+    let _turn = store.write_gate.lock().await;
+    let done = sqlx::query(
+        "UPDATE deliveries SET status = 'pending', attempts = attempts - 1, lease_until = NULL, updated_at = $1
+         FROM json_each($2) AS j
+         WHERE deliveries.id = j.value ->> '$.id' AND +deliveries.status = 'sending'
+           AND deliveries.attempts = j.value ->> '$.n'",
+    )
+    .bind(fmt_ts(Utc::now()))
+    .bind(to_json(&claims))
+    .execute(&store.pool)
+    .await
+    .doing("releasing unsent claims")?;
+    Ok(done.rows_affected())
 }
 
 async fn update_health_in(conn: &mut SqliteConnection, h: &HealthUpdate, at: DateTime<Utc>) -> Result<(), StoreError> {
