@@ -318,14 +318,17 @@ async fn a_sigkill_mid_delivery_loses_nothing_and_duplicates_only_what_was_in_fl
         duplicates <= s,
         "{duplicates} duplicates, more than the {s} deliveries in flight at the kill"
     );
-    let reclaimed = after
-        .iter()
-        .filter(|d| d["attempts"].as_i64().unwrap_or(0) > 1)
-        .count();
-    assert_eq!(reclaimed, s, "each row held at the kill was claimed again once, no other");
+    let reclaimed = after.iter().filter(|d| d["attempts"].as_i64().unwrap_or(0) > 1).count();
+    assert_eq!(
+        reclaimed, s,
+        "each row held at the kill was claimed again once, no other"
+    );
     let lost = lost_lease_warnings(&t.log("serve-1.log")) + lost_lease_warnings(&t.log("serve-2.log"));
 
-    // The evidence survived the crash: the ledger's hash chain is intact.
+    // Every merchant counts as reached, and the evidence survived the crash: the ledger's
+    // hash chain is intact.
+    let view = t.run(&["--json", "incidents", "show", &incident]).ok().json();
+    assert_eq!(view["reached"], N, "every merchant reached");
     t.run(&["audit", "verify"]).ok();
 
     eprintln!(
@@ -423,6 +426,8 @@ async fn sigterm_stops_claiming_finishes_what_is_in_flight_and_exits_cleanly() {
         let mid = d["provider_message_id"].as_str().expect("Message-ID");
         assert_eq!(seen.get(mid), Some(&1), "{mid}");
     }
+    let view = t.run(&["--json", "incidents", "show", &incident]).ok().json();
+    assert_eq!(view["reached"], N, "every merchant reached");
     t.run(&["audit", "verify"]).ok();
 
     eprintln!(
