@@ -255,3 +255,71 @@ pub fn event(external_id: &str, key: &str) -> String {
     })
     .to_string()
 }
+
+impl Tocsin {
+    /// [`Tocsin::serve`] with the server's log (stderr) written to `log` in the data directory,
+    /// for tests that read what the server said (warnings about lost leases, the stop).
+    pub fn serve_logged(&self, log: &str) -> Server {
+        let file = std::fs::File::create(self.dir.path().join(log)).expect("create the server log");
+        let mut child = self
+            .command(&["serve", "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(file))
+            .spawn()
+            .expect("spawn serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read the listening line");
+        let base = line
+            .trim()
+            .strip_prefix("tocsin listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+            .to_owned();
+        Server { child, base }
+    }
+
+    /// What a server started with [`Tocsin::serve_logged`] wrote to `log` so far.
+    pub fn log(&self, log: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(log)).unwrap_or_default()
+    }
+}
+
+impl Server {
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL (what `Child::kill` sends on Unix): the process dies at once, mid-send, with
+    /// nothing recorded; returns when it has been reaped.
+    pub fn kill_hard(&mut self) {
+        self.child.kill().expect("SIGKILL the server");
+        self.child.wait().expect("reap the server");
+    }
+
+    /// Sends SIGTERM (the polite stop) through `kill(1)`.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("run kill -TERM");
+        assert!(status.success(), "kill -TERM {} failed: {status}", self.pid());
+    }
+
+    /// The exit status once the process has exited, or `None` if it is still running after
+    /// `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("poll the server") {
+                return Some(status);
+            }
+            if start.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}

@@ -56,6 +56,30 @@ pub struct ReceivedMail {
     pub authenticated_as: Option<String>,
 }
 
+impl ReceivedMail {
+    /// The first header field `name` (case-insensitive) of the message, unfolded and trimmed.
+    pub fn header(&self, name: &str) -> Option<String> {
+        let head = self.data.split("\r\n\r\n").next().unwrap_or_default();
+        let mut value: Option<String> = None;
+        for line in head.split("\r\n") {
+            if let Some(v) = value.as_mut() {
+                if line.starts_with([' ', '\t']) {
+                    v.push(' ');
+                    v.push_str(line.trim());
+                    continue;
+                }
+                break;
+            }
+            if let Some((field, rest)) = line.split_once(':')
+                && field.eq_ignore_ascii_case(name)
+            {
+                value = Some(rest.trim().to_owned());
+            }
+        }
+        value
+    }
+}
+
 /// How the server secures connections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum ServerTls {
@@ -103,6 +127,13 @@ struct Shared {
     tls: Option<TlsAcceptor>,
     connections: AtomicU64,
     open: Mutex<Vec<AbortHandle>>,
+    /// How long the server holds its 250 after recording a message (a slow relay); zero by
+    /// default.
+    data_delay: Mutex<Duration>,
+    /// Messages recorded whose 250 is being held.
+    holding: AtomicU64,
+    /// Messages accepted so far (read without locking the messages).
+    accepted: AtomicU64,
 }
 
 /// Lock a mutex, ignoring poisoning: a panicking test must not cascade.
@@ -129,6 +160,7 @@ impl Shared {
 
     fn store(&self, mail: ReceivedMail) {
         lock(&self.messages).push(mail);
+        self.accepted.fetch_add(1, Ordering::Relaxed);
         self.new_message.notify_waiters();
     }
 
@@ -168,6 +200,9 @@ impl SmtpServer {
             tls,
             connections: AtomicU64::new(0),
             open: Mutex::new(Vec::new()),
+            data_delay: Mutex::new(Duration::ZERO),
+            holding: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
         });
         let task = tokio::spawn(accept_loop(listener, Arc::clone(&shared)));
         SmtpServer { addr, shared, task }
@@ -192,6 +227,33 @@ impl SmtpServer {
         for handle in lock(&self.shared.open).drain(..) {
             handle.abort();
         }
+    }
+
+    /// Number of messages accepted so far; cheap (no copy of the messages), for polling.
+    pub fn count(&self) -> usize {
+        self.shared.accepted.load(Ordering::Relaxed) as usize
+    }
+
+    /// The `Message-ID` of every message accepted so far (without angle brackets), in order
+    /// of acceptance; `None` for a message without one.
+    pub fn message_ids(&self) -> Vec<Option<String>> {
+        lock(&self.shared.messages)
+            .iter()
+            .map(|m| m.header("Message-ID").map(|v| v.trim_matches(['<', '>']).to_owned()))
+            .collect()
+    }
+
+    /// From now on records every message at its final `.` as before but holds the 250 for
+    /// `delay` (a slow relay): the message has arrived, the sender does not know it yet.
+    /// `Duration::ZERO` answers at once again.
+    pub fn set_data_delay(&self, delay: Duration) {
+        *lock(&self.shared.data_delay) = delay;
+    }
+
+    /// Messages recorded whose 250 is being held by [`SmtpServer::set_data_delay`] right now:
+    /// sends in flight from the sender's point of view.
+    pub fn holding(&self) -> usize {
+        self.shared.holding.load(Ordering::Relaxed) as usize
     }
 
     /// All messages accepted so far, in order of acceptance.
@@ -364,6 +426,22 @@ fn test_tls_acceptor() -> TlsAcceptor {
         .with_single_cert(certs, key)
         .expect("test server certificate");
     TlsAcceptor::from(Arc::new(config))
+}
+
+/// Counts a held reply for as long as it lives (also when the connection task is aborted).
+struct Holding<'a>(&'a AtomicU64);
+
+impl<'a> Holding<'a> {
+    fn new(counter: &'a AtomicU64) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Holding(counter)
+    }
+}
+
+impl Drop for Holding<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// What ended a [`serve`] loop.
@@ -643,6 +721,11 @@ where
                             secure,
                             authenticated_as: authenticated_as.clone(),
                         });
+                        let delay = *lock(&shared.data_delay);
+                        if !delay.is_zero() {
+                            let _held = Holding::new(&shared.holding);
+                            tokio::time::sleep(delay).await;
+                        }
                         reply(writer, &format!("250 2.0.0 Ok: queued as {id}")).await?;
                     }
                     None => {
