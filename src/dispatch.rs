@@ -139,6 +139,10 @@ pub struct Dispatcher {
     renderer: Arc<NoticeRenderer>,
     /// Breaker states, re-read at most every [`HEALTH_TTL`] or after a failure was recorded.
     health: Arc<std::sync::Mutex<Option<HealthSnapshot>>>,
+    /// What this process saw of each provider since the store was last read: consecutive
+    /// failures and until when its breaker is open, so a breaker opens at once here, before
+    /// the outcomes that opened it are recorded.
+    local_health: Arc<std::sync::Mutex<HashMap<String, ProviderHealth>>>,
     /// When overdue receipts were last looked for (at most once a second).
     receipt_sweep: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
@@ -180,11 +184,74 @@ impl Dispatcher {
             settings,
             renderer,
             health: Default::default(),
+            local_health: Default::default(),
             receipt_sweep: Default::default(),
         }
     }
 
+    /// Breaker states: the store's, with what this process saw since (the worse of the two).
     async fn health(&self) -> Result<Arc<HashMap<String, ProviderHealth>>, DispatchError> {
+        let stored = self.stored_health().await?;
+        let local = match self.local_health.lock() {
+            Ok(l) if !l.is_empty() => l.clone(),
+            _ => return Ok(stored),
+        };
+        let mut merged = (*stored).clone();
+        for (name, l) in local {
+            let m = merged.entry(name).or_insert_with(|| l.clone());
+            m.consecutive_failures = m.consecutive_failures.max(l.consecutive_failures);
+            m.open_until = m.open_until.max(l.open_until);
+        }
+        Ok(Arc::new(merged))
+    }
+
+    /// Notes a send's effect on its provider's breaker in this process.
+    fn note_health(&self, handle: &ProviderHandle, result: &Result<(Accepted, String), SendError>) {
+        let Ok(mut local) = self.local_health.lock() else {
+            return;
+        };
+        let h = local.entry(handle.name.clone()).or_insert_with(|| ProviderHealth {
+            provider: handle.name.clone(),
+            consecutive_failures: 0,
+            open_until: None,
+            last_failure_at: None,
+            last_error_kind: None,
+        });
+        match result {
+            Ok(_) => {
+                h.consecutive_failures = 0;
+                h.open_until = None;
+            }
+            Err(e) if e.kind.counts_against_provider() => {
+                h.consecutive_failures += 1;
+                if h.consecutive_failures >= handle.breaker.failure_threshold as i64 {
+                    h.open_until = Some(Utc::now() + chrono::Duration::seconds(handle.breaker.cooldown_seconds as i64));
+                }
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// The provider to send claimed work through now: its own, unless that one's breaker
+    /// opened since the claim and another provider of the channel is usable.
+    async fn reroute(&self, mut w: Work) -> Work {
+        let Ok(health) = self.health().await else {
+            return w;
+        };
+        let now = Utc::now();
+        if matches!(breaker(&w.handle, health.get(&w.handle.name), now), Breaker::Open(_))
+            && let Some(next) = self
+                .channels
+                .providers(w.delivery.channel)
+                .iter()
+                .find(|h| !matches!(breaker(h, health.get(&h.name), now), Breaker::Open(_)))
+        {
+            w.handle = next.clone();
+        }
+        w
+    }
+
+    async fn stored_health(&self) -> Result<Arc<HashMap<String, ProviderHealth>>, DispatchError> {
         if let Some((at, h)) = self.health.lock().ok().and_then(|g| g.clone())
             && at.elapsed() < HEALTH_TTL
         {
@@ -312,6 +379,14 @@ impl Dispatcher {
         if claimed.is_empty() {
             return Ok((Vec::new(), held_until));
         }
+        let mut message_ids = Vec::new();
+        for (handle, delivery) in claimed.iter_mut() {
+            if let Some(id) = handle.provider.message_id(delivery) {
+                message_ids.push((delivery.id.clone(), delivery.attempts, id.clone()));
+                delivery.provider_message_id = Some(id);
+            }
+        }
+        self.store.note_message_ids(&message_ids).await?;
         let references = self.references(claimed.iter().map(|(_, d)| &d.incident_id)).await?;
         let ids: Vec<NoticeId> = claimed.iter().map(|(_, d)| d.notice_id.clone()).collect();
         let mut records: HashMap<NoticeId, NoticeRecord> = self
@@ -324,7 +399,10 @@ impl Dispatcher {
         let work = claimed
             .into_iter()
             .map(|(handle, delivery)| Work {
-                reference: references.get(&delivery.incident_id).cloned().unwrap_or_else(|| Arc::from("")),
+                reference: references
+                    .get(&delivery.incident_id)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::from("")),
                 record: records.remove(&delivery.notice_id),
                 handle,
                 delivery,
@@ -355,7 +433,10 @@ impl Dispatcher {
     }
 
     async fn send_work(&self, w: Work) -> Done {
-        let result = self.send_one(&w.handle, &w.delivery, w.record.as_ref(), &w.reference).await;
+        let result = self
+            .send_one(&w.handle, &w.delivery, w.record.as_ref(), &w.reference)
+            .await;
+        self.note_health(&w.handle, &result);
         (w.handle, w.delivery, result)
     }
 
@@ -428,11 +509,13 @@ impl Dispatcher {
         let lost = stored.iter().filter(|s| !**s).count();
         if lost > 0 {
             // Our lease ran out and another worker took the rows over: its outcomes stand.
-            tracing::warn!(lost, "leases lost before outcomes were stored; those outcomes were discarded");
+            tracing::warn!(
+                lost,
+                "leases lost before outcomes were stored; those outcomes were discarded"
+            );
         }
         Ok(report)
     }
-
 
     /// What a failed send means: a retry, a dead letter, or the end of this channel.
     async fn failure(
@@ -564,7 +647,10 @@ impl Dispatcher {
         };
         let followup = match receipt.status {
             ReceiptStatus::Failed(_)
-                if matches!(delivery.status, DeliveryStatus::Accepted | DeliveryStatus::Delivered) =>
+                if matches!(
+                    delivery.status,
+                    DeliveryStatus::Accepted | DeliveryStatus::Delivered | DeliveryStatus::Sending
+                ) =>
             {
                 self.fallback(&delivery).await?
             }
@@ -625,7 +711,10 @@ impl Dispatcher {
                 work = work_rx.recv(), if queue_open && !stopping && inflight.len() < concurrency => match work {
                     Some(w) => {
                         let this = self.clone();
-                        inflight.spawn(async move { this.send_work(w).await });
+                        inflight.spawn(async move {
+                            let w = this.reroute(w).await;
+                            this.send_work(w).await
+                        });
                     }
                     None => queue_open = false,
                 },
@@ -676,7 +765,10 @@ impl Dispatcher {
     }
 
     /// Records finished sends in batches of whatever has arrived, until the senders are done.
-    async fn recorder(self, mut done_rx: tokio::sync::mpsc::UnboundedReceiver<Done>) -> (StepReport, Option<DispatchError>) {
+    async fn recorder(
+        self,
+        mut done_rx: tokio::sync::mpsc::UnboundedReceiver<Done>,
+    ) -> (StepReport, Option<DispatchError>) {
         let mut total = StepReport::default();
         let mut first_error = None;
         while let Some(first) = done_rx.recv().await {
@@ -746,8 +838,9 @@ impl Dispatcher {
                 while let Some(w) = work.next() {
                     if let Err(refused) = queue.send(w).await {
                         // Stopping while this claim was under way: give it back.
-                        let unsent: Vec<Delivery> =
-                            std::iter::once(refused.0.delivery).chain(work.map(|w| w.delivery)).collect();
+                        let unsent: Vec<Delivery> = std::iter::once(refused.0.delivery)
+                            .chain(work.map(|w| w.delivery))
+                            .collect();
                         if let Err(e) = self.store.release_claims(&unsent).await {
                             tracing::error!(error = %e, "releasing claims failed; their leases will run out");
                         }
@@ -838,7 +931,6 @@ const DRAIN_POLL: Duration = Duration::from_millis(20);
 
 /// Outcomes recorded in one transaction at most.
 const RECORD_BATCH: usize = 2000;
-
 
 fn count_followup(report: &mut StepReport, followup: &Followup) {
     match followup {

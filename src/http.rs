@@ -478,7 +478,9 @@ async fn email_dsn(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
     let tally = s.engine.email_dsn(token, &body).await?;
     Ok(axum::Json(tally).into_response())
 }

@@ -441,7 +441,6 @@ async fn a_delayed_notice_changes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: a DSN for a message whose send is not yet recorded (delivery still `sending`, provider_message_id NULL) is counted unmatched and lost; the email later stands as accepted and no fallback is sent"]
 async fn a_bounce_that_overtakes_the_recorded_acceptance_is_not_lost() {
     tocsin::install_crypto_provider();
     let smtp = SmtpServer::start().await;

@@ -211,7 +211,7 @@ async fn a_sigkill_mid_delivery_loses_nothing_and_duplicates_only_what_was_in_fl
         // sends in flight at once so the kill catches some of them.
         .set("TOCSIN_DELIVERY__LEASE_SECONDS", "2")
         .set("TOCSIN_DELIVERY__CONCURRENCY", "32")
-        .set("TOCSIN_DELIVERY__PIPELINES", "2");
+        .set("TOCSIN_DELIVERY__BATCH", "128");
     let incident = queued_incident(&t, "ck", N);
     let setup = started.elapsed();
     let queued = deliveries(&t, &incident);
@@ -351,7 +351,7 @@ async fn sigterm_stops_claiming_finishes_what_is_in_flight_and_exits_cleanly() {
     let mut t = Tocsin::new();
     t.smtp(smtp.port())
         .set("TOCSIN_DELIVERY__CONCURRENCY", "20")
-        .set("TOCSIN_DELIVERY__PIPELINES", "2");
+        .set("TOCSIN_DELIVERY__BATCH", "128");
     let incident = queued_incident(&t, "ct", N);
     let setup = started.elapsed();
 

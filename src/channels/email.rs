@@ -176,6 +176,10 @@ fn undeliverable_domain(address: &str) -> bool {
 
 #[async_trait]
 impl Provider for EmailTransport {
+    fn message_id(&self, delivery: &crate::model::Delivery) -> Option<String> {
+        Some(EmailTransport::message_id(self, &delivery.idempotency_key))
+    }
+
     async fn send(&self, m: &Outbound<'_>) -> Result<Accepted, SendError> {
         let n = m.notice;
         self.send_mail(&Mail {

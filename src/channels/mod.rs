@@ -134,6 +134,12 @@ pub trait Provider: Send + Sync {
     fn reports_delivery(&self) -> bool {
         false
     }
+    /// The id the provider will know the message by, when it is fixed before sending (the
+    /// email `Message-ID`): stored at the claim, so a bounce that overtakes the recorded
+    /// acceptance still finds its delivery.
+    fn message_id(&self, _delivery: &Delivery) -> Option<String> {
+        None
+    }
 }
 
 /// One configured provider of one channel, with its limits and breaker settings.

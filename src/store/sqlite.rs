@@ -1907,12 +1907,21 @@ impl Store for SqliteStore {
                 records.push(NoticeRecord {
                     id: notice_id(&draft_id, r.seq)?,
                     draft_id,
-                    merchant_id: r.merchant_id.parse().map_err(|e: FieldError| corrupt("affected_merchants.merchant_id", e))?,
+                    merchant_id: r
+                        .merchant_id
+                        .parse()
+                        .map_err(|e: FieldError| corrupt("affected_merchants.merchant_id", e))?,
                     class_no: r.class_no,
-                    locale: r.locale.parse().map_err(|e: FieldError| corrupt("affected_merchants.locale", e))?,
+                    locale: r
+                        .locale
+                        .parse()
+                        .map_err(|e: FieldError| corrupt("affected_merchants.locale", e))?,
                     region: r.region,
                     merchant_name: r.merchant_name,
-                    merchant_kind: r.merchant_kind.parse().map_err(|e: FieldError| corrupt("affected_merchants.merchant_kind", e))?,
+                    merchant_kind: r
+                        .merchant_kind
+                        .parse()
+                        .map_err(|e: FieldError| corrupt("affected_merchants.merchant_kind", e))?,
                     link_token: format!("{:08x}{}", r.seq, r.link_secret),
                     legacy: None,
                 });
@@ -2141,6 +2150,10 @@ impl Store for SqliteStore {
         health: &[HealthUpdate],
     ) -> Result<Vec<bool>, StoreError> {
         outbox::record_attempts(self, records, health).await
+    }
+
+    async fn note_message_ids(&self, ids: &[(DeliveryId, i64, String)]) -> Result<(), StoreError> {
+        outbox::note_message_ids(self, ids).await
     }
 
     async fn release_claims(&self, deliveries: &[Delivery]) -> Result<u64, StoreError> {

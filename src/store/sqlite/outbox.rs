@@ -480,6 +480,21 @@ pub(super) async fn record_attempts(
             .fetch_one(&mut *tx)
             .await
             .doing("checking which acceptances were stored")?;
+            // A receipt that overtook its acceptance (a bounce while the send was being
+            // recorded) already ended the row; what was sent is still evidence.
+            sqlx::query(
+                "UPDATE deliveries SET sent_at = $1, provider = j.value ->> '$.p', content_hash = j.value ->> '$.h',
+                        provider_message_id = COALESCE(provider_message_id, j.value ->> '$.m')
+                 FROM json_each($2) AS j
+                 WHERE deliveries.id = j.value ->> '$.id' AND deliveries.attempts = j.value ->> '$.n'
+                   AND deliveries.sent_at IS NULL AND deliveries.status IN ('failed', 'delivered')
+                   AND deliveries.error_kind IS NOT 'no_receipt'",
+            )
+            .bind(&now)
+            .bind(to_json(&values))
+            .execute(&mut *tx)
+            .await
+            .doing("keeping what was sent for deliveries a receipt overtook")?;
             serde_json::from_str(&stored).map_err(|e| corrupt("deliveries", e))?
         };
         let mut reached = Vec::new();
@@ -602,6 +617,28 @@ pub(super) async fn record_attempts(
     }
     tx.commit().await.doing("committing recorded attempts")?;
     Ok(stored)
+}
+
+pub(super) async fn note_message_ids(store: &SqliteStore, ids: &[(DeliveryId, i64, String)]) -> Result<(), StoreError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let values: Vec<serde_json::Value> = ids
+        .iter()
+        .map(|(id, n, m)| serde_json::json!({ "id": id.as_str(), "n": n, "m": m }))
+        .collect();
+    let _turn = store.write_gate.lock().await;
+    sqlx::query(
+        "UPDATE deliveries SET provider_message_id = j.value ->> '$.m'
+         FROM json_each($1) AS j
+         WHERE deliveries.id = j.value ->> '$.id' AND +deliveries.status = 'sending'
+           AND deliveries.attempts = j.value ->> '$.n'",
+    )
+    .bind(to_json(&values))
+    .execute(&store.pool)
+    .await
+    .doing("noting message ids before sending")?;
+    Ok(())
 }
 
 pub(super) async fn release_claims(store: &SqliteStore, deliveries: &[Delivery]) -> Result<u64, StoreError> {
@@ -740,7 +777,7 @@ pub(super) async fn record_receipt(
         ReceiptStatus::Delivered => sqlx::query(
             "UPDATE deliveries SET status = 'delivered', delivered_at = $1, updated_at = $1, receipt_due_at = NULL,
                     receipt_detail = $2
-             WHERE id = $3 AND (status = 'accepted' OR (status = 'failed' AND error_kind = 'no_receipt'))",
+             WHERE id = $3 AND (status IN ('accepted', 'sending') OR (status = 'failed' AND error_kind = 'no_receipt'))",
         )
         .bind(&now)
         .bind(detail)
@@ -752,7 +789,8 @@ pub(super) async fn record_receipt(
         ReceiptStatus::Failed(k) => sqlx::query(
             "UPDATE deliveries SET status = 'failed', updated_at = $1, receipt_due_at = NULL, receipt_detail = $2,
                     last_error = $2, error_class = 'permanent', error_kind = $3
-             WHERE id = $4 AND status IN ('accepted', 'delivered') AND NOT (status = 'delivered' AND $3 = 'no_receipt')",
+             WHERE id = $4 AND status IN ('accepted', 'delivered', 'sending')
+               AND NOT (status IN ('delivered', 'sending') AND $3 = 'no_receipt')",
         )
         .bind(&now)
         .bind(detail)
