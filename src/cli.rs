@@ -225,7 +225,7 @@ async fn deliveries(engine: &Tocsin, cli: &Cli, cmd: &DeliveriesCmd) -> anyhow::
                     .map(|p| {
                         format!(
                             "{:<5} {}. {:<16} breaker {:<9} failures {}{}",
-                            p.channel,
+                            p.channel.as_str(),
                             p.position,
                             p.name,
                             p.breaker,
