@@ -888,7 +888,9 @@ impl Dispatcher {
     async fn idle_wait(&self, held_until: Option<DateTime<Utc>>) -> Result<Duration, DispatchError> {
         let now = Utc::now();
         let due = self.store.next_due().await?;
+        // Work already due but not claimed is held back by a limit or a breaker: wait for that.
         let next = match (due, held_until) {
+            (Some(d), Some(h)) if d <= now => Some(h),
             (Some(d), Some(h)) => Some(d.min(h)),
             (d, h) => d.or(h),
         };

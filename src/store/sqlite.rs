@@ -2893,6 +2893,74 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn provider_limits_are_shared_by_every_claimer_of_the_store() {
+        let (_dir, s) = store().await;
+        let (incident, draft, notice) = ready(&s).await;
+        let many: Vec<NewDelivery> = (0..10)
+            .map(|i| NewDelivery {
+                merchant_id: format!("m-{i}").parse().expect("id"),
+                ..delivery(&incident, &draft, &notice, Channel::Sms, 0)
+            })
+            .collect();
+        assert_eq!(s.enqueue(&many).await.expect("enqueue"), 10);
+        let now = Utc::now();
+        let claim = |provider: &'static str, want: u32, limits: &LimitSettings, at: DateTime<Utc>| {
+            let limits = limits.clone();
+            let s = &s;
+            async move {
+                s.claim_for_provider(&ProviderClaim {
+                    channel: Channel::Sms,
+                    provider,
+                    want,
+                    limits: &limits,
+                    now: at,
+                    lease_until: at + ChronoDuration::seconds(60),
+                })
+                .await
+                .expect("claim")
+            }
+        };
+        // A sliding window of 4: two workers asking for 3 each get 4 between them.
+        let window = LimitSettings {
+            window_seconds: 3600,
+            window_max: 4,
+            ..Default::default()
+        };
+        let first = claim("gw", 3, &window, now).await;
+        let second = claim("gw", 3, &window, now).await;
+        assert_eq!((first.deliveries.len(), second.deliveries.len()), (3, 1));
+        assert!(
+            second.limited_until.is_some_and(|t| t > now),
+            "says when the window frees"
+        );
+        assert!(claim("gw", 3, &window, now).await.deliveries.is_empty());
+        // A token bucket of 2 per second: 2 now, none until it refills, 2 a second later.
+        let bucket = LimitSettings {
+            rate_per_second: 2.0,
+            burst: 2,
+            ..Default::default()
+        };
+        assert_eq!(claim("bucket", 5, &bucket, now).await.deliveries.len(), 2);
+        let empty = claim("bucket", 5, &bucket, now).await;
+        assert!(empty.deliveries.is_empty());
+        assert!(
+            empty
+                .limited_until
+                .is_some_and(|t| t > now && t <= now + ChronoDuration::seconds(1))
+        );
+        let later = now + ChronoDuration::seconds(1);
+        assert_eq!(claim("bucket", 5, &bucket, later).await.deliveries.len(), 2);
+        // One send in flight at a time across every worker, until its outcome is stored.
+        let one = LimitSettings {
+            max_in_flight: 1,
+            ..Default::default()
+        };
+        let at = now + ChronoDuration::seconds(2);
+        assert_eq!(claim("single", 5, &one, at).await.deliveries.len(), 1);
+        assert!(claim("single", 5, &one, at).await.deliveries.is_empty());
+    }
+
+    #[tokio::test]
     async fn events_are_idempotent_and_correlate_into_one_open_incident() {
         let (_dir, s) = store().await;
         let actor: Actor = "siem".parse().expect("actor");

@@ -102,23 +102,26 @@ fn grant(
         let at = now + chrono::Duration::milliseconds((secs * 1000.0).ceil().max(1.0) as i64);
         wait = Some(wait.map_or(at, |w| w.min(at)));
     };
+    // Each limit that holds some of the wanted sends back says when it lets the next one go.
+    let want = want as f64;
     if limits.rate_per_second > 0.0 {
-        grant = grant.min(conn_state.tokens.floor());
-        if conn_state.tokens < 1.0 {
-            later((1.0 - conn_state.tokens) / limits.rate_per_second);
+        let whole = conn_state.tokens.floor().max(0.0);
+        grant = grant.min(whole);
+        if whole < want {
+            later((1.0 - (conn_state.tokens - whole)) / limits.rate_per_second);
         }
     }
     if limits.window_seconds > 0 && limits.window_max > 0 {
         let room = limits.window_max.saturating_sub(conn_state.window_used) as f64;
         grant = grant.min(room);
-        if room < 1.0 {
-            later(conn_state.window_frees_in_seconds);
+        if room < want {
+            later(conn_state.window_frees_in_seconds.max(1.0));
         }
     }
     if limits.max_in_flight > 0 {
         let room = (limits.max_in_flight as i64 - conn_state.in_flight).max(0) as f64;
         grant = grant.min(room);
-        if room < 1.0 {
+        if room < want {
             // Frees when a send in flight finishes: look again shortly.
             later(0.02);
         }
