@@ -180,8 +180,8 @@ pub fn describe(v: &IncidentView) -> String {
     }
     for t in &v.deliveries {
         out.push_str(&format!(
-            "  {:<5}: {} delivered, {} failed, {} pending\n",
-            t.channel, t.sent, t.failed, t.pending
+            "  {:<5}: {} accepted ({} confirmed delivered), {} failed, {} dead-lettered, {} pending\n",
+            t.channel, t.sent, t.delivered, t.failed, t.dead, t.pending
         ));
     }
     for b in &v.bulletins {
