@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 
 use crate::completeness::{NoticeProfiles, RenderedNotice};
 use crate::domain::*;
@@ -622,13 +623,33 @@ pub fn notice_hash(n: &Notice) -> String {
 }
 
 /// Hash of what one channel carried.
+///
+/// The SHA-256 of the compact JSON array of the channel's texts (`["subject","text","html"]`),
+/// streamed into the hasher: no JSON value (a copy of every body) and no serialised string are
+/// built per send. Serialising string slices writes exactly what `json!([..]).to_string()` writes.
 pub fn channel_hash(n: &Notice, channel: Channel) -> String {
-    let content = match channel {
-        Channel::Email => json!([n.email_subject, n.email_text, n.email_html]),
-        Channel::Sms => json!([n.sms_text]),
-        Channel::Push => json!([n.push_title, n.push_body, n.url]),
+    let mut hasher = HashWriter(Sha256::new());
+    let written = match channel {
+        Channel::Email => serde_json::to_writer(&mut hasher, &[&n.email_subject, &n.email_text, &n.email_html]),
+        Channel::Sms => serde_json::to_writer(&mut hasher, &[&n.sms_text]),
+        Channel::Push => serde_json::to_writer(&mut hasher, &[&n.push_title, &n.push_body, &n.url]),
     };
-    content_hash(content.to_string().as_bytes())
+    // Writing into a hasher cannot fail, nor can serialising strings.
+    debug_assert!(written.is_ok());
+    hex::encode(hasher.0.finalize())
+}
+
+/// Feeds whatever is written into a SHA-256.
+struct HashWriter(Sha256);
+
+impl std::io::Write for HashWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A notice of the first schema, stored rendered.
@@ -820,6 +841,63 @@ pub fn new_draft(incident: &IncidentId, version: i64, hash: String, notices: i64
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The hash as it was first computed, through a JSON value: the streamed one must match it.
+    fn channel_hash_via_value(n: &Notice, channel: Channel) -> String {
+        let content = match channel {
+            Channel::Email => json!([n.email_subject, n.email_text, n.email_html]),
+            Channel::Sms => json!([n.sms_text]),
+            Channel::Push => json!([n.push_title, n.push_body, n.url]),
+        };
+        content_hash(content.to_string().as_bytes())
+    }
+
+    #[test]
+    fn channel_hash_is_unchanged_from_the_json_value_hash() {
+        let texts = [
+            "",
+            "plain ascii",
+            "quotes \"here\" and 'there'",
+            "back\\slash \\n not a newline, and a / slash",
+            "unicode: 示例商城 — café ü 🚨 \u{2028}\u{2029}",
+            "control: \n\r\t\u{0} \u{1} \u{8} \u{b} \u{c} \u{1f} \u{7f}",
+            "<p class=\"x\">html &amp; </p>\r\n.line starting with a dot",
+        ];
+        let mut notice = Notice {
+            id: NoticeId::generate(),
+            draft_id: DraftId::generate(),
+            merchant_id: "m-1".parse().expect("a merchant id"),
+            locale: Locale::En,
+            url: String::new(),
+            sections: NoticeSections::default(),
+            email_subject: String::new(),
+            email_text: String::new(),
+            email_html: String::new(),
+            sms_text: String::new(),
+            push_title: String::new(),
+            push_body: String::new(),
+            letter_html: String::new(),
+            content_hash: String::new(),
+        };
+        for (i, a) in texts.iter().enumerate() {
+            let b = texts[(i + 1) % texts.len()];
+            let c = texts[(i + 3) % texts.len()];
+            notice.email_subject = (*a).to_owned();
+            notice.email_text = b.to_owned();
+            notice.email_html = c.to_owned();
+            notice.sms_text = format!("{a}{b}");
+            notice.push_title = c.to_owned();
+            notice.push_body = (*a).to_owned();
+            notice.url = format!("https://example.com/n/{i}?q=\"{b}\"");
+            for channel in [Channel::Email, Channel::Sms, Channel::Push] {
+                assert_eq!(
+                    channel_hash(&notice, channel),
+                    channel_hash_via_value(&notice, channel),
+                    "{channel:?} {i}"
+                );
+            }
+        }
+    }
 
     fn settings() -> NoticeSettings {
         NoticeSettings {

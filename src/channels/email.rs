@@ -7,9 +7,10 @@
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
+use lettre::address::Envelope;
 use lettre::message::dkim::DkimConfig;
 use lettre::message::header::{self, ContentTransferEncoding, ContentType};
-use lettre::message::{Body, Mailbox, MultiPart};
+use lettre::message::{Body, Mailbox, MultiPart, SinglePart};
 use lettre::{AsyncFileTransport, AsyncTransport, Message, Tokio1Executor};
 
 use super::smtp::SmtpPool;
@@ -87,23 +88,27 @@ impl EmailTransport {
 
     /// Builds a text + HTML message; the `Message-ID` is derived from the mail's key. The
     /// multipart's `Content-Type` is a header of the message itself (not of its body), so
-    /// DKIM can cover it.
-    pub fn build(&self, mail: &Mail<'_>) -> Result<Message, SendError> {
+    /// DKIM can cover it. Returns the envelope and the message as sent.
+    ///
+    /// The bytes are those of lettre's `Message::formatted`, assembled with one buffer of the
+    /// right size: the multipart body is written once, straight from the two parts' encoded
+    /// bodies, instead of formatting the multipart, copying its body out and formatting the
+    /// whole message again (each a full copy of both bodies, grown by doubling).
+    pub fn build(&self, mail: &Mail<'_>) -> Result<(Envelope, Vec<u8>), SendError> {
         let to: Mailbox = mail
             .to
             .parse()
             .map_err(|_| SendError::permanent("the recipient address is not a valid mailbox"))?;
-        let alternative = MultiPart::alternative_plain_html(mail.text.to_owned(), mail.html.to_owned());
+        let plain = SinglePart::plain(part_body(mail.text));
+        let html = SinglePart::html(part_body(mail.html));
+        // What `MultiPart::alternative_plain_html` builds, without its parts: its headers carry
+        // the `Content-Type` with the boundary.
+        let alternative = MultiPart::alternative().build();
         let content_type = alternative
             .headers()
             .get::<ContentType>()
             .ok_or_else(|| SendError::permanent("building the message: the multipart has no Content-Type"))?;
-        let formatted = alternative.formatted();
-        let body = formatted
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .map(|i| formatted[i + 4..].to_vec())
-            .ok_or_else(|| SendError::permanent("building the message: the multipart has no body"))?;
+        let body = multipart_body(&alternative.boundary(), &[&plain, &html]);
         let encoding = if body.is_ascii() {
             ContentTransferEncoding::SevenBit
         } else {
@@ -125,13 +130,24 @@ impl EmailTransport {
             builder = builder.reply_to(reply_to.clone());
         }
         // A mandatory security notice: deliberately no List-Unsubscribe header.
-        let mut message = builder
-            .body(Body::dangerous_pre_encoded(body, encoding))
-            .map_err(|e| SendError::permanent(format!("building the message: {e}")))?;
-        if let Some(dkim) = &self.dkim {
-            message.sign(dkim);
+        match &self.dkim {
+            Some(dkim) => {
+                // Signing reads the body from the message, so it goes in.
+                let mut message = builder
+                    .body(Body::dangerous_pre_encoded(body, encoding))
+                    .map_err(|e| SendError::permanent(format!("building the message: {e}")))?;
+                message.sign(dkim);
+                Ok((message.envelope().clone(), message.formatted()))
+            }
+            None => {
+                // The message only provides the headers (with the body's transfer encoding);
+                // the body is appended as `Message::formatted` appends a raw body.
+                let message = builder
+                    .body(Body::dangerous_pre_encoded(Vec::new(), encoding))
+                    .map_err(|e| SendError::permanent(format!("building the message: {e}")))?;
+                Ok((message.envelope().clone(), with_headers(&message, &body)))
+            }
         }
-        Ok(message)
     }
 
     /// Sends a mail (a notice, or a regulator filing) through the configured transport; returns
@@ -142,17 +158,95 @@ impl EmailTransport {
                 "the recipient's domain is reserved as invalid and can never receive mail",
             ));
         }
-        let message = self.build(mail)?;
+        let (envelope, message) = self.build(mail)?;
         match &self.inner {
             Inner::File(t, _) => {
-                t.send(message)
+                t.send_raw(&envelope, &message)
                     .await
                     .map_err(|e| SendError::transient(format!("writing the message file: {e}")))?;
             }
-            Inner::Smtp(pool) => pool.send(message.envelope(), &message.formatted()).await?,
+            Inner::Smtp(pool) => pool.send(&envelope, &message).await?,
         }
         Ok(self.message_id(mail.key))
     }
+}
+
+/// A part's body, encoded exactly as lettre's `Body::new` encodes a `String`, minus its cost:
+/// lettre turns bare line feeds into CRLF by inserting each `\r` in place (moving the rest of
+/// the body once per line) and scans the text again to re-check its choice. Here the encoding
+/// is chosen as lettre chooses it (on the text as given), the line ends are converted in one
+/// pass and the text is encoded as lettre encodes it.
+fn part_body(text: &str) -> Body {
+    use email_encoding::body::Encoding;
+    let crlf = crlf_line_ends(text).into_bytes();
+    match Encoding::choose(text, false) {
+        Encoding::SevenBit => Body::dangerous_pre_encoded(crlf, ContentTransferEncoding::SevenBit),
+        Encoding::EightBit => Body::dangerous_pre_encoded(crlf, ContentTransferEncoding::EightBit),
+        Encoding::QuotedPrintable => {
+            Body::dangerous_pre_encoded(quoted_printable::encode(crlf), ContentTransferEncoding::QuotedPrintable)
+        }
+        Encoding::Base64 => {
+            let mut out = String::with_capacity(email_encoding::body::base64::encoded_len(crlf.len()));
+            match email_encoding::body::base64::encode(&crlf, &mut out) {
+                Ok(()) => Body::dangerous_pre_encoded(out.into_bytes(), ContentTransferEncoding::Base64),
+                // Writing into a String does not fail; were it to, lettre encodes it itself.
+                Err(_) => Body::new(text.to_owned()),
+            }
+        }
+    }
+}
+
+/// The text with every line feed not already preceded by a carriage return preceded by one.
+fn crlf_line_ends(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + text.len() / 16 + 2);
+    for line in text.split_inclusive('\n') {
+        match line.strip_suffix('\n') {
+            Some(content) if !content.ends_with('\r') => {
+                out.push_str(content);
+                out.push_str("\r\n");
+            }
+            _ => out.push_str(line),
+        }
+    }
+    out
+}
+
+/// The body of a multipart with these parts, as lettre formats it: each part after a boundary
+/// line, its headers, a blank line, its encoded body and a line end; then the closing boundary.
+fn multipart_body(boundary: &str, parts: &[&SinglePart]) -> Vec<u8> {
+    let headers: Vec<String> = parts.iter().map(|p| p.headers().to_string()).collect();
+    let size = parts
+        .iter()
+        .zip(&headers)
+        .map(|(p, h)| boundary.len() + 4 + h.len() + 2 + p.raw_body().len() + 2)
+        .sum::<usize>()
+        + boundary.len()
+        + 6;
+    let mut out = Vec::with_capacity(size);
+    for (part, headers) in parts.iter().zip(&headers) {
+        out.extend_from_slice(b"--");
+        out.extend_from_slice(boundary.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(headers.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(part.raw_body());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"--");
+    out.extend_from_slice(boundary.as_bytes());
+    out.extend_from_slice(b"--\r\n");
+    out
+}
+
+/// A message's headers, a blank line and this raw body: what `Message::formatted` gives for the
+/// message with this body.
+fn with_headers(message: &Message, body: &[u8]) -> Vec<u8> {
+    let headers = message.headers().to_string();
+    let mut out = Vec::with_capacity(headers.len() + 2 + body.len());
+    out.extend_from_slice(headers.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+    out
 }
 
 /// One email: recipient, content, language, and the key its `Message-ID` derives from.
@@ -198,6 +292,74 @@ impl Provider for EmailTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const TEXTS: [&str; 4] = [
+        "Hello,\nplain text.\n.a line starting with a dot\n",
+        "示例商城: 已处理 — café\r\nsecond line",
+        "a very long line that goes on and on and on and on and on and on and on and on and on and on",
+        "",
+    ];
+
+    #[test]
+    fn the_multipart_body_is_what_lettre_formats() {
+        for text in TEXTS {
+            for html in TEXTS {
+                let html = format!("<p>{html}</p>");
+                let lettre = MultiPart::alternative()
+                    .boundary("b-123")
+                    .singlepart(SinglePart::plain(text.to_owned()))
+                    .singlepart(SinglePart::html(html.clone()))
+                    .formatted();
+                let split = lettre.windows(4).position(|w| w == b"\r\n\r\n").expect("a body");
+                let ours = multipart_body("b-123", &[&SinglePart::plain(text.to_owned()), &SinglePart::html(html)]);
+                assert_eq!(
+                    String::from_utf8_lossy(&ours),
+                    String::from_utf8_lossy(&lettre[split + 4..])
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn part_bodies_are_what_lettre_encodes() {
+        let long74 = format!("x\n{}\nz", "a".repeat(74));
+        let long75 = format!("x\n{}\r\nz", "b".repeat(75));
+        let mut texts: Vec<String> = TEXTS.iter().map(|t| (*t).to_owned()).collect();
+        texts.extend([
+            long74,
+            long75,
+            "\n\nstarts with line feeds\r\n\r\rends with one\n".to_owned(),
+            "=?utf-8?q?=3D?= tab\there ===\n".to_owned(),
+            "é".repeat(200),
+            "\u{0}\u{1}\u{7f} control\n".to_owned(),
+        ]);
+        for text in texts {
+            let lettre = Body::new(text.clone());
+            let ours = part_body(&text);
+            assert_eq!(ours.encoding(), lettre.encoding(), "{text:?}");
+            assert_eq!(ours.into_vec(), lettre.into_vec(), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn headers_and_body_are_what_lettre_formats() {
+        let message = |body: Vec<u8>| {
+            Message::builder()
+                .from("Tocsin <noreply@example.com>".parse().expect("a mailbox"))
+                .to("merchant@shop.example".parse().expect("a mailbox"))
+                .subject("Subject é")
+                .date(std::time::UNIX_EPOCH)
+                .body(Body::dangerous_pre_encoded(body, ContentTransferEncoding::EightBit))
+                .expect("a message")
+        };
+        for body in TEXTS {
+            let body = body.replace('\n', "\r\n").into_bytes();
+            assert_eq!(
+                with_headers(&message(Vec::new()), &body),
+                message(body.clone()).formatted()
+            );
+        }
+    }
 
     #[test]
     fn reserved_invalid_domains_are_refused() {
