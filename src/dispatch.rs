@@ -122,14 +122,6 @@ impl std::ops::AddAssign for StepReport {
     }
 }
 
-/// A step's report and when there may be more to do if nothing was due.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Step {
-    pub report: StepReport,
-    /// The earliest time a provider's limits or breaker let held-back work through.
-    pub held_until: Option<DateTime<Utc>>,
-}
-
 /// A delivery worker. `step` is one claim-send-record round that tests can drive directly.
 #[derive(Clone)]
 pub struct Dispatcher {
@@ -416,20 +408,15 @@ impl Dispatcher {
     /// `serve`, the CLI and the benchmark stream work through [`Dispatcher::run`] and
     /// [`Dispatcher::drain`].
     pub async fn step(&self, now: DateTime<Utc>) -> Result<StepReport, DispatchError> {
-        Ok(self.step_detail(now).await?.report)
-    }
-
-    /// [`Dispatcher::step`], also saying when held-back work may go.
-    pub async fn step_detail(&self, now: DateTime<Utc>) -> Result<Step, DispatchError> {
         let mut report = if self.receipt_sweep_due() {
             self.expire_receipts(now).await?
         } else {
             StepReport::default()
         };
-        let (work, held_until) = self.claim(now, self.settings.concurrency.max(1)).await?;
+        let (work, _) = self.claim(now, self.settings.concurrency.max(1)).await?;
         let done = futures_util::future::join_all(work.into_iter().map(|w| self.send_work(w))).await;
         report += self.record(done).await?;
-        Ok(Step { report, held_until })
+        Ok(report)
     }
 
     async fn send_work(&self, w: Work) -> Done {

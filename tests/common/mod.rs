@@ -136,10 +136,16 @@ impl Tocsin {
 
     /// Starts `tocsin serve` on a free loopback port; returns the server and its base URL.
     pub fn serve(&self) -> Server {
+        self.spawn_server("127.0.0.1:0", Stdio::null())
+    }
+
+    /// Starts `tocsin serve` on `listen` with its stderr going to `stderr`, and waits for the
+    /// line that says where it listens.
+    fn spawn_server(&self, listen: &str, stderr: Stdio) -> Server {
         let mut child = self
-            .command(&["serve", "--listen", "127.0.0.1:0"])
+            .command(&["serve", "--listen", listen])
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("spawn serve");
         let stdout = child.stdout.take().expect("stdout");
@@ -161,23 +167,7 @@ impl Tocsin {
     /// that must name the server's URL in the configuration before it starts (provider
     /// callbacks); returns the server and its base URL.
     pub fn serve_at(&self, listen: &str) -> Server {
-        let mut child = self
-            .command(&["serve", "--listen", listen])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn serve");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read the listening line");
-        let base = line
-            .trim()
-            .strip_prefix("tocsin listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
-            .to_owned();
-        Server { child, base }
+        self.spawn_server(listen, Stdio::null())
     }
 }
 
@@ -261,23 +251,7 @@ impl Tocsin {
     /// for tests that read what the server said (warnings about lost leases, the stop).
     pub fn serve_logged(&self, log: &str) -> Server {
         let file = std::fs::File::create(self.dir.path().join(log)).expect("create the server log");
-        let mut child = self
-            .command(&["serve", "--listen", "127.0.0.1:0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(file))
-            .spawn()
-            .expect("spawn serve");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read the listening line");
-        let base = line
-            .trim()
-            .strip_prefix("tocsin listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
-            .to_owned();
-        Server { child, base }
+        self.spawn_server("127.0.0.1:0", Stdio::from(file))
     }
 
     /// What a server started with [`Tocsin::serve_logged`] wrote to `log` so far.
