@@ -14,10 +14,12 @@ use rand::Rng;
 use serde::Serialize;
 use tokio::task::JoinSet;
 
-use crate::channels::{Accepted, ChannelSet, FailureKind, Outbound, ProviderHandle, Receipt, ReceiptStatus, SendError};
+use crate::channels::{
+    Accepted, ChannelSet, FailureKind, Outbound, ProviderHandle, Receipt, ReceiptKey, ReceiptStatus, SendError,
+};
 use crate::config::{DeliverySettings, LimitSettings};
 use crate::domain::*;
-use crate::draft::{DraftError, NoticeRenderer, channel_hash};
+use crate::draft::{DraftError, NoticeRenderer};
 use crate::model::*;
 use crate::store::{AttemptOutcome, Followup, NewDelivery, Store, StoreError};
 use crate::store::{AttemptRecord, HealthUpdate, ProviderClaim, ProviderHealth};
@@ -371,14 +373,6 @@ impl Dispatcher {
         if claimed.is_empty() {
             return Ok((Vec::new(), held_until));
         }
-        let mut message_ids = Vec::new();
-        for (handle, delivery) in claimed.iter_mut() {
-            if let Some(id) = handle.provider.message_id(delivery) {
-                message_ids.push((delivery.id.clone(), delivery.attempts, id.clone()));
-                delivery.provider_message_id = Some(id);
-            }
-        }
-        self.store.note_message_ids(&message_ids).await?;
         let references = self.references(claimed.iter().map(|(_, d)| &d.incident_id)).await?;
         let ids: Vec<NoticeId> = claimed.iter().map(|(_, d)| d.notice_id.clone()).collect();
         let mut records: HashMap<NoticeId, NoticeRecord> = self
@@ -557,7 +551,7 @@ impl Dispatcher {
         // Rendered now from the version's frozen inputs; the hash of what went out is stored.
         let record =
             record.ok_or_else(|| SendError::permanent("the delivery refers to a notice that does not exist"))?;
-        let notice = self
+        let (notice, content_hash) = self
             .renderer
             .render_for_channel(record, delivery.channel)
             .await
@@ -565,7 +559,6 @@ impl Dispatcher {
                 tracing::error!(delivery = %delivery.id, error = %e, "rendering a notice failed");
                 SendError::new(FailureKind::ProviderError, "the notice could not be rendered")
             })?;
-        let content_hash = channel_hash(&notice, delivery.channel);
         let outbound = Outbound {
             delivery,
             notice: &notice,
@@ -629,7 +622,20 @@ impl Dispatcher {
     /// moves the merchant on. Returns `None` if no delivery of theirs matches, else whether
     /// anything changed.
     pub async fn apply_receipt(&self, receipt: &Receipt, providers: &[&str]) -> Result<Option<bool>, DispatchError> {
-        let Some(delivery) = self.store.delivery_for_receipt(&receipt.key, providers).await? else {
+        // A notice's Message-ID names its delivery (checked against the delivery's key).
+        let named = match &receipt.key {
+            ReceiptKey::ProviderMessageId(mid) => crate::channels::delivery_named_by(mid).map(|id| (mid, id)),
+            ReceiptKey::DeliveryId(_) => None,
+        };
+        let found = match named {
+            Some((mid, id)) => self
+                .store
+                .delivery_for_receipt(&ReceiptKey::DeliveryId(id.to_string()), providers)
+                .await?
+                .filter(|d| crate::channels::names_delivery(mid, d)),
+            None => self.store.delivery_for_receipt(&receipt.key, providers).await?,
+        };
+        let Some(delivery) = found else {
             return Ok(None);
         };
         let followup = match receipt.status {
@@ -760,10 +766,11 @@ impl Dispatcher {
         let mut first_error = None;
         while let Some(first) = done_rx.recv().await {
             let mut done = vec![first];
+            let linger_until = tokio::time::Instant::now() + RECORD_LINGER;
             while done.len() < RECORD_BATCH {
-                match done_rx.try_recv() {
-                    Ok(d) => done.push(d),
-                    Err(_) => break,
+                match tokio::time::timeout_at(linger_until, done_rx.recv()).await {
+                    Ok(Some(d)) => done.push(d),
+                    Ok(None) | Err(_) => break,
                 }
             }
             match self.record(done).await {
@@ -916,6 +923,7 @@ struct Until {
 }
 
 /// How often a drain looks whether the last outcomes were recorded.
+const RECORD_LINGER: Duration = Duration::from_millis(25);
 const DRAIN_POLL: Duration = Duration::from_millis(20);
 
 /// Outcomes recorded in one transaction at most.

@@ -283,9 +283,101 @@ const PLACEHOLDER_ID: &str = "\u{E000}id\u{E001}";
 const PLACEHOLDER_NAME: &str = "\u{E000}name\u{E001}";
 const PLACEHOLDER_LINK: &str = "\u{E000}link\u{E001}";
 
-/// A channel's texts with placeholders: (template, text, whether it is HTML-escaped).
+/// A channel's texts with placeholders, split once at the placeholders so that filling one in
+/// is a single copy, with each literal piece also kept JSON-escaped so that the content hash
+/// (of the texts' JSON array) needs no escaping per send but for the merchant's own fields.
 struct Skeleton {
-    parts: Vec<(&'static str, String, bool)>,
+    parts: Vec<SkeletonPart>,
+}
+
+struct SkeletonPart {
+    pieces: Vec<Piece>,
+    /// Whether the merchant's fields are HTML-escaped in this text.
+    html: bool,
+}
+
+enum Piece {
+    /// Literal text and the same JSON-escaped (without quotes).
+    Literal(String, String),
+    Slot(Slot),
+}
+
+#[derive(Clone, Copy)]
+enum Slot {
+    Id,
+    Name,
+    Link,
+}
+
+impl SkeletonPart {
+    fn parse(text: &str, html: bool) -> Self {
+        let mut pieces = Vec::new();
+        let mut rest = text;
+        let literal = |t: &str| Piece::Literal(t.to_owned(), json_escaped(t));
+        loop {
+            let next = [
+                (PLACEHOLDER_ID, Slot::Id),
+                (PLACEHOLDER_NAME, Slot::Name),
+                (PLACEHOLDER_LINK, Slot::Link),
+            ]
+            .into_iter()
+            .filter_map(|(p, slot)| rest.find(p).map(|at| (at, p.len(), slot)))
+            .min_by_key(|(at, _, _)| *at);
+            match next {
+                Some((at, len, slot)) => {
+                    if at > 0 {
+                        pieces.push(literal(&rest[..at]));
+                    }
+                    pieces.push(Piece::Slot(slot));
+                    rest = &rest[at + len..];
+                }
+                None => {
+                    if !rest.is_empty() {
+                        pieces.push(literal(rest));
+                    }
+                    break;
+                }
+            }
+        }
+        Self { pieces, html }
+    }
+}
+
+/// A string JSON-escaped as serde_json writes it, without the quotes.
+fn json_escaped(s: &str) -> String {
+    let quoted = serde_json::to_string(s).unwrap_or_default();
+    quoted
+        .strip_prefix('"')
+        .and_then(|q| q.strip_suffix('"'))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The merchant's fields as one text takes them (HTML-escaped or not).
+struct SlotValues {
+    id: String,
+    name: String,
+    link: String,
+}
+
+impl SlotValues {
+    fn new(to: &Addressee<'_>, html: bool) -> Self {
+        let value = |v: &str| {
+            if html { handlebars::html_escape(v) } else { v.to_owned() }
+        };
+        Self {
+            id: value(to.merchant_id),
+            name: value(to.name),
+            link: value(to.link_token),
+        }
+    }
+    fn get(&self, slot: Slot) -> &str {
+        match slot {
+            Slot::Id => &self.id,
+            Slot::Name => &self.name,
+            Slot::Link => &self.link,
+        }
+    }
 }
 
 /// The templates each channel sends, in [`Frozen::channel_texts`] order.
@@ -298,22 +390,81 @@ fn channel_templates(channel: Channel) -> &'static [&'static str] {
 }
 
 impl Skeleton {
+    fn new(texts: Vec<String>, channel: Channel) -> Self {
+        Self {
+            parts: channel_templates(channel)
+                .iter()
+                .zip(texts)
+                .map(|(name, text)| SkeletonPart::parse(&text, name.ends_with(".html")))
+                .collect(),
+        }
+    }
+
     fn fill(&self, to: &Addressee<'_>) -> Vec<String> {
+        let plain = SlotValues::new(to, false);
+        let html = SlotValues::new(to, true);
         self.parts
             .iter()
-            .map(|(_, text, html)| {
-                let value = |v: &str| {
-                    if *html {
-                        handlebars::html_escape(v)
-                    } else {
-                        v.to_owned()
+            .map(|part| {
+                let values = if part.html { &html } else { &plain };
+                let len = part
+                    .pieces
+                    .iter()
+                    .map(|p| match p {
+                        Piece::Literal(t, _) => t.len(),
+                        Piece::Slot(s) => values.get(*s).len(),
+                    })
+                    .sum();
+                let mut out = String::with_capacity(len);
+                for p in &part.pieces {
+                    match p {
+                        Piece::Literal(t, _) => out.push_str(t),
+                        Piece::Slot(s) => out.push_str(values.get(*s)),
                     }
-                };
-                text.replace(PLACEHOLDER_ID, &value(to.merchant_id))
-                    .replace(PLACEHOLDER_NAME, &value(to.name))
-                    .replace(PLACEHOLDER_LINK, &value(to.link_token))
+                }
+                out
             })
             .collect()
+    }
+
+    /// [`channel_hash`] of the filled texts followed by `extra` (the push channel hashes its
+    /// link too), from the pre-escaped literals.
+    fn hash(&self, to: &Addressee<'_>, extra: &[&str]) -> String {
+        let mut hasher = Sha256::new();
+        hasher.update(b"[");
+        let mut first = true;
+        let mut open = |hasher: &mut Sha256| {
+            hasher.update(if std::mem::take(&mut first) {
+                &b"\""[..]
+            } else {
+                &b",\""[..]
+            });
+        };
+        let escaped = |values: &SlotValues| SlotValues {
+            id: json_escaped(&values.id),
+            name: json_escaped(&values.name),
+            link: json_escaped(&values.link),
+        };
+        let plain = escaped(&SlotValues::new(to, false));
+        let html = escaped(&SlotValues::new(to, true));
+        for part in &self.parts {
+            let values = if part.html { &html } else { &plain };
+            open(&mut hasher);
+            for p in &part.pieces {
+                match p {
+                    Piece::Literal(_, escaped) => hasher.update(escaped.as_bytes()),
+                    Piece::Slot(s) => hasher.update(values.get(*s).as_bytes()),
+                }
+            }
+            hasher.update(b"\"");
+        }
+        for e in extra {
+            open(&mut hasher);
+            hasher.update(json_escaped(e).as_bytes());
+            hasher.update(b"\"");
+        }
+        hasher.update(b"]");
+        hex::encode(hasher.finalize())
     }
 }
 
@@ -340,7 +491,12 @@ impl Frozen {
 
     /// The texts `channel` sends to `to`: from the skeleton of its class, locale and kind when
     /// there is a sound one (a send renders thousands of notices a second), else rendered.
-    fn channel_texts_fast(&self, to: &Addressee<'_>, channel: Channel) -> Result<Vec<String>, DraftError> {
+    /// Also returns the skeleton, if one served, which hashes the texts cheaply.
+    fn channel_texts_fast(
+        &self,
+        to: &Addressee<'_>,
+        channel: Channel,
+    ) -> Result<(Vec<String>, Option<Arc<Skeleton>>), DraftError> {
         let key = (to.class_no, to.locale, to.kind, channel);
         let cached = self.skeletons.lock().ok().and_then(|m| m.get(&key).cloned());
         let skeleton = match cached {
@@ -354,8 +510,8 @@ impl Frozen {
             }
         };
         match skeleton {
-            Some(s) => Ok(s.fill(to)),
-            None => self.channel_texts(to, channel),
+            Some(s) => Ok((s.fill(to), Some(s))),
+            None => Ok((self.channel_texts(to, channel)?, None)),
         }
     }
 
@@ -368,14 +524,7 @@ impl Frozen {
             link_token: PLACEHOLDER_LINK,
             ..*to
         };
-        let texts = self.channel_texts(&sample, channel)?;
-        let skeleton = Skeleton {
-            parts: channel_templates(channel)
-                .iter()
-                .zip(texts)
-                .map(|(name, text)| (*name, text, name.ends_with(".html")))
-                .collect(),
-        };
+        let skeleton = Skeleton::new(self.channel_texts(&sample, channel)?, channel);
         let sound = skeleton.fill(to) == self.channel_texts(to, channel)?;
         if !sound {
             tracing::debug!(channel = %channel, "notice templates transform the merchant's fields; rendering each notice");
@@ -470,16 +619,17 @@ impl Frozen {
         Ok(notice)
     }
 
-    /// Renders only what `channel` sends (and the link): the send path needs nothing else, and
-    /// [`channel_hash`] of it equals that of the full rendering.
+    /// Renders only what `channel` sends (and the link): the send path needs nothing else.
+    /// Returns the notice and its [`channel_hash`], which equals that of the full rendering.
     pub fn render_channel(
         &self,
         id: &NoticeId,
         draft: &DraftId,
         to: &Addressee<'_>,
         channel: Channel,
-    ) -> Result<Notice, DraftError> {
-        let mut texts = self.channel_texts_fast(to, channel)?.into_iter();
+    ) -> Result<(Notice, String), DraftError> {
+        let (texts, skeleton) = self.channel_texts_fast(to, channel)?;
+        let mut texts = texts.into_iter();
         let mut next = || texts.next().unwrap_or_default();
         let mut notice = Notice {
             id: id.clone(),
@@ -511,7 +661,13 @@ impl Frozen {
                 notice.push_body = next();
             }
         }
-        Ok(notice)
+        let hash = match skeleton {
+            Some(s) if channel == Channel::Push => s.hash(to, &[&notice.url]),
+            Some(s) => s.hash(to, &[]),
+            None => channel_hash(&notice, channel),
+        };
+        debug_assert_eq!(hash, channel_hash(&notice, channel));
+        Ok((notice, hash))
     }
 
     /// Checks a sample rendering of one variant: every required element for `profiles`, and
@@ -723,10 +879,17 @@ impl NoticeRenderer {
         }
     }
 
-    /// Renders what `channel` sends of a stored notice (the send path).
-    pub async fn render_for_channel(&self, record: &NoticeRecord, channel: Channel) -> Result<Notice, DraftError> {
+    /// Renders what `channel` sends of a stored notice (the send path), with its
+    /// [`channel_hash`].
+    pub async fn render_for_channel(
+        &self,
+        record: &NoticeRecord,
+        channel: Channel,
+    ) -> Result<(Notice, String), DraftError> {
         if let Some(legacy) = &record.legacy {
-            return legacy_notice(record, legacy);
+            let notice = legacy_notice(record, legacy)?;
+            let hash = channel_hash(&notice, channel);
+            return Ok((notice, hash));
         }
         let frozen = self.frozen(&record.draft_id).await?;
         let to = Addressee {
@@ -968,6 +1131,36 @@ mod tests {
             class_no: 1,
             link_token: "00000001abcdef0123",
             postal_address: Some("8 West Lake Road; Hangzhou 310000"),
+        }
+    }
+
+    #[test]
+    fn the_send_path_renders_and_hashes_exactly_what_the_full_rendering_does() {
+        let f = frozen(demo_facts(), &["account_credentials", "settlement_account"]);
+        let names = ["Lin <Tea> & Co", "Quote \"q\" back\\slash", "茶 \u{7f}\t tab", ""];
+        for locale in [Locale::En, Locale::ZhCn] {
+            for name in names {
+                let to = Addressee {
+                    name,
+                    ..addressee(locale)
+                };
+                let (id, draft) = (NoticeId::generate(), DraftId::generate());
+                let full = f.render(&id, &draft, &to).expect("render");
+                for channel in [Channel::Email, Channel::Sms, Channel::Push] {
+                    let (sent, hash) = f.render_channel(&id, &draft, &to, channel).expect("render");
+                    assert_eq!(hash, channel_hash(&full, channel), "{locale} {channel:?} {name:?}");
+                    assert_eq!(hash, channel_hash(&sent, channel), "{locale} {channel:?} {name:?}");
+                }
+                let (sent, _) = f.render_channel(&id, &draft, &to, Channel::Email).expect("render");
+                assert_eq!(
+                    (sent.email_subject, sent.email_text, sent.email_html),
+                    (full.email_subject, full.email_text, full.email_html)
+                );
+            }
+            assert!(
+                f.skeletons.lock().expect("lock").values().all(Option::is_some),
+                "{locale}: every channel served from a skeleton"
+            );
         }
     }
 

@@ -1108,6 +1108,7 @@ impl Tocsin {
                     html: &html,
                     language: self.cac.locale.as_str(),
                     key: &key,
+                    delivery: None,
                 };
                 mailer.send_mail(&mail).await.map_err(|e| FilingError::Write {
                     path: "regulator email".into(),

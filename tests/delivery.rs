@@ -139,6 +139,21 @@ fn affected(t: &Tocsin, incident: &str, merchant: &str) -> Value {
         .unwrap_or_else(|| panic!("{merchant} is affected"))
 }
 
+/// A delivery's history as `event/outcome` with the attempt number, in order.
+fn steps(events: &Value) -> Vec<(String, i64)> {
+    let word = |e: &Value, k: &str| e[k].as_str().unwrap_or("-").to_owned();
+    events
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|e| {
+            let step = format!("{}/{}", word(e, "event"), word(e, "outcome"));
+            (step, e["attempt"].as_i64().unwrap_or(0))
+        })
+        .collect()
+}
+
 fn history(t: &Tocsin, delivery: &Value) -> Value {
     let id = delivery["id"].as_str().expect("delivery id");
     t.run(&["--json", "deliveries", "history", id]).ok().json()
@@ -422,6 +437,17 @@ async fn twilio_sms_is_accepted_then_delivered_by_a_signed_status_callback_and_a
             .expect("events")
             .iter()
             .any(|e| e["event"] == "receipt" && e["outcome"] == "delivered"),
+        "{events:#}"
+    );
+    let steps: Vec<String> = steps(&events).into_iter().map(|(s, _)| s).collect();
+    assert_eq!(
+        steps.first().map(String::as_str),
+        Some("attempt/accepted"),
+        "{events:#}"
+    );
+    assert_eq!(
+        steps.last().map(String::as_str),
+        Some("receipt/delivered"),
         "{events:#}"
     );
 
@@ -1012,6 +1038,13 @@ async fn retry_after_is_honoured_and_permanent_errors_are_not_retried() {
             .expect("events")
             .iter()
             .any(|e| e["outcome"] == "retry" && e["error_kind"] == "throttled"),
+        "{events:#}"
+    );
+    // The whole history in order: the throttled attempt, then the accepting one.
+    let steps = steps(&events);
+    assert_eq!(
+        steps,
+        [("attempt/retry".to_owned(), 1), ("attempt/accepted".to_owned(), 2)],
         "{events:#}"
     );
 

@@ -47,6 +47,7 @@ fn mail<'a>(to: &'a str, key: &'a str) -> Mail<'a> {
         html: "<p>Dear merchant,</p><p>we write about a security incident.</p>",
         language: "en",
         key,
+        delivery: None,
     }
 }
 
@@ -91,10 +92,28 @@ async fn plain_smtp_sends_with_the_key_derived_message_id_and_no_list_unsubscrib
     assert_eq!(got.rcpt_to, vec!["merchant@shop.example".to_owned()]);
     assert!(!got.secure);
     assert_eq!(header(&got.data, "Message-ID"), Some(format!("<{id}>")));
-    assert_eq!(id, t.message_id("delivery-key-1"), "derived from the key");
+    assert_eq!(id, t.message_id("delivery-key-1", None), "derived from the key");
     assert!(!id.contains(['<', '>']));
     assert!(id.ends_with("@example.com"), "{id}");
-    assert_ne!(id, t.message_id("delivery-key-2"));
+    assert_ne!(id, t.message_id("delivery-key-2", None));
+    // A notice's Message-ID names its delivery, then a hash of its key; a bounce finds the
+    // delivery by it, and only the right key matches.
+    let delivery: tocsin::domain::DeliveryId = "dlv_0123456789abcdef0123456789abcdef".parse().expect("id");
+    let notice_id = t.message_id("delivery-key-1", Some(&delivery));
+    assert_eq!(notice_id, t.message_id("delivery-key-1", Some(&delivery)), "stable");
+    assert!(
+        notice_id.starts_with("dlv_0123456789abcdef0123456789abcdef."),
+        "{notice_id}"
+    );
+    assert_eq!(
+        tocsin::channels::delivery_named_by(&format!("<{notice_id}>")),
+        Some(delivery)
+    );
+    assert_eq!(
+        tocsin::channels::delivery_named_by(&id),
+        None,
+        "a filing's id names no delivery"
+    );
     assert_eq!(header(&got.data, "List-Unsubscribe"), None);
     assert_eq!(header(&got.data, "Content-Language").as_deref(), Some("en"));
     assert!(
@@ -547,10 +566,11 @@ async fn throughput_against_an_external_sink() {
                     html: &html,
                     language: "en",
                     key: &key,
+                    delivery: None,
                 };
                 if prebuilt {
                     // The pool alone: the same pre-formatted message every time.
-                    let (envelope, raw) = t.build(&m).expect("builds");
+                    let (envelope, raw) = t.build(&m, true).expect("builds");
                     bytes = raw.len();
                     for _ in 0..n {
                         pool_of(&t).send(&envelope, &raw).await.expect("sent");
@@ -558,7 +578,7 @@ async fn throughput_against_an_external_sink() {
                     break;
                 }
                 if i == 0 {
-                    bytes = t.build(&m).expect("builds").1.len();
+                    bytes = t.build(&m, true).expect("builds").1.len();
                 }
                 t.send_mail(&m).await.expect("sent");
             }

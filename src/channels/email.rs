@@ -16,6 +16,7 @@ use lettre::{AsyncFileTransport, AsyncTransport, Message, Tokio1Executor};
 use super::smtp::SmtpPool;
 use super::{Accepted, ChannelSetupError, Outbound, Provider, SendError, dkim, setup_err};
 use crate::config::EmailSettings;
+use crate::domain::DeliveryId;
 use crate::ledger::content_hash;
 
 enum Inner {
@@ -81,9 +82,15 @@ impl EmailTransport {
     }
 
     /// The `Message-ID` of a mail with this key, without angle brackets: the same key always
-    /// gives the same id.
-    pub fn message_id(&self, key: &str) -> String {
-        format!("{}@{}", &content_hash(key.as_bytes())[..32], self.id_domain)
+    /// gives the same id. A notice's names its delivery (one per key) before a hash of the key,
+    /// so a bounce finds its delivery by the delivery's own id, even before the acceptance is
+    /// recorded, and no index of random ids is kept; [`delivery_named_by`] reads it back.
+    pub fn message_id(&self, key: &str, delivery: Option<&DeliveryId>) -> String {
+        let hash = content_hash(key.as_bytes());
+        match delivery {
+            Some(id) => format!("{id}.{}@{}", &hash[..KEY_HASH_LEN], self.id_domain),
+            None => format!("{}@{}", &hash[..32], self.id_domain),
+        }
     }
 
     /// Builds a text + HTML message; the `Message-ID` is derived from the mail's key. The
@@ -94,13 +101,21 @@ impl EmailTransport {
     /// right size: the multipart body is written once, straight from the two parts' encoded
     /// bodies, instead of formatting the multipart, copying its body out and formatting the
     /// whole message again (each a full copy of both bodies, grown by doubling).
-    pub fn build(&self, mail: &Mail<'_>) -> Result<(Envelope, Vec<u8>), SendError> {
+    ///
+    /// `eight_bit`: the server takes 8-bit content (8BITMIME). Text parts whose lines all fit
+    /// SMTP's 998 octets then go as they are (`7bit`, or `8bit` for UTF-8 text) instead of
+    /// quoted-printable or base64: no encoding per message, and a third of the size for
+    /// Chinese text. DKIM-signed mail keeps lettre's conservative choice, as a relay that
+    /// downgrades 8-bit content would break the signature.
+    pub fn build(&self, mail: &Mail<'_>, eight_bit: bool) -> Result<(Envelope, Vec<u8>), SendError> {
         let to: Mailbox = mail
             .to
             .parse()
             .map_err(|_| SendError::permanent("the recipient address is not a valid mailbox"))?;
-        let plain = SinglePart::plain(part_body(mail.text));
-        let html = SinglePart::html(part_body(mail.html));
+        let eight_bit = eight_bit && self.dkim.is_none();
+        let message_id = self.message_id(mail.key, mail.delivery);
+        let plain = SinglePart::plain(part_body(mail.text, eight_bit));
+        let html = SinglePart::html(part_body(mail.html, eight_bit));
         // What `MultiPart::alternative_plain_html` builds, without its parts: its headers carry
         // the `Content-Type` with the boundary.
         let alternative = MultiPart::alternative().build();
@@ -118,7 +133,7 @@ impl EmailTransport {
             .from(self.from.clone())
             .to(to)
             .subject(mail.subject.to_owned())
-            .message_id(Some(format!("<{}>", self.message_id(mail.key))))
+            .message_id(Some(format!("<{message_id}>")))
             .raw_header(header::HeaderValue::new(
                 header::HeaderName::new_from_ascii_str("Content-Language"),
                 mail.language.to_owned(),
@@ -158,7 +173,12 @@ impl EmailTransport {
                 "the recipient's domain is reserved as invalid and can never receive mail",
             ));
         }
-        let (envelope, message) = self.build(mail)?;
+        let eight_bit = match &self.inner {
+            Inner::File(..) => true,
+            // Until the first connection says, the safe encodings.
+            Inner::Smtp(pool) => pool.eight_bit_mime().unwrap_or(false),
+        };
+        let (envelope, message) = self.build(mail, eight_bit)?;
         match &self.inner {
             Inner::File(t, _) => {
                 t.send_raw(&envelope, &message)
@@ -167,18 +187,49 @@ impl EmailTransport {
             }
             Inner::Smtp(pool) => pool.send(&envelope, &message).await?,
         }
-        Ok(self.message_id(mail.key))
+        Ok(self.message_id(mail.key, mail.delivery))
     }
 }
 
-/// A part's body, encoded exactly as lettre's `Body::new` encodes a `String`, minus its cost:
-/// lettre turns bare line feeds into CRLF by inserting each `\r` in place (moving the rest of
-/// the body once per line) and scans the text again to re-check its choice. Here the encoding
-/// is chosen as lettre chooses it (on the text as given), the line ends are converted in one
-/// pass and the text is encoded as lettre encodes it.
-fn part_body(text: &str) -> Body {
+/// How much of the key's hash a notice's `Message-ID` carries after its delivery id.
+const KEY_HASH_LEN: usize = 20;
+
+/// The delivery a notice's `Message-ID` (with or without angle brackets) names, if it has that
+/// form; [`names_delivery`] checks it against the delivery's key.
+pub fn delivery_named_by(message_id: &str) -> Option<DeliveryId> {
+    let local = message_id.trim().trim_matches(['<', '>']).split_once('@')?.0;
+    let (id, hash) = local.split_once('.')?;
+    (hash.len() == KEY_HASH_LEN).then(|| id.parse().ok()).flatten()
+}
+
+/// Whether `message_id` is the one a notice of `delivery` carries (whatever the domain).
+pub fn names_delivery(message_id: &str, delivery: &crate::model::Delivery) -> bool {
+    let local = message_id
+        .trim()
+        .trim_matches(['<', '>'])
+        .split_once('@')
+        .map(|(l, _)| l);
+    let hash = content_hash(delivery.idempotency_key.as_bytes());
+    local == Some(format!("{}.{}", delivery.id, &hash[..KEY_HASH_LEN]).as_str())
+}
+
+/// A part's body: the text as it is (CRLF line ends) when it is SMTP-safe as it stands (see
+/// [`EmailTransport::build`]); otherwise encoded exactly as lettre's `Body::new` encodes a
+/// `String`, minus its cost: lettre turns bare line feeds into CRLF by inserting each `\r` in
+/// place (moving the rest of the body once per line) and scans the text again to re-check its
+/// choice. Here the encoding is chosen as lettre chooses it (on the text as given), the line
+/// ends are converted in one pass and the text is encoded as lettre encodes it.
+fn part_body(text: &str, eight_bit: bool) -> Body {
     use email_encoding::body::Encoding;
     let crlf = crlf_line_ends(text).into_bytes();
+    if smtp_safe_lines(&crlf) {
+        if crlf.is_ascii() {
+            return Body::dangerous_pre_encoded(crlf, ContentTransferEncoding::SevenBit);
+        }
+        if eight_bit {
+            return Body::dangerous_pre_encoded(crlf, ContentTransferEncoding::EightBit);
+        }
+    }
     match Encoding::choose(text, false) {
         Encoding::SevenBit => Body::dangerous_pre_encoded(crlf, ContentTransferEncoding::SevenBit),
         Encoding::EightBit => Body::dangerous_pre_encoded(crlf, ContentTransferEncoding::EightBit),
@@ -194,6 +245,23 @@ fn part_body(text: &str) -> Body {
             }
         }
     }
+}
+
+/// Whether CRLF-ended text can travel as `7bit`/`8bit` content (RFC 2045 section 2.7-2.8, RFC
+/// 5321 section 4.5.3.1.6): lines of at most 998 octets, no NUL, CR only before LF.
+fn smtp_safe_lines(text: &[u8]) -> bool {
+    const MAX_LINE: usize = 998;
+    if memchr::memchr(0, text).is_some() {
+        return false;
+    }
+    let mut start = 0;
+    for at in memchr::memchr_iter(b'\r', text) {
+        if text.get(at + 1) != Some(&b'\n') || at - start > MAX_LINE {
+            return false;
+        }
+        start = at + 2;
+    }
+    text.len() - start.min(text.len()) <= MAX_LINE
 }
 
 /// The text with every line feed not already preceded by a carriage return preceded by one.
@@ -257,6 +325,8 @@ pub struct Mail<'a> {
     pub html: &'a str,
     pub language: &'a str,
     pub key: &'a str,
+    /// The delivery the mail is, if it is a notice (its `Message-ID` names it).
+    pub delivery: Option<&'a DeliveryId>,
 }
 
 /// Domains reserved by RFC 2606 / RFC 6761 as never resolvable can never receive mail.
@@ -270,10 +340,6 @@ fn undeliverable_domain(address: &str) -> bool {
 
 #[async_trait]
 impl Provider for EmailTransport {
-    fn message_id(&self, delivery: &crate::model::Delivery) -> Option<String> {
-        Some(EmailTransport::message_id(self, &delivery.idempotency_key))
-    }
-
     async fn send(&self, m: &Outbound<'_>) -> Result<Accepted, SendError> {
         let n = m.notice;
         self.send_mail(&Mail {
@@ -283,6 +349,7 @@ impl Provider for EmailTransport {
             html: &n.email_html,
             language: n.locale.as_str(),
             key: &m.delivery.idempotency_key,
+            delivery: Some(&m.delivery.id),
         })
         .await
         .map(Accepted::with_id)
@@ -333,12 +400,39 @@ mod tests {
             "é".repeat(200),
             "\u{0}\u{1}\u{7f} control\n".to_owned(),
         ]);
+        texts.extend([format!("{}\n", "c".repeat(999)), format!("{}\n", "字".repeat(400))]);
         for text in texts {
-            let lettre = Body::new(text.clone());
-            let ours = part_body(&text);
-            assert_eq!(ours.encoding(), lettre.encoding(), "{text:?}");
-            assert_eq!(ours.into_vec(), lettre.into_vec(), "{text:?}");
+            let crlf = crlf_line_ends(&text).into_bytes();
+            for eight_bit in [false, true] {
+                let ours = part_body(&text, eight_bit);
+                if smtp_safe_lines(&crlf) && (crlf.is_ascii() || eight_bit) {
+                    // As it stands: 7bit or 8bit, the text itself.
+                    let expected = if crlf.is_ascii() {
+                        ContentTransferEncoding::SevenBit
+                    } else {
+                        ContentTransferEncoding::EightBit
+                    };
+                    assert_eq!(ours.encoding(), expected, "{text:?}");
+                    assert_eq!(ours.into_vec(), crlf, "{text:?}");
+                } else {
+                    let lettre = Body::new(text.clone());
+                    assert_eq!(ours.encoding(), lettre.encoding(), "{text:?}");
+                    assert_eq!(ours.into_vec(), lettre.into_vec(), "{text:?}");
+                }
+            }
         }
+    }
+
+    #[test]
+    fn only_lines_smtp_can_carry_go_unencoded() {
+        assert!(smtp_safe_lines(b""));
+        assert!(smtp_safe_lines(format!("{}\r\nb", "a".repeat(998)).as_bytes()));
+        assert!(!smtp_safe_lines(format!("{}\r\nb", "a".repeat(999)).as_bytes()));
+        assert!(smtp_safe_lines("a".repeat(998).as_bytes()));
+        assert!(!smtp_safe_lines("a".repeat(999).as_bytes()));
+        assert!(!smtp_safe_lines(b"a\rb\r\n"), "a bare CR");
+        assert!(!smtp_safe_lines(b"a\0b\r\n"), "a NUL");
+        assert!(smtp_safe_lines("示例\r\n".as_bytes()));
     }
 
     #[test]

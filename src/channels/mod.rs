@@ -26,7 +26,7 @@ use crate::domain::Channel;
 pub use crate::model::FailureKind;
 use crate::model::{Delivery, ErrorClass, Notice};
 
-pub use email::{EmailTransport, Mail};
+pub use email::{EmailTransport, Mail, delivery_named_by, names_delivery};
 pub use webhook::{WebhookTransport, sign};
 
 /// One message to send: the outbox row and the notice it carries.
@@ -133,12 +133,6 @@ pub trait Provider: Send + Sync {
     /// an accepted message waits for its receipt before the merchant counts as reached.
     fn reports_delivery(&self) -> bool {
         false
-    }
-    /// The id the provider will know the message by, when it is fixed before sending (the
-    /// email `Message-ID`): stored at the claim, so a bounce that overtakes the recorded
-    /// acceptance still finds its delivery.
-    fn message_id(&self, _delivery: &Delivery) -> Option<String> {
-        None
     }
 }
 

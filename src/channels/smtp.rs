@@ -6,6 +6,12 @@
 //! `TCP_NODELAY` and hands it to [`AsyncSmtpConnection::connect_with_transport`], keeping
 //! lettre's protocol handling (EHLO, STARTTLS, AUTH, dot-stuffing, reply parsing).
 //!
+//! Where the server offers PIPELINING (RFC 2920) and Tocsin sits above the TLS layer (plain and
+//! implicit TLS), a message costs two round trips instead of four: `MAIL`, `RCPT` and `DATA`
+//! leave in one segment, then the content, dot-stuffed here in one pass rather than byte by byte,
+//! with its closing dot; lettre still formats the commands and parses every reply. (After
+//! STARTTLS lettre owns the TLS layer, so those connections speak one command at a time.)
+//!
 //! Up to `pool_size` connections; idle ones are reused most recently used first, closed when
 //! idle longer than the idle timeout. A connection that answered a transaction error is reset
 //! (`RSET`) and kept, one that broke or timed out is dropped. A reused connection the server
@@ -18,8 +24,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::str::FromStr;
+use std::sync::atomic::AtomicU8;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -94,8 +101,48 @@ impl SmtpPoolConfig {
 }
 
 struct Idle {
-    conn: AsyncSmtpConnection,
+    conn: Conn,
     since: Instant,
+}
+
+/// A connection, with the way to send bytes ahead of lettre's next read when Tocsin's layer
+/// is above TLS.
+struct Conn {
+    smtp: AsyncSmtpConnection,
+    ahead: Option<Ahead>,
+    /// The server offers PIPELINING (lettre does not keep that keyword: [`Tap`] heard it).
+    pipelining: bool,
+}
+
+/// Tocsin's side door into a connection's byte stream, below lettre (see [`Coalesce`]).
+type Ahead = Arc<Mutex<Tap>>;
+
+#[derive(Default)]
+struct Tap {
+    /// Bytes to go out after what lettre has written, at its next read.
+    ahead: Vec<u8>,
+    /// What the server said while the connection was set up (until taken).
+    heard: Option<Vec<u8>>,
+}
+
+impl Tap {
+    fn listening() -> Self {
+        Self {
+            ahead: Vec::new(),
+            heard: Some(Vec::new()),
+        }
+    }
+}
+
+/// Whether the server's EHLO reply, among what it said during setup, lists PIPELINING
+/// (keywords are case-insensitive).
+fn offers_pipelining(heard: &[u8]) -> bool {
+    heard.split(|b| *b == b'\n').any(|line| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        line.len() == 14
+            && (line.starts_with(b"250-") || line.starts_with(b"250 "))
+            && line[4..].eq_ignore_ascii_case(b"PIPELINING")
+    })
 }
 
 /// A pool of SMTP connections to one server.
@@ -113,6 +160,8 @@ pub struct SmtpPool {
     /// One permit per connection that may exist (idle or in use).
     permits: Semaphore,
     opened: AtomicU64,
+    /// Whether the server offers 8BITMIME, as its latest EHLO said: 0 not known yet, 1 yes, 2 no.
+    eight_bit_mime: AtomicU8,
 }
 
 impl fmt::Debug for SmtpPool {
@@ -200,6 +249,7 @@ impl SmtpPool {
             idle: Mutex::new(Vec::with_capacity(config.pool_size)),
             permits: Semaphore::new(config.pool_size),
             opened: AtomicU64::new(0),
+            eight_bit_mime: AtomicU8::new(0),
         })
     }
 
@@ -210,6 +260,16 @@ impl SmtpPool {
     /// Connections opened since the pool was made (reuse keeps this low).
     pub fn connections_opened(&self) -> u64 {
         self.opened.load(Ordering::Relaxed)
+    }
+
+    /// Whether the server takes 8-bit message content (8BITMIME), as far as the pool knows
+    /// (`None` before the first connection).
+    pub fn eight_bit_mime(&self) -> Option<bool> {
+        match self.eight_bit_mime.load(Ordering::Relaxed) {
+            1 => Some(true),
+            2 => Some(false),
+            _ => None,
+        }
     }
 
     /// Connections waiting for the next message.
@@ -258,13 +318,13 @@ impl SmtpPool {
     }
 
     /// The most recently used idle connection that is not too old; older ones are closed.
-    fn take_idle(&self) -> Option<AsyncSmtpConnection> {
+    fn take_idle(&self) -> Option<Conn> {
         let (fresh, stale) = {
             let mut idle = lock(&self.idle);
             let mut stale = Vec::new();
             let mut fresh = None;
             while let Some(entry) = idle.pop() {
-                if entry.since.elapsed() < self.idle_timeout && !entry.conn.has_broken() {
+                if entry.since.elapsed() < self.idle_timeout && !entry.conn.smtp.has_broken() {
                     fresh = Some(entry.conn);
                     break;
                 }
@@ -286,8 +346,8 @@ impl SmtpPool {
         fresh
     }
 
-    fn put_back(&self, conn: AsyncSmtpConnection) {
-        if conn.has_broken() {
+    fn put_back(&self, conn: Conn) {
+        if conn.smtp.has_broken() {
             return;
         }
         lock(&self.idle).push(Idle {
@@ -298,12 +358,12 @@ impl SmtpPool {
 
     /// After a failed transaction: a connection that answered is reset and kept; one that
     /// broke, timed out or is closing (421) is dropped.
-    async fn recycle(&self, mut conn: AsyncSmtpConnection, failure: &Failure) {
-        if !failure.replied() || failure.closing() || conn.has_broken() {
+    async fn recycle(&self, mut conn: Conn, failure: &Failure) {
+        if !failure.replied() || failure.closing() || conn.smtp.has_broken() {
             close(conn);
             return;
         }
-        match tokio::time::timeout(self.timeout, conn.command(Rset)).await {
+        match tokio::time::timeout(self.timeout, conn.smtp.command(Rset)).await {
             Ok(Ok(_)) => self.put_back(conn),
             _ => close(conn),
         }
@@ -311,12 +371,12 @@ impl SmtpPool {
 
     async fn transaction(
         &self,
-        conn: &mut AsyncSmtpConnection,
+        conn: &mut Conn,
         envelope: &Envelope,
         message: &[u8],
         options: &[MailParameter],
     ) -> Result<(), Failure> {
-        let info = conn.server_info();
+        let info = conn.smtp.server_info();
         if options.contains(&MailParameter::SmtpUtfEight) && !info.supports_feature(Extension::SmtpUtfEight) {
             return Err(Failure {
                 error: SendError::permanent("the address is not ASCII and the SMTP server does not offer SMTPUTF8"),
@@ -325,29 +385,38 @@ impl SmtpPool {
             });
         }
         if !message.is_ascii() && !info.supports_feature(Extension::EightBitMime) {
+            // Built for a server that took 8-bit content; the next attempt is built for this one.
             return Err(Failure {
-                error: SendError::permanent("the message is not ASCII and the SMTP server does not offer 8BITMIME"),
+                error: SendError::new(
+                    FailureKind::ProviderError,
+                    "the message is 8-bit and the SMTP server no longer offers 8BITMIME",
+                ),
                 stage: Stage::MailFrom,
                 code: Some("555".into()),
             });
         }
         let t = self.timeout;
-        step(
-            t,
-            Stage::MailFrom,
-            conn.command(Mail::new(envelope.from().cloned(), options.to_vec())),
-        )
-        .await?;
-        for rcpt in envelope.to() {
-            step(t, Stage::RcptTo, conn.command(Rcpt::new(rcpt.clone(), vec![]))).await?;
+        let mail = Mail::new(envelope.from().cloned(), options.to_vec());
+        match (&conn.ahead, conn.pipelining) {
+            (Some(ahead), true) => {
+                let ahead = ahead.clone();
+                pipelined_transaction(t, &mut conn.smtp, &ahead, envelope, mail, message).await
+            }
+            _ => {
+                let smtp = &mut conn.smtp;
+                step(t, Stage::MailFrom, smtp.command(mail)).await?;
+                for rcpt in envelope.to() {
+                    step(t, Stage::RcptTo, smtp.command(Rcpt::new(rcpt.clone(), vec![]))).await?;
+                }
+                step(t, Stage::Data, smtp.command(Data)).await?;
+                step(t, Stage::Message, smtp.message(message)).await?;
+                Ok(())
+            }
         }
-        step(t, Stage::Data, conn.command(Data)).await?;
-        step(t, Stage::Message, conn.message(message)).await?;
-        Ok(())
     }
 
     /// A new connection: TCP with `TCP_NODELAY`, TLS as configured, greeting and EHLO, AUTH.
-    async fn connect(&self) -> Result<AsyncSmtpConnection, Failure> {
+    async fn connect(&self) -> Result<Conn, Failure> {
         let t = self.timeout;
         let tcp = match tokio::time::timeout(t, TcpStream::connect((self.host.as_str(), self.port))).await {
             Err(_) => return Err(timeout_failure(Stage::Connect, t)),
@@ -368,7 +437,8 @@ impl SmtpPool {
             stage: Stage::Connect,
             code: None,
         })?;
-        let stream: Box<dyn AsyncTokioStream> = match (self.mode, &self.tls) {
+        let ahead: Ahead = Arc::new(Mutex::new(Tap::listening()));
+        let (stream, ahead): (Box<dyn AsyncTokioStream>, Option<Ahead>) = match (self.mode, &self.tls) {
             (TlsMode::Tls, Some(params)) => {
                 #[allow(deprecated)]
                 let mut stream = AsyncNetworkStream::use_existing_tokio1(Box::new(tcp));
@@ -377,9 +447,14 @@ impl SmtpPool {
                     Ok(Err(e)) => return Err(failure(Stage::Tls, &e)),
                     Ok(Ok(())) => {}
                 }
-                Box::new(Coalesce::new(Encrypted(stream)))
+                (
+                    Box::new(Coalesce::new(Encrypted(stream), Some(ahead.clone()))),
+                    Some(ahead),
+                )
             }
-            _ => Box::new(Coalesce::new(tcp)),
+            // After STARTTLS this layer sees only ciphertext: nothing may be sent ahead.
+            (TlsMode::StartTls, _) => (Box::new(Coalesce::new(tcp, None)), None),
+            _ => (Box::new(Coalesce::new(tcp, Some(ahead.clone()))), Some(ahead)),
         };
         let mut conn = step(
             t,
@@ -418,7 +493,18 @@ impl SmtpPool {
             }
         }
         self.opened.fetch_add(1, Ordering::Relaxed);
-        Ok(conn)
+        let eight_bit = if conn.server_info().supports_feature(Extension::EightBitMime) {
+            1
+        } else {
+            2
+        };
+        self.eight_bit_mime.store(eight_bit, Ordering::Relaxed);
+        let heard = ahead.as_ref().and_then(|a| lock(a).heard.take()).unwrap_or_default();
+        Ok(Conn {
+            smtp: conn,
+            pipelining: ahead.is_some() && offers_pipelining(&heard),
+            ahead,
+        })
     }
 }
 
@@ -434,6 +520,86 @@ fn mail_options_for(envelope: &Envelope, message: &[u8]) -> Vec<MailParameter> {
         options.push(MailParameter::Body(MailBodyParameter::EightBitMime));
     }
     options
+}
+
+impl From<AsyncSmtpConnection> for Conn {
+    fn from(smtp: AsyncSmtpConnection) -> Self {
+        Self {
+            smtp,
+            ahead: None,
+            pipelining: false,
+        }
+    }
+}
+
+/// One message in two round trips (RFC 2920): `MAIL` (written by lettre), each `RCPT` and
+/// `DATA` leave together and their replies are read in order, every one of them even after a
+/// refusal, so the connection stays in step; then the dot-stuffed content and its closing dot.
+async fn pipelined_transaction(
+    t: Duration,
+    smtp: &mut AsyncSmtpConnection,
+    ahead: &Ahead,
+    envelope: &Envelope,
+    mail: Mail,
+    message: &[u8],
+) -> Result<(), Failure> {
+    use std::fmt::Write as _;
+    let mut group = String::with_capacity(64 * (envelope.to().len() + 1));
+    for rcpt in envelope.to() {
+        let _ = write!(group, "{}", Rcpt::new(rcpt.clone(), vec![]));
+    }
+    let _ = write!(group, "{Data}");
+    lock(ahead).ahead.extend_from_slice(group.as_bytes());
+    let mut refused = match step(t, Stage::MailFrom, smtp.command(mail)).await {
+        Ok(_) => None,
+        // No reply at all: the connection is gone or out of step; it will be dropped.
+        Err(f) if !f.replied() => return Err(f),
+        Err(f) => Some(f),
+    };
+    for _ in envelope.to() {
+        match step(t, Stage::RcptTo, smtp.read_response()).await {
+            Ok(_) => {}
+            Err(f) if !f.replied() => return Err(f),
+            Err(f) => {
+                refused.get_or_insert(f);
+            }
+        }
+    }
+    let data = step(t, Stage::Data, smtp.read_response()).await;
+    match (refused, data) {
+        (None, Ok(_)) => {}
+        (Some(f), Ok(_)) => {
+            // The server is waiting for content after refusing part of the envelope: end an
+            // empty message so the connection is ready for the next (RFC 2920 section 3.1).
+            lock(ahead).ahead.extend_from_slice(b".\r\n");
+            let _ = step(t, Stage::Message, smtp.read_response()).await;
+            return Err(f);
+        }
+        (Some(f), Err(_)) | (None, Err(f)) => return Err(f),
+    }
+    {
+        let mut tap = lock(ahead);
+        dot_stuff_into(message, &mut tap.ahead);
+        tap.ahead.extend_from_slice(b"\r\n.\r\n");
+    }
+    step(t, Stage::Message, smtp.read_response()).await?;
+    Ok(())
+}
+
+/// Appends `message` with a dot doubled at the start of every line (RFC 5321 section 4.5.2),
+/// as lettre's codec does byte by byte, in runs between the lines that need it.
+fn dot_stuff_into(message: &[u8], out: &mut Vec<u8>) {
+    out.reserve(message.len() + 16);
+    let mut from = 0;
+    if message.first() == Some(&b'.') {
+        out.push(b'.');
+    }
+    for at in memchr::memmem::find_iter(message, b"\r\n.") {
+        out.extend_from_slice(&message[from..at + 3]);
+        out.push(b'.');
+        from = at + 3;
+    }
+    out.extend_from_slice(&message[from..]);
 }
 
 /// Runs one protocol step under the timeout, classifying its failure.
@@ -523,13 +689,14 @@ fn mentions_rate(e: &lettre::transport::smtp::Error) -> bool {
 }
 
 /// Closes a connection politely (QUIT) in the background, bounded in time.
-fn close(mut conn: AsyncSmtpConnection) {
-    if conn.has_broken() {
+fn close(conn: impl Into<Conn>) {
+    let mut conn = conn.into();
+    if conn.smtp.has_broken() {
         return;
     }
     if let Ok(handle) = tokio::runtime::Handle::try_current() {
         handle.spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(2), conn.quit()).await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn.smtp.quit()).await;
         });
     }
 }
@@ -601,17 +768,38 @@ struct Coalesce<S> {
     inner: S,
     out: Vec<u8>,
     written: usize,
+    /// Bytes sent ahead by the pool, appended after lettre's own at the next read.
+    ahead: Option<Ahead>,
 }
+
+/// What the server says during setup is kept up to this much (an EHLO reply is far shorter).
+const HEARD_LIMIT: usize = 16 * 1024;
 
 /// Past this much held data, writes go out without waiting for a read.
 const COALESCE_LIMIT: usize = 256 * 1024;
 
 impl<S> Coalesce<S> {
-    fn new(inner: S) -> Self {
+    fn new(inner: S, ahead: Option<Ahead>) -> Self {
         Self {
             inner,
             out: Vec::with_capacity(8 * 1024),
             written: 0,
+            ahead,
+        }
+    }
+
+    /// Moves what the pool sent ahead behind what lettre wrote.
+    fn take_ahead(&mut self) {
+        if let Some(tap) = &self.ahead {
+            let mut tap = lock(tap);
+            if !tap.ahead.is_empty() {
+                if self.out.is_empty() {
+                    std::mem::swap(&mut self.out, &mut tap.ahead);
+                } else {
+                    self.out.extend_from_slice(&tap.ahead);
+                    tap.ahead.clear();
+                }
+            }
         }
     }
 }
@@ -650,8 +838,19 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncRe
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        this.take_ahead();
         match this.poll_drain(cx) {
-            Poll::Ready(Ok(())) => Pin::new(&mut this.inner).poll_read(cx, buf),
+            Poll::Ready(Ok(())) => {
+                let before = buf.filled().len();
+                let read = Pin::new(&mut this.inner).poll_read(cx, buf);
+                if let (Poll::Ready(Ok(())), Some(tap)) = (&read, &this.ahead)
+                    && let Some(heard) = &mut lock(tap).heard
+                    && heard.len() < HEARD_LIMIT
+                {
+                    heard.extend_from_slice(&buf.filled()[before..]);
+                }
+                read
+            }
             other => other,
         }
     }
@@ -699,5 +898,58 @@ mod tests {
         assert_eq!("starttls".parse::<TlsMode>(), Ok(TlsMode::StartTls));
         assert_eq!("tls".parse::<TlsMode>(), Ok(TlsMode::Tls));
         assert!("ssl".parse::<TlsMode>().is_err());
+    }
+
+    /// Dot-stuffing as lettre's codec does it, byte by byte: the reference.
+    fn stuffed_byte_by_byte(message: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut line_start = true;
+        let mut after_cr = false;
+        for &b in message {
+            if b == b'.' && line_start {
+                out.push(b'.');
+            }
+            out.push(b);
+            line_start = b == b'\n' && after_cr;
+            after_cr = b == b'\r';
+        }
+        out
+    }
+
+    #[test]
+    fn dot_stuffing_doubles_a_dot_at_the_start_of_every_line_only() {
+        let cases: [&[u8]; 8] = [
+            b"",
+            b".",
+            b".starts\r\n..two\r\nmid.dle\r\n.\r\n",
+            b"no dots at all\r\n",
+            b"a\n.bare line feed is not a line end\r\n",
+            b"a\r.bare CR neither\r\n.\r\n.",
+            b"\r\n.\r\n.\r\n",
+            "示例\r\n.商城".as_bytes(),
+        ];
+        for case in cases {
+            let mut ours = b"prefix".to_vec();
+            dot_stuff_into(case, &mut ours);
+            assert_eq!(
+                &ours[6..],
+                stuffed_byte_by_byte(case),
+                "{:?}",
+                String::from_utf8_lossy(case)
+            );
+        }
+    }
+
+    #[test]
+    fn pipelining_is_read_from_the_ehlo_reply() {
+        let heard = b"220 mx ESMTP\r\n250-mx.example\r\n250-SIZE 1000\r\n250-pipelining\r\n250 8BITMIME\r\n";
+        assert!(offers_pipelining(heard));
+        assert!(offers_pipelining(b"250 PIPELINING\r\n"));
+        assert!(!offers_pipelining(b"220 mx\r\n250-mx.example\r\n250 8BITMIME\r\n"));
+        assert!(!offers_pipelining(b"250-PIPELININGX\r\n"));
+        assert!(
+            !offers_pipelining(b"220 PIPELINING\r\n"),
+            "a greeting is not an EHLO reply"
+        );
     }
 }

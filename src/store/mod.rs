@@ -453,9 +453,6 @@ pub trait Store: Send + Sync {
         records: &[AttemptRecord],
         health: &[HealthUpdate],
     ) -> Result<Vec<bool>, StoreError>;
-    /// Notes the message ids claimed deliveries will carry (`(delivery, attempt, id)`), before
-    /// they are sent.
-    async fn note_message_ids(&self, ids: &[(DeliveryId, i64, String)]) -> Result<(), StoreError>;
     /// Puts claimed deliveries that were never sent back in the outbox as they were (a worker
     /// stopping); returns how many were still this claim's.
     async fn release_claims(&self, deliveries: &[Delivery]) -> Result<u64, StoreError>;

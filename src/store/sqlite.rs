@@ -2152,10 +2152,6 @@ impl Store for SqliteStore {
         outbox::record_attempts(self, records, health).await
     }
 
-    async fn note_message_ids(&self, ids: &[(DeliveryId, i64, String)]) -> Result<(), StoreError> {
-        outbox::note_message_ids(self, ids).await
-    }
-
     async fn release_claims(&self, deliveries: &[Delivery]) -> Result<u64, StoreError> {
         outbox::release_claims(self, deliveries).await
     }

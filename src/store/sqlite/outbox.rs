@@ -515,15 +515,8 @@ pub(super) async fn record_attempts(
             else {
                 continue;
             };
-            events.push(event(
-                &r.delivery,
-                &now,
-                "attempt",
-                Some(&r.provider),
-                "accepted",
-                None,
-                None,
-            ));
+            // The accepting attempt is not written to the history: the delivery row holds it
+            // (sent_at, attempts, provider) and the history is read with it.
             accepted_by_incident
                 .entry(r.delivery.incident_id.as_str())
                 .or_default()
@@ -622,28 +615,6 @@ pub(super) async fn record_attempts(
     Ok(stored)
 }
 
-pub(super) async fn note_message_ids(store: &SqliteStore, ids: &[(DeliveryId, i64, String)]) -> Result<(), StoreError> {
-    if ids.is_empty() {
-        return Ok(());
-    }
-    let values: Vec<serde_json::Value> = ids
-        .iter()
-        .map(|(id, n, m)| serde_json::json!({ "id": id.as_str(), "n": n, "m": m }))
-        .collect();
-    let _turn = store.write_gate.lock().await;
-    sqlx::query(
-        "UPDATE deliveries SET provider_message_id = j.value ->> '$.m'
-         FROM json_each($1) AS j
-         WHERE deliveries.id = j.value ->> '$.id' AND +deliveries.status = 'sending'
-           AND deliveries.attempts = j.value ->> '$.n'",
-    )
-    .bind(to_json(&values))
-    .execute(&store.pool)
-    .await
-    .doing("noting message ids before sending")?;
-    Ok(())
-}
-
 pub(super) async fn release_claims(store: &SqliteStore, deliveries: &[Delivery]) -> Result<u64, StoreError> {
     let claims: Vec<serde_json::Value> = deliveries
         .iter()
@@ -731,8 +702,9 @@ pub(super) async fn delivery_for_receipt(
     let (sql, value) = match key {
         ReceiptKey::ProviderMessageId(id) => (
             format!(
-                "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE provider_message_id = $1
-                 AND provider IN (SELECT value FROM json_each($2)) LIMIT 1"
+                "SELECT {DELIVERY_COLUMNS} FROM deliveries
+                 WHERE provider_message_id = $1 AND substr(provider_message_id, 1, 4) <> 'dlv_'
+                   AND provider IN (SELECT value FROM json_each($2)) LIMIT 1"
             ),
             id,
         ),
@@ -986,9 +958,17 @@ pub(super) async fn redrive(
 }
 
 pub(super) async fn delivery_events(pool: &SqlitePool, id: &DeliveryId) -> Result<Vec<DeliveryEvent>, StoreError> {
+    // The accepting attempt comes from the delivery row (see `record_attempts`), unless an
+    // earlier version wrote it as a history row.
     let rows = sqlx::query(
-        "SELECT delivery_id, at, event, attempt, provider, outcome, error_kind, detail FROM delivery_events
-         WHERE delivery_id = $1 ORDER BY rowid",
+        "SELECT delivery_id, at, event, attempt, provider, outcome, error_kind, detail, rowid AS n
+         FROM delivery_events WHERE delivery_id = $1
+         UNION ALL
+         SELECT id, sent_at, 'attempt', attempts, provider, 'accepted', NULL, NULL, -1 FROM deliveries AS d
+         WHERE id = $1 AND sent_at IS NOT NULL
+           AND NOT EXISTS (SELECT 1 FROM delivery_events AS e
+                           WHERE e.delivery_id = d.id AND e.event = 'attempt' AND e.outcome = 'accepted')
+         ORDER BY at, n",
     )
     .bind(id.as_str())
     .fetch_all(pool)
