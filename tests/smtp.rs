@@ -91,6 +91,10 @@ async fn plain_smtp_sends_with_the_key_derived_message_id_and_no_list_unsubscrib
     let got = one(&server).await;
     assert_eq!(got.rcpt_to, vec!["merchant@shop.example".to_owned()]);
     assert!(!got.secure);
+    assert!(
+        got.pipelined,
+        "the server offers PIPELINING: MAIL, RCPT and DATA in one go"
+    );
     assert_eq!(header(&got.data, "Message-ID"), Some(format!("<{id}>")));
     assert_eq!(id, t.message_id("delivery-key-1", None), "derived from the key");
     assert!(!id.contains(['<', '>']));
@@ -140,7 +144,9 @@ async fn starttls_upgrades_before_the_transaction() {
     t.send_mail(&mail("merchant@shop.example", "k-starttls"))
         .await
         .expect("sent");
-    assert!(one(&server).await.secure, "sent after STARTTLS");
+    let got = one(&server).await;
+    assert!(got.secure, "sent after STARTTLS");
+    assert!(got.pipelined, "MAIL, RCPT and DATA in one go after STARTTLS too");
 }
 
 #[tokio::test]
@@ -167,7 +173,9 @@ async fn implicit_tls_speaks_tls_from_the_first_byte() {
     t.send_mail(&mail("merchant@shop.example", "k-tls"))
         .await
         .expect("sent");
-    assert!(one(&server).await.secure);
+    let got = one(&server).await;
+    assert!(got.secure);
+    assert!(got.pipelined);
 }
 
 #[tokio::test]

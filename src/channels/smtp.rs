@@ -6,11 +6,11 @@
 //! `TCP_NODELAY` and hands it to [`AsyncSmtpConnection::connect_with_transport`], keeping
 //! lettre's protocol handling (EHLO, STARTTLS, AUTH, dot-stuffing, reply parsing).
 //!
-//! Where the server offers PIPELINING (RFC 2920) and Tocsin sits above the TLS layer (plain and
-//! implicit TLS), a message costs two round trips instead of four: `MAIL`, `RCPT` and `DATA`
-//! leave in one segment, then the content, dot-stuffed here in one pass rather than byte by byte,
-//! with its closing dot; lettre still formats the commands and parses every reply. (After
-//! STARTTLS lettre owns the TLS layer, so those connections speak one command at a time.)
+//! Where the server offers PIPELINING (RFC 2920), a message costs two round trips instead of
+//! four: `MAIL`, `RCPT` and `DATA` leave in one segment, then the content, dot-stuffed here in one
+//! pass rather than byte by byte, with its closing dot; lettre still formats the commands and
+//! parses every reply. For that Tocsin's layer sits above TLS, so STARTTLS is spoken here (see
+//! [`SmtpPool::starttls`]) rather than by lettre, which would put TLS above it.
 //!
 //! Up to `pool_size` connections; idle ones are reused most recently used first, closed when
 //! idle longer than the idle timeout. A connection that answered a transaction error is reset
@@ -35,8 +35,9 @@ use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 #[allow(deprecated)]
 use lettre::transport::smtp::client::AsyncNetworkStream;
 use lettre::transport::smtp::client::{AsyncSmtpConnection, AsyncTokioStream, Certificate, TlsParameters};
-use lettre::transport::smtp::commands::{Data, Mail, Rcpt, Rset};
-use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
+use lettre::transport::smtp::commands::{Data, Ehlo, Mail, Rcpt, Rset, Starttls};
+use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter, ServerInfo};
+use lettre::transport::smtp::response::Response;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
@@ -415,6 +416,61 @@ impl SmtpPool {
         }
     }
 
+    /// STARTTLS in plain text (greeting, EHLO, STARTTLS, each reply parsed by lettre), then the
+    /// TLS handshake. A server that does not offer STARTTLS is refused (never sent to in
+    /// clear), and so is one that sends anything after its go-ahead and before the handshake
+    /// (such bytes could be a man in the middle's injected commands).
+    #[allow(deprecated)]
+    async fn starttls(&self, tcp: TcpStream, params: &TlsParameters) -> Result<AsyncNetworkStream, Failure> {
+        use tokio::io::AsyncWriteExt as _;
+        let t = self.timeout;
+        let plain = async {
+            let mut io = tokio::io::BufReader::new(tcp);
+            read_reply(&mut io, Stage::Greeting).await?;
+            let ehlo = Ehlo::new(self.hello.clone()).to_string();
+            io.get_mut()
+                .write_all(ehlo.as_bytes())
+                .await
+                .map_err(network(Stage::Greeting))?;
+            let reply = read_reply(&mut io, Stage::Greeting).await?;
+            let offered = ServerInfo::from_response(&reply).is_ok_and(|i| i.supports_feature(Extension::StartTls));
+            if !offered {
+                return Err(Failure {
+                    error: SendError::new(
+                        FailureKind::Network,
+                        "SMTP server does not offer STARTTLS, which the configuration requires",
+                    ),
+                    stage: Stage::Tls,
+                    code: None,
+                });
+            }
+            io.get_mut()
+                .write_all(Starttls.to_string().as_bytes())
+                .await
+                .map_err(network(Stage::Tls))?;
+            read_reply(&mut io, Stage::Tls).await?;
+            if !io.buffer().is_empty() {
+                return Err(Failure {
+                    error: SendError::new(FailureKind::Network, "SMTP server sent data before the TLS handshake"),
+                    stage: Stage::Tls,
+                    code: None,
+                });
+            }
+            Ok(io.into_inner())
+        };
+        let tcp = match tokio::time::timeout(t, plain).await {
+            Err(_) => return Err(timeout_failure(Stage::Tls, t)),
+            Ok(result) => result?,
+        };
+        #[allow(deprecated)]
+        let mut stream = AsyncNetworkStream::use_existing_tokio1(Box::new(tcp));
+        match tokio::time::timeout(t, stream.upgrade_tls(params.clone())).await {
+            Err(_) => Err(timeout_failure(Stage::Tls, t)),
+            Ok(Err(e)) => Err(failure(Stage::Tls, &e)),
+            Ok(Ok(())) => Ok(stream),
+        }
+    }
+
     /// A new connection: TCP with `TCP_NODELAY`, TLS as configured, greeting and EHLO, AUTH.
     async fn connect(&self) -> Result<Conn, Failure> {
         let t = self.timeout;
@@ -452,8 +508,14 @@ impl SmtpPool {
                     Some(ahead),
                 )
             }
-            // After STARTTLS this layer sees only ciphertext: nothing may be sent ahead.
-            (TlsMode::StartTls, _) => (Box::new(Coalesce::new(tcp, None)), None),
+            (TlsMode::StartTls, Some(params)) => {
+                let stream = self.starttls(tcp, params).await?;
+                let mut coalesce = Coalesce::new(Encrypted(stream), Some(ahead.clone()));
+                // lettre starts with the server's greeting, which came before STARTTLS; after the
+                // handshake the client begins again with EHLO (RFC 3207 section 4.2).
+                coalesce.unread = STARTTLS_GREETING.to_vec();
+                (Box::new(coalesce), Some(ahead))
+            }
             _ => (Box::new(Coalesce::new(tcp, Some(ahead.clone()))), Some(ahead)),
         };
         let mut conn = step(
@@ -462,20 +524,6 @@ impl SmtpPool {
             AsyncSmtpConnection::connect_with_transport(stream, &self.hello),
         )
         .await?;
-        if let (TlsMode::StartTls, Some(params)) = (self.mode, &self.tls) {
-            if !conn.server_info().supports_feature(Extension::StartTls) {
-                close(conn);
-                return Err(Failure {
-                    error: SendError::new(
-                        FailureKind::Network,
-                        "SMTP server does not offer STARTTLS, which the configuration requires",
-                    ),
-                    stage: Stage::Tls,
-                    code: None,
-                });
-            }
-            step(t, Stage::Tls, conn.starttls(params.clone(), &self.hello)).await?;
-        }
         if let Some(credentials) = &self.credentials {
             let auth = step(
                 t,
@@ -600,6 +648,56 @@ fn dot_stuff_into(message: &[u8], out: &mut Vec<u8>) {
         from = at + 3;
     }
     out.extend_from_slice(&message[from..]);
+}
+
+/// What lettre reads first on a connection whose greeting came before STARTTLS.
+const STARTTLS_GREETING: &[u8] = b"220 TLS established\r\n";
+
+/// Reads one (possibly multi-line) reply and parses it with lettre; a refusal is a failure.
+async fn read_reply(io: &mut tokio::io::BufReader<TcpStream>, stage: Stage) -> Result<Response, Failure> {
+    use tokio::io::AsyncBufReadExt as _;
+    let mut text = String::new();
+    loop {
+        let before = text.len();
+        let n = io.read_line(&mut text).await.map_err(network(stage))?;
+        let line = &text[before..];
+        if n == 0 || text.len() > HEARD_LIMIT {
+            return Err(network(stage)(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "no complete reply",
+            )));
+        }
+        // The last line of a reply has a space (or nothing) after its code.
+        if line.len() < 4 || line.as_bytes()[3] != b'-' {
+            break;
+        }
+    }
+    let reply: Response = text.parse().map_err(|e| failure(stage, &e))?;
+    if reply.is_positive() {
+        Ok(reply)
+    } else {
+        let code = reply.code().to_string();
+        Err(Failure {
+            error: SendError::new(
+                FailureKind::Network,
+                format!("SMTP {}: server refused: {code}", stage.as_str()),
+            ),
+            stage,
+            code: Some(code),
+        })
+    }
+}
+
+/// An I/O failure at `stage`, as a network failure.
+fn network(stage: Stage) -> impl Fn(io::Error) -> Failure {
+    move |e| Failure {
+        error: SendError::new(
+            FailureKind::Network,
+            format!("SMTP {}: connection failed: {e}", stage.as_str()),
+        ),
+        stage,
+        code: None,
+    }
 }
 
 /// Runs one protocol step under the timeout, classifying its failure.
@@ -770,6 +868,8 @@ struct Coalesce<S> {
     written: usize,
     /// Bytes sent ahead by the pool, appended after lettre's own at the next read.
     ahead: Option<Ahead>,
+    /// Bytes lettre reads before anything from the stream.
+    unread: Vec<u8>,
 }
 
 /// What the server says during setup is kept up to this much (an EHLO reply is far shorter).
@@ -785,6 +885,7 @@ impl<S> Coalesce<S> {
             out: Vec::with_capacity(8 * 1024),
             written: 0,
             ahead,
+            unread: Vec::new(),
         }
     }
 
@@ -838,6 +939,12 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncRe
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if !this.unread.is_empty() {
+            let n = this.unread.len().min(buf.remaining());
+            buf.put_slice(&this.unread[..n]);
+            this.unread.drain(..n);
+            return Poll::Ready(Ok(()));
+        }
         this.take_ahead();
         match this.poll_drain(cx) {
             Poll::Ready(Ok(())) => {

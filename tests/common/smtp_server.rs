@@ -54,6 +54,8 @@ pub struct ReceivedMail {
     pub secure: bool,
     /// The user that authenticated on the connection, if any.
     pub authenticated_as: Option<String>,
+    /// The client sent RCPT and DATA behind MAIL without waiting for its reply (RFC 2920).
+    pub pipelined: bool,
 }
 
 impl ReceivedMail {
@@ -399,6 +401,8 @@ struct Session {
     rcpt_to: Vec<String>,
     /// At least one RCPT was attempted in the open transaction.
     rcpt_attempted: bool,
+    /// The client sent more commands behind MAIL without waiting for its reply.
+    pipelined: bool,
 }
 
 impl Session {
@@ -406,6 +410,7 @@ impl Session {
         self.mail_from = None;
         self.rcpt_to.clear();
         self.rcpt_attempted = false;
+        self.pipelined = false;
     }
 }
 
@@ -656,6 +661,12 @@ where
                     match parse_mail_from(arg) {
                         Ok(from) => {
                             session.mail_from = Some(from);
+                            // Checked before replying: a client that waits for the reply cannot
+                            // have sent anything more yet.
+                            session.pipelined = matches!(
+                                tokio::time::timeout(Duration::ZERO, reader.fill_buf()).await,
+                                Ok(Ok(more)) if !more.is_empty()
+                            );
                             reply(writer, "250 2.1.0 Ok").await?;
                         }
                         Err(err) => reply(writer, err).await?,
@@ -710,6 +721,7 @@ where
                 reply(writer, "354 End data with <CR><LF>.<CR><LF>").await?;
                 let body = read_data(reader).await?;
                 let rcpt_to = std::mem::take(&mut session.rcpt_to);
+                let pipelined = session.pipelined;
                 session.reset();
                 match body {
                     Some(data) => {
@@ -720,6 +732,7 @@ where
                             data,
                             secure,
                             authenticated_as: authenticated_as.clone(),
+                            pipelined,
                         });
                         let delay = *lock(&shared.data_delay);
                         if !delay.is_zero() {
