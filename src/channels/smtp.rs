@@ -607,7 +607,8 @@ async fn pipelined_transaction(
     for _ in envelope.to() {
         match step(t, Stage::RcptTo, smtp.read_response()).await {
             Ok(_) => {}
-            Err(f) if !f.replied() => return Err(f),
+            // A server that refused MAIL with 421 closes: its refusal is the news.
+            Err(f) if !f.replied() => return Err(refused.unwrap_or(f)),
             Err(f) => {
                 refused.get_or_insert(f);
             }
@@ -616,6 +617,7 @@ async fn pipelined_transaction(
     let data = step(t, Stage::Data, smtp.read_response()).await;
     match (refused, data) {
         (None, Ok(_)) => {}
+        (Some(f), Err(_)) => return Err(f),
         (Some(f), Ok(_)) => {
             // The server is waiting for content after refusing part of the envelope: end an
             // empty message so the connection is ready for the next (RFC 2920 section 3.1).
@@ -623,7 +625,7 @@ async fn pipelined_transaction(
             let _ = step(t, Stage::Message, smtp.read_response()).await;
             return Err(f);
         }
-        (Some(f), Err(_)) | (None, Err(f)) => return Err(f),
+        (None, Err(f)) => return Err(f),
     }
     {
         let mut tap = lock(ahead);
