@@ -171,6 +171,9 @@ pub struct DeliverBench {
     pub batch: u32,
     pub setup_seconds: f64,
     pub peak_rss_mb: Option<f64>,
+    /// CPU time of the whole process (every thread, user and system) over the timed part,
+    /// per notice: steadier than the rate on a machine whose speed varies from run to run.
+    pub cpu_us_per_notice: Option<f64>,
 }
 
 /// Delivers `n` pre-drafted notices to `target` with `concurrency` sends in flight per
@@ -280,10 +283,12 @@ pub async fn deliver(
     let setup_seconds = setup.elapsed().as_secs_f64();
 
     let clock = Instant::now();
+    let cpu_before = cpu_seconds();
     let report = dispatcher
         .drain(Some(&incident.id), std::time::Duration::from_secs(3600))
         .await?;
     let seconds = clock.elapsed().as_secs_f64();
+    let cpu = cpu_seconds().zip(cpu_before).map(|(after, before)| after - before);
     Ok(DeliverBench {
         channel,
         notices: n,
@@ -295,7 +300,20 @@ pub async fn deliver(
         batch: settings.delivery.batch,
         setup_seconds,
         peak_rss_mb: peak_rss_mb(),
+        cpu_us_per_notice: cpu.map(|c| c * 1e6 / n.max(1) as f64),
     })
+}
+
+/// CPU time this process has used so far (all threads, user and system), in seconds (Linux:
+/// `/proc/self/stat` fields 14 and 15, in clock ticks of 1/100 s).
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: count after it.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<f64>().ok();
+    // Fields 14 and 15 of the line are the 12th and 13th after the name.
+    Some((ticks(11)? + ticks(12)?) / 100.0)
 }
 
 /// A minimal HTTP peer for the HTTP channels' benchmark: answers every request with 200 and a
