@@ -523,4 +523,17 @@ async fn a_bounce_that_overtakes_the_recorded_acceptance_is_not_lost() {
     let email = on(&list, "email").remove(0);
     assert_eq!(email["status"], "failed", "{email:#}");
     assert_eq!(email["error_kind"], "bounced");
+    // Its history tells it in the order it happened: sent, then bounced (though the bounce was
+    // recorded first).
+    let steps: Vec<String> = history(&t, &email)
+        .iter()
+        .map(|e| {
+            format!(
+                "{}/{}",
+                e["event"].as_str().unwrap_or("-"),
+                e["outcome"].as_str().unwrap_or("-")
+            )
+        })
+        .collect();
+    assert_eq!(steps, ["attempt/accepted", "receipt/failed"], "{steps:?}");
 }

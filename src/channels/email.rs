@@ -245,7 +245,8 @@ pub fn names_delivery(message_id: &str, delivery: &crate::model::Delivery) -> bo
 fn part_body(text: &str, eight_bit: bool) -> Body {
     use email_encoding::body::Encoding;
     let crlf = crlf_line_ends(text).into_bytes();
-    if smtp_safe_lines(&crlf) {
+    let safe = smtp_safe_lines(&crlf);
+    if safe {
         if crlf.is_ascii() {
             return Body::dangerous_pre_encoded(crlf, ContentTransferEncoding::SevenBit);
         }
@@ -254,9 +255,11 @@ fn part_body(text: &str, eight_bit: bool) -> Body {
         }
     }
     match Encoding::choose(text, false) {
-        Encoding::SevenBit => Body::dangerous_pre_encoded(crlf, ContentTransferEncoding::SevenBit),
-        Encoding::EightBit => Body::dangerous_pre_encoded(crlf, ContentTransferEncoding::EightBit),
-        Encoding::QuotedPrintable => {
+        // lettre's chooser looks at line lengths only: a bare CR or a NUL is encoded too (a
+        // bare CR before a dot is what SMTP smuggling across lax relays is made of).
+        Encoding::SevenBit if safe => Body::dangerous_pre_encoded(crlf, ContentTransferEncoding::SevenBit),
+        Encoding::EightBit if safe => Body::dangerous_pre_encoded(crlf, ContentTransferEncoding::EightBit),
+        Encoding::SevenBit | Encoding::EightBit | Encoding::QuotedPrintable => {
             Body::dangerous_pre_encoded(quoted_printable::encode(crlf), ContentTransferEncoding::QuotedPrintable)
         }
         Encoding::Base64 => {
@@ -482,6 +485,24 @@ mod tests {
                     };
                     assert_eq!(ours.encoding(), expected, "{text:?}");
                     assert_eq!(ours.into_vec(), crlf, "{text:?}");
+                } else if !smtp_safe_lines(&crlf) {
+                    // A bare CR or a NUL never travels as it is.
+                    let encoding = ours.encoding();
+                    let raw = ours.into_vec();
+                    let decoded = match encoding {
+                        ContentTransferEncoding::QuotedPrintable => {
+                            quoted_printable::decode(&raw, quoted_printable::ParseMode::Strict).expect("QP")
+                        }
+                        ContentTransferEncoding::Base64 => {
+                            use base64::Engine as _;
+                            let joined: Vec<u8> = raw.into_iter().filter(|b| !b"\r\n".contains(b)).collect();
+                            base64::engine::general_purpose::STANDARD
+                                .decode(joined)
+                                .expect("base64")
+                        }
+                        other => panic!("{text:?} went as {other:?}"),
+                    };
+                    assert_eq!(decoded, crlf, "{text:?}");
                 } else {
                     let lettre = Body::new(text.clone());
                     assert_eq!(ours.encoding(), lettre.encoding(), "{text:?}");

@@ -448,7 +448,14 @@ impl SmtpPool {
                 .write_all(Starttls.to_string().as_bytes())
                 .await
                 .map_err(network(Stage::Tls))?;
-            read_reply(&mut io, Stage::Tls).await?;
+            let go_ahead = read_reply(&mut io, Stage::Tls).await?;
+            if go_ahead.code().to_string() != "220" {
+                return Err(Failure {
+                    error: SendError::new(FailureKind::Network, "SMTP server did not agree to STARTTLS"),
+                    stage: Stage::Tls,
+                    code: None,
+                });
+            }
             if !io.buffer().is_empty() {
                 return Err(Failure {
                     error: SendError::new(FailureKind::Network, "SMTP server sent data before the TLS handshake"),
@@ -597,43 +604,87 @@ async fn pipelined_transaction(
         let _ = write!(group, "{}", Rcpt::new(rcpt.clone(), vec![]));
     }
     let _ = write!(group, "{Data}");
-    lock(ahead).ahead.extend_from_slice(group.as_bytes());
-    let mut refused = match step(t, Stage::MailFrom, smtp.command(mail)).await {
+    {
+        let mut tap = lock(ahead);
+        tap.ahead.clear();
+        tap.ahead.extend_from_slice(group.as_bytes());
+    }
+    let mail = step(t, Stage::MailFrom, smtp.command(mail)).await;
+    let mut refused = match mail.and_then(expect(Stage::MailFrom, &["250"])) {
         Ok(_) => None,
-        // No reply at all: the connection is gone or out of step; it will be dropped.
+        // No reply (or not the one expected): the connection is gone or out of step, and is
+        // dropped; nothing was committed, so the message may go on a fresh connection.
         Err(f) if !f.replied() => return Err(f),
         Err(f) => Some(f),
     };
     for _ in envelope.to() {
-        match step(t, Stage::RcptTo, smtp.read_response()).await {
+        let rcpt = step(t, Stage::RcptTo, smtp.read_response()).await;
+        match rcpt.and_then(expect(Stage::RcptTo, &["250", "251"])) {
             Ok(_) => {}
-            // A server that refused MAIL with 421 closes: its refusal is the news.
-            Err(f) if !f.replied() => return Err(refused.unwrap_or(f)),
+            Err(f) if !f.replied() => return Err(out_of_step(refused, f)),
             Err(f) => {
                 refused.get_or_insert(f);
             }
         }
     }
     let data = step(t, Stage::Data, smtp.read_response()).await;
-    match (refused, data) {
+    match (refused, data.and_then(expect(Stage::Data, &["354"]))) {
         (None, Ok(_)) => {}
-        (Some(f), Err(_)) => return Err(f),
+        (None, Err(f)) => return Err(f),
+        (Some(f), Err(g)) => return Err(if g.replied() { f } else { out_of_step(Some(f), g) }),
         (Some(f), Ok(_)) => {
             // The server is waiting for content after refusing part of the envelope: end an
             // empty message so the connection is ready for the next (RFC 2920 section 3.1).
             lock(ahead).ahead.extend_from_slice(b".\r\n");
-            let _ = step(t, Stage::Message, smtp.read_response()).await;
-            return Err(f);
+            return match step(t, Stage::Message, smtp.read_response()).await {
+                Err(g) if !g.replied() => Err(out_of_step(Some(f), g)),
+                _ => Err(f),
+            };
         }
-        (None, Err(f)) => return Err(f),
     }
     {
         let mut tap = lock(ahead);
         dot_stuff_into(message, &mut tap.ahead);
         tap.ahead.extend_from_slice(b"\r\n.\r\n");
     }
-    step(t, Stage::Message, smtp.read_response()).await?;
+    let sent = step(t, Stage::Message, smtp.read_response()).await;
+    sent.and_then(expect(Stage::Message, &["250"]))?;
     Ok(())
+}
+
+/// Checks a positive reply is the one this step expects: anything else (a 251 to DATA, a 354
+/// to the content) means replies and commands no longer pair up, so the connection must go
+/// (a failure without a reply code is never reset and reused).
+fn expect(stage: Stage, codes: &'static [&'static str]) -> impl Fn(Response) -> Result<Response, Failure> {
+    move |reply| {
+        let code = reply.code().to_string();
+        if codes.contains(&code.as_str()) {
+            Ok(reply)
+        } else {
+            Err(Failure {
+                error: SendError::new(
+                    FailureKind::Network,
+                    format!(
+                        "SMTP {}: unexpected reply {code}; the connection is out of step",
+                        stage.as_str()
+                    ),
+                ),
+                stage,
+                code: None,
+            })
+        }
+    }
+}
+
+/// After a refusal, a later reply of the same group went missing: report the refusal (the
+/// news), but as a failure without a reply, so the connection is dropped rather than reset and
+/// reused with a reply still owed. A closing 421 stays as it is (dropped anyway).
+fn out_of_step(refused: Option<Failure>, missing: Failure) -> Failure {
+    match refused {
+        Some(f) if f.closing() => f,
+        Some(f) => Failure { code: None, ..f },
+        None => missing,
+    }
 }
 
 /// Appends `message` with a dot doubled at the start of every line (RFC 5321 section 4.5.2),
@@ -679,11 +730,14 @@ async fn read_reply(io: &mut tokio::io::BufReader<TcpStream>, stage: Stage) -> R
         Ok(reply)
     } else {
         let code = reply.code().to_string();
+        // As `classify` says of the same code once lettre speaks.
+        let kind = if code == "421" {
+            FailureKind::Throttled
+        } else {
+            FailureKind::Network
+        };
         Err(Failure {
-            error: SendError::new(
-                FailureKind::Network,
-                format!("SMTP {}: server refused: {code}", stage.as_str()),
-            ),
+            error: SendError::new(kind, format!("SMTP {}: server refused: {code}", stage.as_str())),
             stage,
             code: Some(code),
         })

@@ -957,16 +957,22 @@ pub(super) async fn redrive(
 
 pub(super) async fn delivery_events(pool: &SqlitePool, id: &DeliveryId) -> Result<Vec<DeliveryEvent>, StoreError> {
     // The accepting attempt comes from the delivery row (see `record_attempts`), unless an
-    // earlier version wrote it as a history row.
+    // earlier version wrote it as a history row. It goes before any receipt for its attempt:
+    // a bounce can be recorded before the acceptance it answers.
     let rows = sqlx::query(
-        "SELECT delivery_id, at, event, attempt, provider, outcome, error_kind, detail, rowid AS n
+        "SELECT delivery_id, at, event, attempt, provider, outcome, error_kind, detail, at AS sort_at, rowid AS n
          FROM delivery_events WHERE delivery_id = $1
          UNION ALL
-         SELECT id, sent_at, 'attempt', attempts, provider, 'accepted', NULL, NULL, -1 FROM deliveries AS d
+         SELECT id, sent_at, 'attempt', attempts, provider, 'accepted', NULL, NULL,
+                MIN(sent_at, COALESCE((SELECT MIN(e.at) FROM delivery_events AS e
+                                       WHERE e.delivery_id = d.id AND e.attempt = d.attempts
+                                         AND e.event <> 'attempt'), sent_at)),
+                -1
+         FROM deliveries AS d
          WHERE id = $1 AND sent_at IS NOT NULL
            AND NOT EXISTS (SELECT 1 FROM delivery_events AS e
                            WHERE e.delivery_id = d.id AND e.event = 'attempt' AND e.outcome = 'accepted')
-         ORDER BY at, n",
+         ORDER BY sort_at, n",
     )
     .bind(id.as_str())
     .fetch_all(pool)
