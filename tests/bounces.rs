@@ -38,27 +38,7 @@ fn emailed(smtp: &SmtpServer, sms: &MockServer, key: &str) -> (Tocsin, String) {
         ),
     ])
     .ok();
-    let ingested = t
-        .run(&[
-            "--json",
-            "events",
-            "ingest",
-            &t.file("e.json", &event(&format!("ev-{key}"), key)),
-        ])
-        .ok()
-        .json();
-    let incident = ingested[0]["incident_id"].as_str().expect("incident id").to_owned();
-    let facts = repo("config/demo/incident.json");
-    t.run(&[
-        "--actor",
-        "alice",
-        "incidents",
-        "confirm",
-        &incident,
-        "--facts",
-        facts.to_str().expect("path"),
-    ])
-    .ok();
+    let incident = confirmed_incident(&t, key);
     t.run(&[
         "--actor",
         "alice",
@@ -458,20 +438,7 @@ async fn a_bounce_that_overtakes_the_recorded_acceptance_is_not_lost() {
         ),
     ])
     .ok();
-    let ingested = t
-        .run(&[
-            "--json",
-            "events",
-            "ingest",
-            &t.file("e.json", &event("ev-race", "race")),
-        ])
-        .ok()
-        .json();
-    let incident = ingested[0]["incident_id"].as_str().expect("incident id").to_owned();
-    let facts = repo("config/demo/incident.json");
-    let facts = facts.to_str().expect("path");
-    t.run(&["--actor", "alice", "incidents", "confirm", &incident, "--facts", facts])
-        .ok();
+    let incident = confirmed_incident(&t, "race");
     t.run(&[
         "--actor",
         "alice",

@@ -48,27 +48,7 @@ fn queued_incident(t: &Tocsin, prefix: &str, n: usize) -> String {
         .ok()
         .json();
     assert_eq!(imported["counts"]["inserted"], n, "{imported:#}");
-    let ingested = t
-        .run(&[
-            "--json",
-            "events",
-            "ingest",
-            &t.file(&format!("{prefix}-event.json"), &event(&format!("ev-{prefix}"), prefix)),
-        ])
-        .ok()
-        .json();
-    let incident = ingested[0]["incident_id"].as_str().expect("incident id").to_owned();
-    let facts = repo("config/demo/incident.json");
-    t.run(&[
-        "--actor",
-        "alice",
-        "incidents",
-        "confirm",
-        &incident,
-        "--facts",
-        facts.to_str().expect("path"),
-    ])
-    .ok();
+    let incident = confirmed_incident(t, prefix);
     let scope = t
         .run(&[
             "--json",

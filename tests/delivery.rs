@@ -37,27 +37,7 @@ fn approved_incident(t: &Tocsin, key: &str, merchants: &[String]) -> String {
         &t.file(&format!("m-{key}.jsonl"), &merchants.join("\n")),
     ])
     .ok();
-    let ingested = t
-        .run(&[
-            "--json",
-            "events",
-            "ingest",
-            &t.file(&format!("e-{key}.json"), &event(&format!("ev-{key}"), key)),
-        ])
-        .ok()
-        .json();
-    let incident = ingested[0]["incident_id"].as_str().expect("incident id").to_owned();
-    let facts = repo("config/demo/incident.json");
-    t.run(&[
-        "--actor",
-        "alice",
-        "incidents",
-        "confirm",
-        &incident,
-        "--facts",
-        facts.to_str().expect("path"),
-    ])
-    .ok();
+    let incident = confirmed_incident(t, key);
     let ids: Vec<String> = merchants
         .iter()
         .map(|m| {

@@ -370,32 +370,6 @@ fn draft_approve_dispatch(t: &Tocsin, incident: &str) -> Value {
     .json()
 }
 
-/// Ingests one event, confirms it with the demo facts and returns the incident id.
-fn confirmed_incident(t: &Tocsin, key: &str) -> String {
-    let ingested = t
-        .run(&[
-            "--json",
-            "events",
-            "ingest",
-            &t.file("e.json", &event(&format!("ev-{key}"), key)),
-        ])
-        .ok()
-        .json();
-    let incident = ingested[0]["incident_id"].as_str().expect("id").to_owned();
-    let facts = repo("config/demo/incident.json");
-    t.run(&[
-        "--actor",
-        "alice",
-        "incidents",
-        "confirm",
-        &incident,
-        "--facts",
-        facts.to_str().expect("path"),
-    ])
-    .ok();
-    incident
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn guard_rails_refuse_bad_scopes_early_bulletins_and_reuse_of_closed_keys() {
     let t = Tocsin::new();

@@ -297,3 +297,29 @@ impl Server {
         }
     }
 }
+
+/// Ingests one event, confirms it with the demo facts and returns the incident id.
+pub fn confirmed_incident(t: &Tocsin, key: &str) -> String {
+    let ingested = t
+        .run(&[
+            "--json",
+            "events",
+            "ingest",
+            &t.file("e.json", &event(&format!("ev-{key}"), key)),
+        ])
+        .ok()
+        .json();
+    let incident = ingested[0]["incident_id"].as_str().expect("id").to_owned();
+    let facts = repo("config/demo/incident.json");
+    t.run(&[
+        "--actor",
+        "alice",
+        "incidents",
+        "confirm",
+        &incident,
+        "--facts",
+        facts.to_str().expect("path"),
+    ])
+    .ok();
+    incident
+}
