@@ -174,6 +174,10 @@ pub struct DeliverBench {
     /// CPU time of the whole process (every thread, user and system) over the timed part,
     /// per notice: steadier than the rate on a machine whose speed varies from run to run.
     pub cpu_us_per_notice: Option<f64>,
+    /// Mean size of a message as the server accepted it (SMTP only): the reference load
+    /// generator must send messages this large (`smtp-source -l`), since the sink's cost
+    /// grows with the octets it reads.
+    pub octets_per_notice: Option<f64>,
 }
 
 /// Delivers `n` pre-drafted notices to `target` with `concurrency` sends in flight per
@@ -274,6 +278,9 @@ pub async fn deliver(
         }
     }
     let channels = crate::channels::ChannelSet::from_settings(&settings, &std::env::temp_dir())?;
+    let providers: Vec<_> = channels.providers(channel).to_vec();
+    let octets = || -> Option<u64> { providers.iter().map(|p| p.provider.accepted_octets()).sum() };
+    let octets_before = octets();
     let dispatcher = crate::dispatch::Dispatcher::new(
         engine.store.clone(),
         engine.renderer.clone(),
@@ -289,6 +296,7 @@ pub async fn deliver(
         .await?;
     let seconds = clock.elapsed().as_secs_f64();
     let cpu = cpu_seconds().zip(cpu_before).map(|(after, before)| after - before);
+    let octets = octets().zip(octets_before).map(|(after, before)| after - before);
     Ok(DeliverBench {
         channel,
         notices: n,
@@ -301,6 +309,7 @@ pub async fn deliver(
         setup_seconds,
         peak_rss_mb: peak_rss_mb(),
         cpu_us_per_notice: cpu.map(|c| c * 1e6 / n.max(1) as f64),
+        octets_per_notice: octets.map(|o| o as f64 / report.sent.max(1) as f64),
     })
 }
 

@@ -139,6 +139,9 @@ pub struct Dispatcher {
     local_health: Arc<std::sync::Mutex<HashMap<String, ProviderHealth>>>,
     /// When overdue receipts were last looked for (at most once a second).
     receipt_sweep: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    /// Incidents' references (`INC-2026-0001`), fixed once an incident is opened: read once,
+    /// not with every claim (an incident row carries its whole scope rule).
+    references: Arc<std::sync::Mutex<HashMap<IncidentId, Arc<str>>>>,
 }
 
 /// Breaker states by provider, as read at a time.
@@ -180,6 +183,7 @@ impl Dispatcher {
             health: Default::default(),
             local_health: Default::default(),
             receipt_sweep: Default::default(),
+            references: Default::default(),
         }
     }
 
@@ -573,17 +577,34 @@ impl Dispatcher {
         &self,
         incidents: impl Iterator<Item = &'a IncidentId>,
     ) -> Result<HashMap<IncidentId, Arc<str>>, DispatchError> {
+        let known = |id: &IncidentId| -> Option<Arc<str>> {
+            let cache = self
+                .references
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            cache.get(id).cloned()
+        };
         let mut references: HashMap<IncidentId, Arc<str>> = HashMap::new();
         for id in incidents {
-            if !references.contains_key(id) {
-                let reference = self
-                    .store
-                    .incident(id.as_str())
-                    .await?
-                    .map(|i| i.reference)
-                    .unwrap_or_default();
-                references.insert(id.clone(), reference.into());
+            if references.contains_key(id) {
+                continue;
             }
+            let reference = match known(id) {
+                Some(r) => r,
+                None => {
+                    let Some(incident) = self.store.incident(id.as_str()).await? else {
+                        references.insert(id.clone(), Arc::from(""));
+                        continue;
+                    };
+                    let r: Arc<str> = incident.reference.into();
+                    self.references
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(id.clone(), r.clone());
+                    r
+                }
+            };
+            references.insert(id.clone(), reference);
         }
         Ok(references)
     }

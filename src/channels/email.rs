@@ -21,7 +21,7 @@ use crate::ledger::content_hash;
 
 enum Inner {
     File(AsyncFileTransport<Tokio1Executor>, PathBuf),
-    Smtp(SmtpPool),
+    Smtp(Box<SmtpPool>),
 }
 
 pub struct EmailTransport {
@@ -48,7 +48,9 @@ impl EmailTransport {
             .transpose()?;
         let dkim = dkim::from_settings(s).map_err(|e| setup_err("email", e))?;
         let inner = match s.transport.as_str() {
-            "smtp" => Inner::Smtp(SmtpPool::from_settings(&s.smtp).map_err(|e| setup_err("email", e))?),
+            "smtp" => Inner::Smtp(Box::new(
+                SmtpPool::from_settings(&s.smtp).map_err(|e| setup_err("email", e))?,
+            )),
             _ => {
                 std::fs::create_dir_all(file_dir)
                     .map_err(|e| setup_err("email", format!("{}: {e}", file_dir.display())))?;
@@ -386,6 +388,13 @@ impl Provider for EmailTransport {
         })
         .await
         .map(Accepted::with_id)
+    }
+
+    fn accepted_octets(&self) -> Option<u64> {
+        match &self.inner {
+            Inner::Smtp(pool) => Some(pool.accepted_octets()),
+            Inner::File(..) => None,
+        }
     }
 }
 

@@ -134,6 +134,11 @@ pub trait Provider: Send + Sync {
     fn reports_delivery(&self) -> bool {
         false
     }
+    /// Octets of message content the provider accepted so far, where the transport counts
+    /// them (SMTP): a benchmark's reference must move messages of the same size.
+    fn accepted_octets(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// One configured provider of one channel, with its limits and breaker settings.

@@ -163,6 +163,8 @@ pub struct SmtpPool {
     opened: AtomicU64,
     /// Whether the server offers 8BITMIME, as its latest EHLO said: 0 not known yet, 1 yes, 2 no.
     eight_bit_mime: AtomicU8,
+    /// Octets of message content the server accepted, all messages together.
+    accepted_octets: AtomicU64,
 }
 
 impl fmt::Debug for SmtpPool {
@@ -251,6 +253,7 @@ impl SmtpPool {
             permits: Semaphore::new(config.pool_size),
             opened: AtomicU64::new(0),
             eight_bit_mime: AtomicU8::new(0),
+            accepted_octets: AtomicU64::new(0),
         })
     }
 
@@ -265,6 +268,12 @@ impl SmtpPool {
 
     /// Whether the server takes 8-bit message content (8BITMIME), as far as the pool knows
     /// (`None` before the first connection).
+    /// Octets of message content (headers and body, before dot-stuffing) the server has
+    /// accepted so far.
+    pub fn accepted_octets(&self) -> u64 {
+        self.accepted_octets.load(Ordering::Relaxed)
+    }
+
     pub fn eight_bit_mime(&self) -> Option<bool> {
         match self.eight_bit_mime.load(Ordering::Relaxed) {
             1 => Some(true),
@@ -293,6 +302,7 @@ impl SmtpPool {
             match self.transaction(&mut conn, envelope, message, &options).await {
                 Ok(()) => {
                     self.put_back(conn);
+                    self.accepted_octets.fetch_add(message.len() as u64, Ordering::Relaxed);
                     return Ok(());
                 }
                 Err(f) if f.stage == Stage::MailFrom && (!f.replied() || f.closing()) => {
@@ -309,6 +319,7 @@ impl SmtpPool {
         match self.transaction(&mut conn, envelope, message, &options).await {
             Ok(()) => {
                 self.put_back(conn);
+                self.accepted_octets.fetch_add(message.len() as u64, Ordering::Relaxed);
                 Ok(())
             }
             Err(f) => {

@@ -159,9 +159,8 @@ pub(super) async fn claim_for_provider(store: &SqliteStore, c: &ProviderClaim<'_
     if !due {
         return Ok(Claimed::default());
     }
-    let _turn = store.write_gate.lock().await;
     let mut tx = store
-        .pool
+        .outbox_writer
         .begin_with("BEGIN IMMEDIATE")
         .await
         .doing("starting a claim")?;
@@ -415,9 +414,8 @@ pub(super) async fn record_attempts(
 ) -> Result<Vec<bool>, StoreError> {
     let at = Utc::now();
     let now = fmt_ts(at);
-    let _turn = store.write_gate.lock().await;
     let mut tx = store
-        .pool
+        .outbox_writer
         .begin_with("BEGIN IMMEDIATE")
         .await
         .doing("starting to record attempts")?;
@@ -618,7 +616,6 @@ pub(super) async fn release_claims(store: &SqliteStore, deliveries: &[Delivery])
         .iter()
         .map(|d| serde_json::json!({ "id": d.id.as_str(), "n": d.attempts }))
         .collect();
-    let _turn = store.write_gate.lock().await;
     let done = sqlx::query(
         "UPDATE deliveries SET status = 'pending', attempts = attempts - 1, lease_until = NULL, updated_at = $1
          FROM json_each($2) AS j
@@ -627,7 +624,7 @@ pub(super) async fn release_claims(store: &SqliteStore, deliveries: &[Delivery])
     )
     .bind(fmt_ts(Utc::now()))
     .bind(to_json(&claims))
-    .execute(&store.pool)
+    .execute(&store.outbox_writer)
     .await
     .doing("releasing unsent claims")?;
     Ok(done.rows_affected())
@@ -733,9 +730,8 @@ pub(super) async fn record_receipt(
     at: DateTime<Utc>,
 ) -> Result<bool, StoreError> {
     let now = fmt_ts(at);
-    let _turn = store.write_gate.lock().await;
     let mut tx = store
-        .pool
+        .outbox_writer
         .begin_with("BEGIN IMMEDIATE")
         .await
         .doing("starting to record a receipt")?;
@@ -893,9 +889,8 @@ pub(super) async fn redrive(
     at: DateTime<Utc>,
 ) -> Result<u64, StoreError> {
     let now = fmt_ts(at);
-    let _turn = store.write_gate.lock().await;
     let mut tx = store
-        .pool
+        .outbox_writer
         .begin_with("BEGIN IMMEDIATE")
         .await
         .doing("starting a re-drive")?;
