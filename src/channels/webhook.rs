@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use hmac::{Hmac, Mac};
-use serde_json::json;
 use sha2::Sha256;
 
 use super::{Accepted, ChannelSetupError, FailureKind, Outbound, Provider, SendError, setup_err};
@@ -20,7 +19,8 @@ enum Inner {
     File(PathBuf),
     Http {
         client: reqwest::Client,
-        url: String,
+        /// Parsed once: parsing it again for every message costs more than signing it.
+        url: reqwest::Url,
         secret: Secret,
     },
 }
@@ -56,6 +56,7 @@ impl WebhookTransport {
         };
         let inner = match s.transport.as_str() {
             "webhook" => Inner::Http {
+                url: reqwest::Url::parse(&s.url).map_err(|e| setup_err(name, format!("{name}.url: {e}")))?,
                 // No redirects: following one would turn the POST into a GET without the message
                 // and report a success that never reached the gateway.
                 client: reqwest::Client::builder()
@@ -63,7 +64,6 @@ impl WebhookTransport {
                     .timeout(Duration::from_secs(s.timeout_seconds))
                     .build()
                     .map_err(|e| setup_err(name, e))?,
-                url: s.url.clone(),
                 secret: s.signing_secret.clone(),
             },
             _ => {
@@ -75,24 +75,60 @@ impl WebhookTransport {
         Ok(Self { channel, inner })
     }
 
-    fn payload(&self, m: &Outbound<'_>) -> serde_json::Value {
-        let mut body = json!({
-            "delivery_id": m.delivery.id.as_str(),
-            "idempotency_key": m.delivery.idempotency_key,
-            "channel": self.channel.as_str(),
-            "to": m.delivery.address,
-            "locale": m.notice.locale.as_str(),
-            "reference": m.reference,
-            "url": m.notice_url,
-        });
-        match self.channel {
-            Channel::Push => {
-                body["title"] = m.notice.push_title.clone().into();
-                body["body"] = m.notice.push_body.clone().into();
-            }
-            _ => body["text"] = m.notice.sms_text.clone().into(),
+    fn payload<'a>(&self, m: &'a Outbound<'_>) -> Payload<'a> {
+        let push = self.channel == Channel::Push;
+        Payload {
+            body: push.then_some(m.notice.push_body.as_str()),
+            channel: self.channel.as_str(),
+            delivery_id: m.delivery.id.as_str(),
+            idempotency_key: &m.delivery.idempotency_key,
+            locale: m.notice.locale.as_str(),
+            reference: m.reference,
+            text: (!push).then_some(m.notice.sms_text.as_str()),
+            title: push.then_some(m.notice.push_title.as_str()),
+            to: &m.delivery.address,
+            url: m.notice_url,
         }
-        body
+    }
+}
+
+/// The webhook's JSON body. Fields in alphabetical order, as the body has always been
+/// written (receivers that verify the signature hash these exact bytes).
+#[derive(serde::Serialize)]
+struct Payload<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    body: Option<&'a str>,
+    channel: &'a str,
+    delivery_id: &'a str,
+    idempotency_key: &'a str,
+    locale: &'a str,
+    reference: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    title: Option<&'a str>,
+    to: &'a str,
+    url: &'a str,
+}
+
+/// The id a webhook may answer with, under either name.
+#[derive(serde::Deserialize)]
+struct Reply {
+    id: Option<serde_json::Value>,
+    message_id: Option<serde_json::Value>,
+}
+
+impl Reply {
+    fn message_id(self) -> Option<String> {
+        let text = |v: Option<serde_json::Value>| match v {
+            Some(serde_json::Value::String(s)) => Some(s),
+            _ => None,
+        };
+        // `id` wins when present, even if it is not text (as before: the first key found).
+        match self.id {
+            Some(id) => text(Some(id)),
+            None => text(self.message_id),
+        }
     }
 }
 
@@ -114,7 +150,7 @@ impl Provider for WebhookTransport {
                 let body = serde_json::to_vec(&payload).unwrap_or_default();
                 let timestamp = chrono::Utc::now().timestamp();
                 let response = client
-                    .post(url)
+                    .post(url.clone())
                     .header(reqwest::header::CONTENT_TYPE, "application/json")
                     .header("X-Tocsin-Timestamp", timestamp.to_string())
                     .header("X-Tocsin-Signature", sign(secret.expose().as_bytes(), timestamp, &body))
@@ -132,12 +168,7 @@ impl Provider for WebhookTransport {
                     })?;
                 let status = response.status();
                 if status.is_success() {
-                    let id = response.json::<serde_json::Value>().await.ok().and_then(|v| {
-                        v.get("id")
-                            .or_else(|| v.get("message_id"))
-                            .and_then(|i| i.as_str())
-                            .map(str::to_owned)
-                    });
+                    let id = response.json::<Reply>().await.ok().and_then(Reply::message_id);
                     return Ok(Accepted {
                         provider_message_id: id,
                     });

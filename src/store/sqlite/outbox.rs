@@ -229,36 +229,43 @@ pub(super) async fn claim_for_provider(store: &SqliteStore, c: &ProviderClaim<'_
             limited_until,
         });
     }
-    // Taken-over rows first (a worker died holding them), then due rows oldest first. The
-    // rows come back as one JSON document: a row crossing from SQLite's thread costs as much
-    // as a statement.
-    let claim_id = uuid::Uuid::new_v4().to_string();
+    // Taken-over rows first (a worker died holding them), then due rows oldest first: their
+    // ids are picked from the indexes, then those rows are leased and read by key, in that
+    // order. Rows cross from SQLite's thread as one JSON document (a row costs as much as a
+    // statement).
+    let picked: String = sqlx::query_scalar(
+        "SELECT json_group_array(id) FROM (
+             SELECT id FROM (SELECT id FROM deliveries
+                             WHERE status = 'sending' AND +channel = $1 AND lease_until <= $2 LIMIT $3)
+             UNION ALL
+             SELECT id FROM (SELECT id FROM deliveries
+                             WHERE status = 'pending' AND channel = $1 AND next_attempt_at <= $2
+                             ORDER BY next_attempt_at LIMIT $3)
+             LIMIT $3)",
+    )
+    .bind(c.channel.as_str())
+    .bind(&now)
+    .bind(granted as i64)
+    .fetch_one(&mut *tx)
+    .await
+    .doing("picking due deliveries")?;
     sqlx::query(
         "UPDATE deliveries SET status = 'sending', lease_until = $1, attempts = attempts + 1, updated_at = $2,
-                provider = $5, claim_id = $6
-         WHERE id IN (SELECT id FROM (SELECT id FROM deliveries
-                                      WHERE status = 'sending' AND +channel = $3 AND lease_until <= $2 LIMIT $4)
-                      UNION ALL
-                      SELECT id FROM (SELECT id FROM deliveries
-                                      WHERE status = 'pending' AND channel = $3 AND next_attempt_at <= $2
-                                      ORDER BY next_attempt_at LIMIT $4)
-                      LIMIT $4)",
+                provider = $3
+         WHERE id IN (SELECT value FROM json_each($4))",
     )
     .bind(fmt_ts(c.lease_until))
     .bind(&now)
-    .bind(c.channel.as_str())
-    .bind(granted as i64)
     .bind(c.provider)
-    .bind(&claim_id)
+    .bind(&picked)
     .execute(&mut *tx)
     .await
     .doing("claiming due deliveries")?;
     let claimed: String = sqlx::query_scalar(trusted(format!(
-        "SELECT json_group_array(json_array({DELIVERY_COLUMNS})) FROM deliveries
-         WHERE status = 'sending' AND provider = $1 AND claim_id = $2"
+        "SELECT json_group_array(json_array({DELIVERY_COLUMNS}))
+         FROM (SELECT d.* FROM json_each($1) AS j JOIN deliveries AS d ON d.id = j.value ORDER BY j.key)"
     )))
-    .bind(c.provider)
-    .bind(&claim_id)
+    .bind(&picked)
     .fetch_one(&mut *tx)
     .await
     .doing("reading claimed deliveries")?;
@@ -422,7 +429,9 @@ pub(super) async fn record_attempts(
     let mut stored = vec![false; records.len()];
     let mut events = Vec::with_capacity(records.len());
     // Acceptances in one statement: each row only if its claim is still this attempt's.
-    let accepted: Vec<(usize, serde_json::Value)> = records
+    // By position: id, attempt, provider, message id, content hash, receipt due.
+    type AcceptRow<'a> = (&'a str, i64, &'a str, Option<&'a str>, &'a str, Option<String>);
+    let accepted: Vec<(usize, AcceptRow<'_>)> = records
         .iter()
         .enumerate()
         .filter_map(|(i, r)| match &r.outcome {
@@ -432,15 +441,14 @@ pub(super) async fn record_attempts(
                 receipt_due_at,
             } => Some((
                 i,
-                // By position: id, attempt, provider, message id, content hash, receipt due.
-                serde_json::json!([
+                (
                     r.delivery.id.as_str(),
                     r.delivery.attempts,
-                    r.provider,
-                    provider_message_id,
-                    content_hash,
+                    r.provider.as_str(),
+                    provider_message_id.as_deref(),
+                    content_hash.as_str(),
                     receipt_due_at.map(fmt_ts),
-                ]),
+                ),
             )),
             _ => None,
         })
@@ -449,9 +457,9 @@ pub(super) async fn record_attempts(
     // acceptances (ids and hashes, no addresses), one per failure.
     let mut accepted_by_incident: std::collections::BTreeMap<&str, Vec<serde_json::Value>> = Default::default();
     for chunk in accepted.chunks(1000) {
-        let values: Vec<&serde_json::Value> = chunk.iter().map(|(_, v)| v).collect();
+        let values: Vec<&AcceptRow<'_>> = chunk.iter().map(|(_, v)| v).collect();
         let affected = sqlx::query(
-            "UPDATE deliveries SET status = 'accepted', sent_at = $1, updated_at = $1, lease_until = NULL, claim_id = NULL,
+            "UPDATE deliveries SET status = 'accepted', sent_at = $1, updated_at = $1, lease_until = NULL,
                     provider = j.value ->> 2, provider_message_id = j.value ->> 3,
                     content_hash = j.value ->> 4, receipt_due_at = j.value ->> 5,
                     last_error = NULL, error_class = NULL, error_kind = NULL
