@@ -14,24 +14,26 @@ use crate::time::fmt_ts;
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 #[derive(Serialize)]
-struct Canonical<'a> {
+struct Canonical<'a, D: Serialize + ?Sized> {
     seq: i64,
     at: &'a str,
     actor: &'a str,
     action: &'a str,
     incident_id: Option<&'a str>,
-    detail: &'a serde_json::Value,
+    detail: &'a D,
     prev_hash: &'a str,
 }
 
 /// SHA-256 over a fixed-order JSON rendering of the entry's fields and the previous hash.
-pub fn chain_hash(
+/// The detail is hashed as a `serde_json::Value` writes it (compact, keys sorted); a detail
+/// given already written (a `RawValue`) must be written that way, or the chain fails to verify.
+pub fn chain_hash<D: Serialize + ?Sized>(
     seq: i64,
     at: &str,
     actor: &str,
     action: &str,
     incident_id: Option<&str>,
-    detail: &serde_json::Value,
+    detail: &D,
     prev_hash: &str,
 ) -> String {
     let canonical = Canonical {
@@ -43,7 +45,7 @@ pub fn chain_hash(
         detail,
         prev_hash,
     };
-    // Serialising plain strings and a Value cannot fail.
+    // Serialising plain strings and a Value (or JSON already written) cannot fail.
     let bytes = serde_json::to_vec(&canonical).unwrap_or_default();
     hex::encode(Sha256::digest(bytes))
 }

@@ -955,24 +955,58 @@ impl ScopeWriter for SqliteScopeWriter {
 }
 
 async fn append_ledger_in(conn: &mut SqliteConnection, e: &NewLedgerEntry) -> Result<(), StoreError> {
+    let entry = LedgerAppend {
+        at: e.at,
+        actor: e.actor.as_str(),
+        action: &e.action,
+        incident: e.incident_id.as_ref(),
+    };
+    append_ledger_with(conn, &entry, &e.detail, &to_json(&e.detail)).await
+}
+
+/// Appends an entry whose detail is already written as JSON, as a `serde_json::Value` writes
+/// it (compact, keys sorted): large details are then written once, not built as a tree first.
+async fn append_ledger_raw_in(
+    conn: &mut SqliteConnection,
+    entry: &LedgerAppend<'_>,
+    detail: &serde_json::value::RawValue,
+) -> Result<(), StoreError> {
+    append_ledger_with(conn, entry, detail, detail.get()).await
+}
+
+/// A ledger entry's fields but its detail.
+struct LedgerAppend<'a> {
+    at: DateTime<Utc>,
+    actor: &'a str,
+    action: &'a str,
+    incident: Option<&'a IncidentId>,
+}
+
+/// `detail_json` is `detail` as stored: the hash covers `detail`'s own serialisation.
+async fn append_ledger_with<D: serde::Serialize + ?Sized>(
+    conn: &mut SqliteConnection,
+    entry: &LedgerAppend<'_>,
+    detail: &D,
+    detail_json: &str,
+) -> Result<(), StoreError> {
     let last: Option<(i64, String)> = sqlx::query_as("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1")
         .fetch_optional(&mut *conn)
         .await
         .doing("reading the ledger head")?;
     let (seq, prev) = last.map(|(s, h)| (s + 1, h)).unwrap_or((1, GENESIS.to_owned()));
-    let at = fmt_ts(e.at);
-    let incident = e.incident_id.as_ref().map(|i| i.as_str());
-    let hash = chain_hash(seq, &at, e.actor.as_str(), &e.action, incident, &e.detail, &prev);
+    let at = fmt_ts(entry.at);
+    let incident = entry.incident.map(|i| i.as_str());
+    let hash = chain_hash(seq, &at, entry.actor, entry.action, incident, detail, &prev);
     sqlx::query(
         "INSERT INTO ledger (seq, at, actor, action, incident_id, detail, prev_hash, hash)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
     )
     .bind(seq)
     .bind(at)
-    .bind(e.actor.as_str())
-    .bind(&e.action)
+    .bind(entry.actor)
+    .bind(entry.action)
     .bind(incident)
-    .bind(to_json(&e.detail))
+    .bind(detail_json)
     .bind(prev)
     .bind(hash)
     .execute(&mut *conn)

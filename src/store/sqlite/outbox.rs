@@ -319,6 +319,26 @@ fn ledger_entry(incident: &IncidentId, action: &str, detail: serde_json::Value, 
     }
 }
 
+/// The evidence of one accepted send in the ledger. Fields in alphabetical order: the entry is
+/// written directly and must read as a `serde_json::Value` writes it (keys sorted), which is
+/// what the chain's hash is checked against.
+#[derive(serde::Serialize)]
+struct AcceptedEvidence<'a> {
+    attempts: i64,
+    channel: &'a str,
+    content_hash: &'a str,
+    delivery_id: &'a str,
+    draft_id: &'a str,
+    merchant_id: &'a str,
+    provider: &'a str,
+    provider_message_id: Option<&'a str>,
+}
+
+#[derive(serde::Serialize)]
+struct AcceptedBatch<'a> {
+    deliveries: Vec<AcceptedEvidence<'a>>,
+}
+
 /// Inserts attempt and receipt history rows in one statement.
 async fn insert_events(conn: &mut SqliteConnection, events: &[serde_json::Value]) -> Result<(), StoreError> {
     for chunk in events.chunks(2000) {
@@ -455,7 +475,7 @@ pub(super) async fn record_attempts(
         .collect();
     // Final outcomes are evidence: one hash-chained entry per incident per batch of
     // acceptances (ids and hashes, no addresses), one per failure.
-    let mut accepted_by_incident: std::collections::BTreeMap<&str, Vec<serde_json::Value>> = Default::default();
+    let mut accepted_by_incident: std::collections::BTreeMap<&str, Vec<AcceptedEvidence<'_>>> = Default::default();
     for chunk in accepted.chunks(1000) {
         let values: Vec<&AcceptRow<'_>> = chunk.iter().map(|(_, v)| v).collect();
         let affected = sqlx::query(
@@ -524,12 +544,16 @@ pub(super) async fn record_attempts(
             accepted_by_incident
                 .entry(r.delivery.incident_id.as_str())
                 .or_default()
-                .push(serde_json::json!({
-                    "delivery_id": r.delivery.id.as_str(), "merchant_id": r.delivery.merchant_id.as_str(),
-                    "channel": r.delivery.channel.as_str(), "draft_id": r.delivery.draft_id.as_str(),
-                    "provider": r.provider, "attempts": r.delivery.attempts,
-                    "provider_message_id": provider_message_id, "content_hash": content_hash,
-                }));
+                .push(AcceptedEvidence {
+                    attempts: r.delivery.attempts,
+                    channel: r.delivery.channel.as_str(),
+                    content_hash,
+                    delivery_id: r.delivery.id.as_str(),
+                    draft_id: r.delivery.draft_id.as_str(),
+                    merchant_id: r.delivery.merchant_id.as_str(),
+                    provider: &r.provider,
+                    provider_message_id: provider_message_id.as_deref(),
+                });
             if matches!(r.followup, Followup::Reached) {
                 reached.push(serde_json::json!({
                     "i": r.delivery.incident_id.as_str(), "m": r.delivery.merchant_id.as_str(), "c": r.delivery.channel.as_str(),
@@ -548,12 +572,20 @@ pub(super) async fn record_attempts(
             .doing("recording merchants reached")?;
         }
     }
+    let system = Actor::system();
     for (incident, items) in accepted_by_incident {
         let Ok(incident) = incident.parse::<IncidentId>() else {
             continue;
         };
-        let detail = serde_json::json!({ "deliveries": items });
-        append_ledger_in(&mut tx, &ledger_entry(&incident, "deliveries.accepted", detail, at)).await?;
+        let detail = serde_json::value::RawValue::from_string(to_json(&AcceptedBatch { deliveries: items }))
+            .map_err(|e| corrupt("ledger", e))?;
+        let entry = LedgerAppend {
+            at,
+            actor: system.as_str(),
+            action: "deliveries.accepted",
+            incident: Some(&incident),
+        };
+        append_ledger_raw_in(&mut tx, &entry, &detail).await?;
     }
     for (i, r) in records.iter().enumerate() {
         let d = &r.delivery;
@@ -1012,4 +1044,46 @@ pub(super) async fn delivery(pool: &SqlitePool, id: &DeliveryId) -> Result<Optio
     .as_ref()
     .map(delivery_from)
     .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The acceptance evidence is written directly, not through a `Value`: it must come out
+    /// byte for byte as a `Value` writes it, since `audit verify` re-hashes the stored detail
+    /// read back as a `Value`.
+    #[test]
+    fn acceptance_evidence_is_written_as_a_value_writes_it() {
+        let items = vec![
+            AcceptedEvidence {
+                attempts: 2,
+                channel: "email",
+                content_hash: "ab12",
+                delivery_id: "dlv_1",
+                draft_id: "drf_1",
+                merchant_id: "m-\"quoted\"-商户",
+                provider: "smtp",
+                provider_message_id: Some("<dlv_1.x@example.com>"),
+            },
+            AcceptedEvidence {
+                attempts: 1,
+                channel: "sms",
+                content_hash: "cd34",
+                delivery_id: "dlv_2",
+                draft_id: "drf_1",
+                merchant_id: "m-2",
+                provider: "twilio",
+                provider_message_id: None,
+            },
+        ];
+        let direct = to_json(&AcceptedBatch { deliveries: items });
+        let value: serde_json::Value = serde_json::from_str(&direct).expect("valid JSON");
+        assert_eq!(direct, value.to_string());
+        let raw = serde_json::value::RawValue::from_string(direct.clone()).expect("raw");
+        assert_eq!(
+            crate::ledger::chain_hash(7, "t", "system", "deliveries.accepted", Some("inc_1"), &*raw, "p"),
+            crate::ledger::chain_hash(7, "t", "system", "deliveries.accepted", Some("inc_1"), &value, "p"),
+        );
+    }
 }
