@@ -340,6 +340,73 @@ pub async fn sink(listen: &str) -> std::io::Result<()> {
     axum::serve(listener, app).await
 }
 
+/// One `bench http-floor` run's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpFloorBench {
+    pub requests: u64,
+    pub seconds: f64,
+    pub per_second: f64,
+    pub failed: u64,
+    pub concurrency: u32,
+    pub cpu_us_per_request: Option<f64>,
+}
+
+/// Posts `n` requests shaped like the signed webhook's (its headers, a body of the same size)
+/// through a client configured as the webhook's, `concurrency` at a time: what the HTTP client
+/// costs before any notice is claimed, rendered, signed or recorded.
+pub async fn http_floor(url: &str, n: u64, concurrency: u32) -> Result<HttpFloorBench, EngineError> {
+    use futures_util::StreamExt;
+    let url = reqwest::Url::parse(url).map_err(|e| FieldError::new("url", e.to_string()))?;
+    let client = crate::channels::http_client_builder(30)
+        .build()
+        .map_err(|e| FieldError::new("url", e.to_string()))?;
+    // The body of a webhook SMS notice: 400 octets of JSON.
+    let text = "x".repeat(150);
+    let clock = Instant::now();
+    let cpu_before = cpu_seconds();
+    let failed = futures_util::stream::iter(0..n)
+        .map(|i| {
+            let (client, url) = (&client, url.clone());
+            let key = format!("drf_01a2308a3d8174b6a218654f4f847957:bench-sms-{i:08}:sms");
+            let body = serde_json::json!({
+                "channel": "sms", "delivery_id": format!("dlv_01a2308a3d8174b6a218{i:014x}"),
+                "idempotency_key": key, "locale": "zh-CN", "reference": "INC-2026-0001",
+                "text": text, "to": "+8613900000057", "url": "http://127.0.0.1:8080/n/0000003a462e0aa15c",
+            })
+            .to_string();
+            async move {
+                let timestamp = chrono::Utc::now().timestamp();
+                let signature = crate::channels::sign(b"bench-signing-secret", timestamp, body.as_bytes());
+                let sent = client
+                    .post(url)
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .header("X-Tocsin-Timestamp", timestamp.to_string())
+                    .header("X-Tocsin-Signature", signature)
+                    .header("Idempotency-Key", key)
+                    .body(body)
+                    .send()
+                    .await;
+                match sent {
+                    Ok(response) if response.status().is_success() => response.bytes().await.is_err(),
+                    _ => true,
+                }
+            }
+        })
+        .buffer_unordered(concurrency.max(1) as usize)
+        .fold(0u64, |failed, f| async move { failed + u64::from(f) })
+        .await;
+    let seconds = clock.elapsed().as_secs_f64();
+    let cpu = cpu_seconds().zip(cpu_before).map(|(after, before)| after - before);
+    Ok(HttpFloorBench {
+        requests: n,
+        seconds,
+        per_second: n as f64 / seconds.max(f64::EPSILON),
+        failed,
+        concurrency: concurrency.max(1),
+        cpu_us_per_request: cpu.map(|c| c * 1e6 / n.max(1) as f64),
+    })
+}
+
 /// Peak resident memory of this process so far (Linux), in MiB.
 fn peak_rss_mb() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -99,6 +99,17 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 1024)]
         batch: u32,
     },
+    /// The HTTP client alone: N POSTs shaped like the signed webhook's (same headers, a body of
+    /// the same size) with nothing drafted, rendered or recorded: the floor under `bench
+    /// deliver --channel sms|push`, against the same sink.
+    HttpFloor {
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 40_000)]
+        requests: u64,
+        #[arg(long, default_value_t = 64)]
+        concurrency: u32,
+    },
     /// A minimal HTTP peer answering 200 to everything, for `bench deliver --url` and `wrk`.
     Sink {
         #[arg(long, default_value = "127.0.0.1:8089")]
@@ -511,6 +522,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         crate::bench::sink(listen).await?;
         return Ok(ExitCode::SUCCESS);
     }
+    if let Command::Bench(BenchCmd::HttpFloor {
+        url,
+        requests,
+        concurrency,
+    }) = &cli.command
+    {
+        let report = crate::bench::http_floor(url, *requests, *concurrency).await?;
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     let settings = Settings::load(cli.config.as_deref(), std::env::vars())?;
     let engine = Tocsin::open(settings, &cli.data_dir).await?;
     let json = cli.json;
@@ -598,7 +619,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             engine.store.checkpoint().await?;
             println!("{}", serde_json::to_string(&report).unwrap_or_default());
         }
-        Command::Bench(BenchCmd::Sink { .. }) => {} // served above
+        Command::Bench(BenchCmd::Sink { .. } | BenchCmd::HttpFloor { .. }) => {} // run above
         Command::Deliveries(cmd) => deliveries(&engine, &cli, cmd).await?,
         Command::Notices(NoticesCmd::Preview {
             incident,

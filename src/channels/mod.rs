@@ -27,6 +27,7 @@ pub use crate::model::FailureKind;
 use crate::model::{Delivery, ErrorClass, Notice};
 
 pub use email::{EmailTransport, Mail, delivery_named_by, names_delivery};
+pub(crate) use webhook::client_builder as http_client_builder;
 pub use webhook::{WebhookTransport, sign};
 
 /// One message to send: the outbox row and the notice it carries.

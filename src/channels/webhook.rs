@@ -225,7 +225,7 @@ pub(super) fn without_url(e: &reqwest::Error) -> String {
 
 /// A client that follows no redirects (a redirected POST arrives as a GET without the message,
 /// and would read as a success) and gives up after `timeout_seconds`.
-pub(super) fn client_builder(timeout_seconds: u64) -> reqwest::ClientBuilder {
+pub(crate) fn client_builder(timeout_seconds: u64) -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(timeout_seconds))
