@@ -14,32 +14,34 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 
 const NOTICES: usize = 240;
 
+/// `tocsin bench deliver` of [`NOTICES`] notices on `channel` to `--smtp`/`--url` `target`.
+fn bench_deliver(t: &Tocsin, channel: &str, target_flag: &str, target: &str) -> serde_json::Value {
+    let notices = NOTICES.to_string();
+    let args = [
+        "bench",
+        "deliver",
+        "--channel",
+        channel,
+        target_flag,
+        target,
+        "--notices",
+        &notices,
+        "--concurrency",
+        "8",
+        "--batch",
+        "64",
+    ];
+    t.run(&args).ok().json()
+}
+
 #[tokio::test]
 async fn the_email_benchmark_delivers_every_notice_and_reports_the_size_the_reference_must_send() {
     let server = SmtpServer::start().await;
     let t = Tocsin::new();
     let smtp = format!("127.0.0.1:{}", server.port());
-    let report = tokio::task::spawn_blocking(move || {
-        let notices = NOTICES.to_string();
-        t.run(&[
-            "bench",
-            "deliver",
-            "--channel",
-            "email",
-            "--smtp",
-            &smtp,
-            "--notices",
-            &notices,
-            "--concurrency",
-            "8",
-            "--batch",
-            "64",
-        ])
-        .ok()
-        .json()
-    })
-    .await
-    .expect("bench ran");
+    let report = tokio::task::spawn_blocking(move || bench_deliver(&t, "email", "--smtp", &smtp))
+        .await
+        .expect("bench ran");
     assert_eq!(report["accepted"], NOTICES);
     assert_eq!(report["failed"], 0);
     let received = server.messages();
@@ -71,23 +73,7 @@ async fn the_http_benchmarks_send_every_request_signed() {
     let (deliver, floor) = {
         let (url, notices) = (url.clone(), notices.clone());
         tokio::task::spawn_blocking(move || {
-            let deliver = t
-                .run(&[
-                    "bench",
-                    "deliver",
-                    "--channel",
-                    "sms",
-                    "--url",
-                    &url,
-                    "--notices",
-                    &notices,
-                    "--concurrency",
-                    "8",
-                    "--batch",
-                    "64",
-                ])
-                .ok()
-                .json();
+            let deliver = bench_deliver(&t, "sms", "--url", &url);
             let floor = t
                 .run(&[
                     "bench",
