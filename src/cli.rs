@@ -66,6 +66,15 @@ pub enum Command {
     /// The outbox across incidents: dead letters, re-drives, histories, providers.
     #[command(subcommand)]
     Deliveries(DeliveriesCmd),
+    /// Every regulator clock still running (or past) with the time left, soonest first: each
+    /// profile in config/regulators that applies to an incident, counted in its time zone.
+    Deadlines {
+        /// Only this incident (id or reference).
+        incident: Option<String>,
+        /// Also clocks already met and clocks not started yet.
+        #[arg(long)]
+        all: bool,
+    },
     /// Benchmarks that print one JSON line per run.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -444,6 +453,38 @@ fn print<T: Serialize>(json: bool, value: &T, text: impl FnOnce() -> String) {
     }
 }
 
+/// One line per clock: incident, regulator, report, deadline on the regulator's clock, time left.
+fn deadlines_text(clocks: &[crate::clocks::ClockView]) -> String {
+    if clocks.is_empty() {
+        return "no regulator clock is running".into();
+    }
+    let left = |c: &crate::clocks::ClockView| match (c.status, c.minutes_left) {
+        (_, Some(m)) if m < 0 => format!("OVERDUE by {}h{:02}m", -m / 60, -m % 60),
+        (_, Some(m)) => format!("{}h{:02}m left", m / 60, m % 60),
+        ("waiting", _) => format!("starts when {}", c.from.replace('_', " ")),
+        (status, _) => status.replace('_', " "),
+    };
+    clocks
+        .iter()
+        .map(|c| {
+            format!(
+                "{}  {:<11} {:<22} due {:<33} {}{}",
+                c.reference,
+                c.regulator,
+                c.label_en,
+                c.due_local.as_deref().unwrap_or("-"),
+                left(c),
+                if c.calendar_assumed {
+                    "  (holidays of a later year not yet in the calendar)"
+                } else {
+                    ""
+                },
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn merchant_arg(raw: &str) -> anyhow::Result<crate::domain::MerchantId> {
     raw.parse()
         .map_err(|e: FieldError| anyhow::anyhow!("merchant: {}", e.reason))
@@ -703,6 +744,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     n.push_body
                 )
             });
+        }
+        Command::Deadlines { incident, all } => {
+            let clocks = engine.deadlines(incident.as_deref(), *all, chrono::Utc::now()).await?;
+            print(json, &clocks, || deadlines_text(&clocks));
         }
         Command::Audit(AuditCmd::Verify) => {
             let result = crate::ledger::verify(engine.store.as_ref()).await?;

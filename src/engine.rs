@@ -225,6 +225,8 @@ pub struct Tocsin {
     pub channels: ChannelSet,
     pub paths: OutputPaths,
     pub cac: RegulatorProfile,
+    /// Every regulator profile in force (the CAC's among them) and their calendars.
+    pub regulators: filing::Regulators,
     pub rules: Rules,
     pub profiles: NoticeProfiles,
     pub renderer: Arc<NoticeRenderer>,
@@ -269,8 +271,9 @@ impl Tocsin {
             Some(text) => NoticeProfiles::parse(&text)?,
             None => NoticeProfiles::builtin()?,
         };
-        let cac = match rule_file(rules_dir, "regulators/cn-cac.toml")? {
-            Some(text) => RegulatorProfile::parse(&text)?,
+        let regulators = filing::Regulators::load(rules_dir)?;
+        let cac = match regulators.get("cn-cac") {
+            Some(p) => p.clone(),
             None => RegulatorProfile::cac()?,
         };
         let templates = Arc::new(templates);
@@ -283,6 +286,7 @@ impl Tocsin {
             channels,
             paths: OutputPaths::new(data_dir),
             cac,
+            regulators,
             settings,
             store,
         })
@@ -1027,6 +1031,89 @@ impl Tocsin {
     }
 
     /// Drafts, stores and submits the CAC initial report if the incident's grade requires it.
+    /// Every regulator clock of the incidents that have facts (all but dismissed ones, or the
+    /// one named), soonest first. Without `all`, only clocks running or overdue.
+    pub async fn deadlines(
+        &self,
+        incident: Option<&str>,
+        all: bool,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<crate::clocks::ClockView>, EngineError> {
+        let incidents = match incident {
+            Some(id) => vec![self.incident(id).await?],
+            None => self
+                .store
+                .incidents()
+                .await?
+                .into_iter()
+                .filter(|i| i.state != IncidentState::Dismissed)
+                .collect(),
+        };
+        let class = self.settings.operator.operator_class()?;
+        let mut views = Vec::new();
+        for incident in &incidents {
+            let Some(facts) = incident.facts.as_ref() else {
+                continue;
+            };
+            let exposure = self.exposure(incident).await?;
+            let applying: Vec<&RegulatorProfile> = self
+                .regulators
+                .profiles
+                .iter()
+                .filter(|p| p.applies(&exposure))
+                .collect();
+            if applying.is_empty() {
+                continue;
+            }
+            let transitions = self.store.transitions(&incident.id).await?;
+            let first = |state: IncidentState| transitions.iter().find(|t| t.to_state == state).map(|t| t.at);
+            let submitted: Vec<(String, String, DateTime<Utc>)> = self
+                .store
+                .filings(&incident.id)
+                .await?
+                .into_iter()
+                .filter_map(|f| Some((f.regulator, f.stage, f.submitted_at?)))
+                .collect();
+            let inputs = crate::clocks::ClockInputs {
+                incident,
+                aware_at: facts.aware_at,
+                assessed_at: first(IncidentState::Confirmed),
+                handling_ended_at: first(IncidentState::Closed),
+                submitted: &submitted,
+                class,
+            };
+            views.extend(crate::clocks::clock_views(&inputs, &self.regulators, &applying, now));
+        }
+        if !all {
+            views.retain(|v| matches!(v.status, "open" | "overdue"));
+        }
+        views.sort_by_key(|v| (v.due_at.is_none(), v.due_at));
+        Ok(views)
+    }
+
+    /// What an incident touches, as regulators' triggers test it: the grade and categories of
+    /// its facts, the natural persons counted at scoping, the affected merchants and regions.
+    pub async fn exposure(&self, incident: &Incident) -> Result<filing::Exposure, EngineError> {
+        let merchants: i64 = self
+            .store
+            .scope_counts(&incident.id)
+            .await?
+            .iter()
+            .map(|c| c.merchants)
+            .sum();
+        Ok(filing::Exposure {
+            grade: incident.facts.as_ref().map(|f| f.grade),
+            natural_persons: incident.grade_suggestion.as_ref().map(|g| g.natural_persons),
+            merchants: u64::try_from(merchants).unwrap_or(0),
+            categories: incident
+                .facts
+                .as_ref()
+                .map(|f| f.categories.iter().map(|c| c.as_str().to_owned()).collect())
+                .unwrap_or_default(),
+            regions: self.store.affected_regions(&incident.id).await?,
+        })
+    }
+
     /// Returns `None` when the profile does not apply. Submitting twice changes nothing.
     pub async fn file_initial(&self, id: &str, actor: &Actor) -> Result<Option<Filing>, EngineError> {
         let incident = self.incident(id).await?;
@@ -1037,8 +1124,9 @@ impl Tocsin {
                 "file a regulator report",
             ));
         }
-        let facts = Self::facts(&incident)?;
-        if !self.cac.applies(facts) {
+        Self::facts(&incident)?;
+        let exposure = self.exposure(&incident).await?;
+        if !self.cac.applies(&exposure) {
             return Ok(None);
         }
         let existing = self
@@ -1050,16 +1138,12 @@ impl Tocsin {
         let filing = match existing {
             Some(f) => f,
             None => {
-                let affected: i64 = self
-                    .store
-                    .scope_counts(&incident.id)
-                    .await?
-                    .iter()
-                    .map(|c| c.merchants)
-                    .sum();
+                let affected = usize::try_from(exposure.merchants).unwrap_or(usize::MAX);
+                let c = &self.settings.contact;
                 let figures = filing::Figures {
                     reporting_unit: format!("{} ({})", self.settings.operator.name, self.settings.operator.platform),
-                    affected_merchants: (affected > 0).then_some(affected as usize),
+                    contact: format!("{} / {} / {}", c.officer_zh, c.email, c.phone),
+                    affected_merchants: (affected > 0).then_some(affected),
                     natural_persons: incident.grade_suggestion.as_ref().map(|g| g.natural_persons as usize),
                 };
                 let f = filing::draft_initial(

@@ -6,7 +6,9 @@
 
 use std::path::{Path, PathBuf};
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Utc};
+
+use crate::clocks::{Calendar, Span, Zone};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -18,6 +20,85 @@ use crate::templates::{TemplateError, Templates};
 use crate::time::{fmt_ts, human_for};
 
 pub const CAC_PROFILE: &str = include_str!("../config/regulators/cn-cac.toml");
+
+/// The regulator profiles and working-day calendars shipped in `config/`.
+static BUILTIN_REGULATORS: include_dir::Dir<'static> =
+    include_dir::include_dir!("$CARGO_MANIFEST_DIR/config/regulators");
+static BUILTIN_CALENDARS: include_dir::Dir<'static> = include_dir::include_dir!("$CARGO_MANIFEST_DIR/config/calendars");
+
+/// Every regulator profile in force, with the calendars their clocks count in.
+#[derive(Debug, Clone)]
+pub struct Regulators {
+    pub profiles: Vec<RegulatorProfile>,
+    pub calendars: std::collections::HashMap<String, Calendar>,
+}
+
+impl Regulators {
+    /// The shipped profiles and calendars; a file of the same name in `rules_dir/regulators/`
+    /// or `rules_dir/calendars/` replaces a shipped one, other `.toml` files there are added.
+    pub fn load(rules_dir: Option<&Path>) -> Result<Self, FilingError> {
+        let texts = |builtin: &include_dir::Dir<'static>, sub: &str| -> Result<Vec<(String, String)>, FilingError> {
+            let mut by_name: std::collections::BTreeMap<String, String> = builtin
+                .files()
+                .filter(|f| f.path().extension().is_some_and(|e| e == "toml"))
+                .filter_map(|f| {
+                    Some((
+                        f.path().file_name()?.to_string_lossy().into_owned(),
+                        f.contents_utf8()?.to_owned(),
+                    ))
+                })
+                .collect();
+            if let Some(dir) = rules_dir.map(|d| d.join(sub)) {
+                match std::fs::read_dir(&dir) {
+                    Ok(entries) => {
+                        for entry in entries.flatten() {
+                            let path = entry.path();
+                            if path.extension().is_some_and(|e| e == "toml") {
+                                let text = std::fs::read_to_string(&path)
+                                    .map_err(|e| FilingError::Profile(format!("{}: {e}", path.display())))?;
+                                by_name.insert(entry.file_name().to_string_lossy().into_owned(), text);
+                            }
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(FilingError::Profile(format!("{}: {e}", dir.display()))),
+                }
+            }
+            Ok(by_name.into_iter().collect())
+        };
+        let mut calendars = std::collections::HashMap::new();
+        for (name, text) in texts(&BUILTIN_CALENDARS, "calendars")? {
+            let c = Calendar::parse(&text).map_err(|e| FilingError::Profile(format!("calendars/{name}: {e}")))?;
+            calendars.insert(c.id.clone(), c);
+        }
+        let mut profiles: Vec<RegulatorProfile> = Vec::new();
+        for (name, text) in texts(&BUILTIN_REGULATORS, "regulators")? {
+            let p =
+                RegulatorProfile::parse(&text).map_err(|e| FilingError::Profile(format!("regulators/{name}: {e}")))?;
+            if let Some(c) = p.calendar.as_deref().filter(|c| !calendars.contains_key(*c)) {
+                return Err(FilingError::Profile(format!(
+                    "regulators/{name}: calendar '{c}' is not in calendars/"
+                )));
+            }
+            if profiles.iter().any(|q| q.id == p.id) {
+                return Err(FilingError::Profile(format!(
+                    "regulators/{name}: a second profile with id '{}'",
+                    p.id
+                )));
+            }
+            profiles.push(p);
+        }
+        Ok(Self { profiles, calendars })
+    }
+
+    pub fn get(&self, id: &str) -> Option<&RegulatorProfile> {
+        self.profiles.iter().find(|p| p.id == id)
+    }
+
+    pub fn calendar_of(&self, p: &RegulatorProfile) -> Option<&Calendar> {
+        p.calendar.as_deref().and_then(|c| self.calendars.get(c))
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum FilingError {
@@ -47,12 +128,142 @@ pub struct ProfileItem {
     pub required_fields: Vec<String>,
 }
 
+/// The moment a clock starts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClockStart {
+    /// When the operator became aware of the incident (the facts' `aware_at`).
+    Aware,
+    /// When the first event of the incident was detected.
+    Detected,
+    /// When a responder confirmed the incident (the assessment that it is one).
+    Assessed,
+    /// When handling ended: the incident was closed.
+    HandlingEnded,
+    /// When this profile's initial report was filed.
+    InitialFiled,
+    /// When this profile's update was filed (NIS2's final report runs from its notification).
+    UpdateFiled,
+}
+
+impl ClockStart {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ClockStart::Aware => "aware",
+            ClockStart::Detected => "detected",
+            ClockStart::Assessed => "assessed",
+            ClockStart::HandlingEnded => "handling_ended",
+            ClockStart::InitialFiled => "initial_filed",
+            ClockStart::UpdateFiled => "update_filed",
+        }
+    }
+}
+
+/// A report stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    Initial,
+    Update,
+    Final,
+}
+
+impl Stage {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Stage::Initial => "initial",
+            Stage::Update => "update",
+            Stage::Final => "final",
+        }
+    }
+}
+
+/// One deadline of a profile: which stage, from when, how long.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Clock {
-    pub from: String,
-    pub ordinary_hours: i64,
-    pub critical_infrastructure_hours: i64,
+pub struct ClockRule {
+    pub stage: Stage,
+    pub from: ClockStart,
+    pub within: Span,
+    /// A shorter period for critical-infrastructure operators (CAC: 1 hour instead of 4).
+    #[serde(default)]
+    pub critical_infrastructure: Option<Span>,
+    /// What the regime calls this report ("early warning"), when it is not just the stage.
+    #[serde(default)]
+    pub label_en: Option<String>,
+    #[serde(default)]
+    pub label_zh: Option<String>,
+}
+
+impl ClockRule {
+    pub fn span(&self, class: OperatorClass) -> Span {
+        match (class, self.critical_infrastructure) {
+            (OperatorClass::CriticalInfrastructure, Some(s)) => s,
+            _ => self.within,
+        }
+    }
+}
+
+/// When a profile applies: every condition given must hold (a condition left out holds).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Trigger {
+    #[serde(default)]
+    pub min_grade: Option<Grade>,
+    /// Distinct natural persons whose information is involved ("500 or more": 500).
+    #[serde(default)]
+    pub min_natural_persons: Option<u64>,
+    #[serde(default)]
+    pub min_merchants: Option<u64>,
+    /// Any of these data categories exposed.
+    #[serde(default)]
+    pub categories_any: Vec<String>,
+    /// Any affected merchant in one of these regions (`CN` covers `CN-ZJ`).
+    #[serde(default)]
+    pub regions_any: Vec<String>,
+}
+
+/// What an incident touches, as profiles' triggers test it.
+#[derive(Debug, Clone, Default)]
+pub struct Exposure {
+    pub grade: Option<Grade>,
+    pub natural_persons: Option<u64>,
+    pub merchants: u64,
+    pub categories: Vec<String>,
+    /// The affected merchants' regions (`CN-ZJ`, `SG`, `DE`...).
+    pub regions: Vec<String>,
+}
+
+impl Trigger {
+    pub fn holds(&self, e: &Exposure) -> bool {
+        let grade = self.min_grade.is_none_or(|min| e.grade.is_some_and(|g| g >= min));
+        let persons = self
+            .min_natural_persons
+            .is_none_or(|min| e.natural_persons.is_some_and(|n| n >= min));
+        let merchants = self.min_merchants.is_none_or(|min| e.merchants >= min);
+        let categories = self.categories_any.is_empty() || self.categories_any.iter().any(|c| e.categories.contains(c));
+        let regions = self.regions_any.is_empty()
+            || self.regions_any.iter().any(|want| {
+                e.regions
+                    .iter()
+                    .any(|r| r == want || r.strip_prefix(want.as_str()).is_some_and(|rest| rest.starts_with('-')))
+            });
+        grade && persons && merchants && categories && regions
+    }
+}
+
+/// How a profile's reports are filed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Submission {
+    /// `email`, `https` or `portal` (a document a person files on the regulator's web form).
+    pub method: String,
+    #[serde(default)]
+    pub address: Option<String>,
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default)]
+    pub portal: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -62,9 +273,20 @@ pub struct RegulatorProfile {
     pub name_en: String,
     pub name_zh: String,
     pub locale: Locale,
-    pub min_grade: Grade,
-    pub clock: Clock,
+    /// Where the regulator's days begin and end (IANA name).
+    pub time_zone: Zone,
+    /// The working-day calendar (`config/calendars/<id>.toml`) for periods in working days.
+    #[serde(default)]
+    pub calendar: Option<String>,
+    /// The profile applies when any of these holds.
+    pub triggers: Vec<Trigger>,
+    pub clocks: Vec<ClockRule>,
+    pub submission: Submission,
     pub initial: Vec<ProfileItem>,
+    #[serde(default)]
+    pub update: Vec<ProfileItem>,
+    #[serde(default, rename = "final")]
+    pub final_report: Vec<ProfileItem>,
     #[serde(default)]
     pub grade_threshold: Vec<crate::scope::GradeThreshold>,
 }
@@ -72,11 +294,53 @@ pub struct RegulatorProfile {
 impl RegulatorProfile {
     pub fn parse(text: &str) -> Result<Self, FilingError> {
         let p: Self = toml::from_str(text).map_err(|e| FilingError::Profile(e.to_string()))?;
-        if p.clock.from != "aware_at" {
-            return Err(FilingError::Profile(format!(
-                "clock.from '{}' is not supported yet; use aware_at",
-                p.clock.from
-            )));
+        let fail = |why: String| Err(FilingError::Profile(format!("{}: {why}", p.id)));
+        if p.triggers.is_empty() {
+            return fail("triggers: give at least one (an empty [[triggers]] applies to every incident)".into());
+        }
+        if !matches!(p.submission.method.as_str(), "email" | "https" | "portal") {
+            return fail(format!(
+                "submission.method: '{}' is not email, https or portal",
+                p.submission.method
+            ));
+        }
+        if p.initial.is_empty() {
+            return fail("initial: list the items of the initial report".into());
+        }
+        for c in &p.clocks {
+            let started_by = match c.from {
+                ClockStart::InitialFiled => Some(Stage::Initial),
+                ClockStart::UpdateFiled => Some(Stage::Update),
+                _ => None,
+            };
+            if started_by == Some(c.stage) {
+                return fail(format!(
+                    "clocks: the {} clock cannot start when its own report is filed",
+                    c.stage.as_str()
+                ));
+            }
+            if matches!(c.within, Span::WorkingDays(_)) && p.calendar.is_none() {
+                return fail("clocks: a period in working days needs a calendar".into());
+            }
+        }
+        if !p.clocks.iter().any(|c| c.stage == Stage::Initial) {
+            return fail("clocks: the initial report needs a clock".into());
+        }
+        for (stage, items) in [
+            ("initial", &p.initial),
+            ("update", &p.update),
+            ("final", &p.final_report),
+        ] {
+            for item in items {
+                if let Some(f) = item
+                    .fields
+                    .iter()
+                    .chain(&item.required_fields)
+                    .find(|f| !REPORT_FIELDS.contains(&f.as_str()))
+                {
+                    return fail(format!("{stage} item {}: unknown field '{f}'", item.number));
+                }
+            }
         }
         Ok(p)
     }
@@ -85,17 +349,20 @@ impl RegulatorProfile {
         Self::parse(CAC_PROFILE)
     }
 
-    pub fn applies(&self, facts: &IncidentFacts) -> bool {
-        facts.grade >= self.min_grade
+    pub fn applies(&self, e: &Exposure) -> bool {
+        self.triggers.iter().any(|t| t.holds(e))
     }
 
-    /// When the initial report is due.
+    pub fn clock(&self, stage: Stage) -> Option<&ClockRule> {
+        self.clocks.iter().find(|c| c.stage == stage)
+    }
+
+    /// When the initial report is due (its clock runs from awareness, detection or assessment;
+    /// for the CAC, from awareness).
     pub fn initial_deadline(&self, facts: &IncidentFacts, class: OperatorClass) -> DateTime<Utc> {
-        let hours = match class {
-            OperatorClass::Ordinary => self.clock.ordinary_hours,
-            OperatorClass::CriticalInfrastructure => self.clock.critical_infrastructure_hours,
-        };
-        facts.aware_at + Duration::hours(hours)
+        let rule = self.clock(Stage::Initial);
+        let span = rule.map(|r| r.span(class)).unwrap_or(Span::Hours(0));
+        crate::clocks::due(facts.aware_at, span, self.time_zone, None).at
     }
 
     pub fn name(&self) -> &str {
@@ -106,10 +373,43 @@ impl RegulatorProfile {
     }
 }
 
+/// The fields a report item may name (see [`field_text`]).
+pub const REPORT_FIELDS: &[&str] = &[
+    "reporting_unit",
+    "affected_system",
+    "occurred_at",
+    "aware_at",
+    "location",
+    "kind",
+    "grade",
+    "grade_reason",
+    "affected_counts",
+    "harm_so_far",
+    "measures_taken",
+    "ransom",
+    "trend",
+    "impact",
+    "cause",
+    "attacker_leads",
+    "measures_planned",
+    "support_requested",
+    "evidence_preservation",
+    "other",
+    "what_happened",
+    "remedies",
+    "categories",
+    "contact",
+    "responsibility",
+    "remediation",
+    "lessons",
+];
+
 /// Figures the report states besides the facts.
 #[derive(Debug, Clone, Default)]
 pub struct Figures {
     pub reporting_unit: String,
+    /// Who the regulator (or a person) contacts: the privacy officer's line.
+    pub contact: String,
     pub affected_merchants: Option<usize>,
     pub natural_persons: Option<usize>,
 }
@@ -180,6 +480,24 @@ fn field_text(name: &str, facts: &IncidentFacts, figures: &Figures, locale: Loca
         "support_requested" => (label("Support requested", "需要的支持"), text(&facts.support_requested)),
         "evidence_preservation" => (String::new(), text(&facts.evidence_preservation)),
         "other" => (String::new(), text(&facts.other)),
+        "what_happened" => (String::new(), text(&facts.what_happened)),
+        "remedies" => (
+            label("What individuals can do", "个人可以采取的措施"),
+            text(&facts.remedies),
+        ),
+        "categories" => (
+            label("Information involved", "涉及的信息种类"),
+            (!facts.categories.is_empty()).then(|| {
+                let names: Vec<&str> = facts.categories.iter().map(|c| c.as_str()).collect();
+                names.join(if zh { "、" } else { ", " })
+            }),
+        ),
+        "contact" => (
+            label("Contact", "联系方式"),
+            (!figures.contact.is_empty()).then(|| figures.contact.clone()),
+        ),
+        // Written by the responder for the summary report (no incident fact holds them yet).
+        "responsibility" | "remediation" | "lessons" => (String::new(), None),
         _ => return None,
     };
     let value = value?;
@@ -322,17 +640,119 @@ mod tests {
         let f = facts();
         assert_eq!(
             p.initial_deadline(&f, OperatorClass::Ordinary) - f.aware_at,
-            Duration::hours(4)
+            chrono::Duration::hours(4)
         );
         assert_eq!(
             p.initial_deadline(&f, OperatorClass::CriticalInfrastructure) - f.aware_at,
-            Duration::hours(1)
+            chrono::Duration::hours(1)
         );
-        assert!(p.applies(&f));
-        assert!(!p.applies(&IncidentFacts {
-            grade: Grade::General,
-            ..f
-        }));
+        let exposure = |grade| Exposure {
+            grade: Some(grade),
+            ..Default::default()
+        };
+        assert!(p.applies(&exposure(Grade::Significant)));
+        assert!(p.applies(&exposure(Grade::Critical)));
+        assert!(!p.applies(&exposure(Grade::General)));
+    }
+
+    fn shipped() -> Regulators {
+        Regulators::load(None).expect("the shipped profiles load")
+    }
+
+    #[test]
+    fn the_shipped_profiles_cover_china_the_eu_and_singapore() {
+        let r = shipped();
+        let mut ids: Vec<&str> = r.profiles.iter().map(|p| p.id.as_str()).collect();
+        ids.sort();
+        assert_eq!(ids, ["cn-cac", "cn-pipl-57", "eu-gdpr-33", "eu-nis2", "sg-pdpc"]);
+        let nis2 = r.get("eu-nis2").expect("nis2");
+        let periods: Vec<(Stage, String)> = nis2.clocks.iter().map(|c| (c.stage, c.within.to_string())).collect();
+        assert_eq!(
+            periods,
+            [
+                (Stage::Initial, "24h".to_owned()),
+                (Stage::Update, "72h".to_owned()),
+                (Stage::Final, "1mo".to_owned())
+            ]
+        );
+        assert_eq!(
+            r.get("cn-cac").and_then(|p| r.calendar_of(p)).map(|c| c.id.as_str()),
+            Some("cn")
+        );
+        // The template documents every key and is not loaded itself.
+        let template = include_str!("../config/regulators/TEMPLATE.toml.example");
+        assert!(
+            RegulatorProfile::parse(template).is_ok(),
+            "the template is a valid profile"
+        );
+    }
+
+    #[test]
+    fn triggers_hold_at_their_thresholds() {
+        let r = shipped();
+        let pdpc = r.get("sg-pdpc").expect("pdpc");
+        let sg = |persons: u64, categories: &[&str]| Exposure {
+            grade: Some(Grade::General),
+            natural_persons: Some(persons),
+            merchants: persons,
+            categories: categories.iter().map(|c| c.to_string()).collect(),
+            regions: vec!["SG".into(), "CN-ZJ".into()],
+        };
+        assert!(
+            !pdpc.applies(&sg(499, &["phone_number"])),
+            "499 people, no prescribed data"
+        );
+        assert!(pdpc.applies(&sg(500, &["phone_number"])), "500 people");
+        assert!(pdpc.applies(&sg(3, &["id_number"])), "prescribed data, any number");
+        let elsewhere = Exposure {
+            regions: vec!["CN-ZJ".into()],
+            ..sg(5000, &["id_number"])
+        };
+        assert!(!pdpc.applies(&elsewhere), "nobody in Singapore");
+
+        let gdpr = r.get("eu-gdpr-33").expect("gdpr");
+        let nis2 = r.get("eu-nis2").expect("nis2");
+        let eu = |grade, regions: &[&str]| Exposure {
+            grade: Some(grade),
+            regions: regions.iter().map(|c| c.to_string()).collect(),
+            ..Default::default()
+        };
+        assert!(gdpr.applies(&eu(Grade::General, &["DE"])));
+        assert!(!gdpr.applies(&eu(Grade::Critical, &["US-CA", "SG"])));
+        assert!(
+            !nis2.applies(&eu(Grade::General, &["DE"])),
+            "not a significant incident"
+        );
+        assert!(nis2.applies(&eu(Grade::Significant, &["FR"])));
+        // A region prefix matches its subdivisions, not other codes that start alike.
+        let pipl = r.get("cn-pipl-57").expect("pipl");
+        assert!(pipl.applies(&eu(Grade::General, &["CN-ZJ"])));
+        assert!(!pipl.applies(&eu(Grade::General, &["CNX"])));
+    }
+
+    #[test]
+    fn a_profile_with_a_mistake_is_refused_naming_it() {
+        let cac = CAC_PROFILE;
+        for (from, to, says) in [
+            ("within = \"4h\"", "within = \"4 hours\"", "not a period"),
+            (
+                "time_zone = \"Asia/Shanghai\"",
+                "time_zone = \"Asia/Beijing\"",
+                "not an IANA time zone",
+            ),
+            ("method = \"email\"", "method = \"fax\"", "submission.method"),
+            (
+                "fields = [\"cause\"]",
+                "fields = [\"motive\"]",
+                "unknown field 'motive'",
+            ),
+        ] {
+            assert!(cac.contains(from), "{from}");
+            let e = RegulatorProfile::parse(&cac.replacen(from, to, 1))
+                .expect_err(to)
+                .to_string();
+            assert!(e.contains(says), "{to}: {e}");
+        }
     }
 
     #[test]
@@ -340,6 +760,7 @@ mod tests {
         let p = RegulatorProfile::cac().expect("profile");
         let figures = Figures {
             reporting_unit: "Example Marketplace".into(),
+            contact: "privacy@example.com".into(),
             affected_merchants: Some(45),
             natural_persons: Some(30),
         };

@@ -183,6 +183,7 @@ fn router_with(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/api/v1/events", post(post_events))
         .route("/api/v1/incidents", get(list_incidents))
+        .route("/api/v1/deadlines", get(list_deadlines))
         .route("/api/v1/incidents/{id}", get(get_incident))
         .route("/api/v1/incidents/{id}/confirm", post(confirm))
         .route("/api/v1/incidents/{id}/dismiss", post(dismiss))
@@ -227,6 +228,20 @@ async fn post_events(State(s): State<AppState>, headers: HeaderMap, body: Bytes)
 
 async fn list_incidents(State(s): State<AppState>) -> ApiResult {
     ok(s.engine.incidents().await?)
+}
+
+#[derive(serde::Deserialize)]
+struct DeadlinesQuery {
+    incident: Option<String>,
+    #[serde(default)]
+    all: bool,
+}
+
+/// Every regulator clock running (`?all=true`: also met and not started), soonest first.
+async fn list_deadlines(State(s): State<AppState>, Query(q): Query<DeadlinesQuery>) -> ApiResult {
+    ok(s.engine
+        .deadlines(q.incident.as_deref(), q.all, chrono::Utc::now())
+        .await?)
 }
 
 async fn get_incident(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {

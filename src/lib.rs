@@ -13,6 +13,7 @@ pub mod bulletin;
 pub mod channels;
 pub mod classify;
 pub mod cli;
+pub mod clocks;
 pub mod completeness;
 pub mod config;
 pub mod demo;

@@ -380,6 +380,8 @@ pub trait Store: Send + Sync {
     ) -> Result<Vec<AffectedMerchant>, StoreError>;
     /// Affected merchants in one reachability state (the bulletin covers the unreachable).
     async fn affected_ids(&self, id: &IncidentId, reachability: Reachability) -> Result<Vec<MerchantId>, StoreError>;
+    /// The distinct regions of an incident's affected merchants (what regulators' triggers test).
+    async fn affected_regions(&self, id: &IncidentId) -> Result<Vec<String>, StoreError>;
     async fn affected_merchant(
         &self,
         id: &IncidentId,

@@ -1636,6 +1636,15 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    async fn affected_regions(&self, id: &IncidentId) -> Result<Vec<String>, StoreError> {
+        // From the scope's groups: a handful of rows where the affected merchants may be millions.
+        sqlx::query_scalar("SELECT DISTINCT region FROM scope_groups WHERE incident_id = $1 ORDER BY region")
+            .bind(id.as_str())
+            .fetch_all(&self.pool)
+            .await
+            .doing("listing the affected merchants' regions")
+    }
+
     async fn affected_merchant(
         &self,
         id: &IncidentId,
