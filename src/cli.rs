@@ -75,6 +75,9 @@ pub enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// The deadline watchdog (`tocsin serve` runs it on `watchdog.schedule`).
+    #[command(subcommand)]
+    Watchdog(WatchdogCmd),
     /// Benchmarks that print one JSON line per run.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -124,6 +127,18 @@ pub enum BenchCmd {
         #[arg(long, default_value = "127.0.0.1:8089")]
         listen: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WatchdogCmd {
+    /// One round now: store and send the reminders and escalations the clocks call for.
+    Tick {
+        /// Run the round as if it were this instant (RFC 3339), e.g. to rehearse a deadline.
+        #[arg(long)]
+        now: Option<String>,
+    },
+    /// Every reminder of an incident: point, channel, status, when sent.
+    Reminders { incident: String },
 }
 
 #[derive(Debug, Args)]
@@ -743,6 +758,40 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     n.push_title,
                     n.push_body
                 )
+            });
+        }
+        Command::Watchdog(WatchdogCmd::Tick { now }) => {
+            let now = match now {
+                Some(t) => crate::time::parse_ts(t)
+                    .map_err(|e| anyhow::anyhow!("--now: '{t}' is not an RFC 3339 instant ({e})"))?,
+                None => chrono::Utc::now(),
+            };
+            let report = engine.watchdog_tick(now).await?;
+            print(json, &report, || {
+                format!(
+                    "{} reminder(s) and {} escalation(s) sent, {} failed (retried next round); {} stored",
+                    report.reminders, report.escalations, report.failed, report.stored
+                )
+            });
+        }
+        Command::Watchdog(WatchdogCmd::Reminders { incident }) => {
+            let list = engine.reminders(incident).await?;
+            print(json, &list, || {
+                list.iter()
+                    .map(|r| {
+                        format!(
+                            "{} {:<8} {:<11} {:<10} {:<6} {:<8} {}",
+                            crate::time::human(r.due_at),
+                            r.stage,
+                            r.regulator,
+                            r.point,
+                            r.channel,
+                            r.status,
+                            r.sent_at.map(crate::time::human).unwrap_or_default()
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
             });
         }
         Command::Deadlines { incident, all } => {

@@ -67,6 +67,7 @@ pub struct Settings {
     pub push: WebhookChannelSettings,
     pub bulletin: BulletinSettings,
     pub filing: FilingSettings,
+    pub watchdog: WatchdogSettings,
     #[serde(default)]
     pub paths: PathSettings,
     /// Named providers that channels list in `providers` (failover order).
@@ -388,6 +389,18 @@ pub struct BulletinSettings {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct WatchdogSettings {
+    /// When `tocsin serve` checks the clocks (cron, seconds first).
+    pub schedule: String,
+    /// Reminder points before each deadline: `2h,30m`.
+    pub remind_before: String,
+    /// Email addresses and E.164 phone numbers, comma-separated.
+    pub responders: String,
+    pub escalation: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FilingSettings {
     /// `file` (JSON and HTML under the data directory) or `email`.
     pub transport: String,
@@ -504,6 +517,9 @@ impl Settings {
         }
         crate::scheduler::Schedule::parse(&self.delivery.sweep_schedule)
             .map_err(|e| invalid("delivery.sweep_schedule", e.to_string()))?;
+        crate::scheduler::Schedule::parse(&self.watchdog.schedule)
+            .map_err(|e| invalid("watchdog.schedule", e.to_string()))?;
+        crate::watchdog::Plan::from_settings(&self.watchdog).map_err(|e| invalid(e.field, e.reason))?;
         Ok(())
     }
 }

@@ -143,6 +143,17 @@ pub struct IncidentView {
     pub filings: Vec<FilingView>,
 }
 
+/// One watchdog round: reminders stored, and sent this round.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct WatchdogReport {
+    /// Reminder rows stored this round (new clock points, recipients and skipped points).
+    pub stored: u64,
+    pub reminders: u64,
+    pub escalations: u64,
+    /// Sends that failed this round (kept pending; the next round retries them).
+    pub failed: u64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct FilingView {
     pub id: FilingId,
@@ -1089,6 +1100,104 @@ impl Tocsin {
         }
         views.sort_by_key(|v| (v.due_at.is_none(), v.due_at));
         Ok(views)
+    }
+
+    /// Every reminder the watchdog stored for an incident.
+    pub async fn reminders(&self, id: &str) -> Result<Vec<ClockReminder>, EngineError> {
+        let incident = self.incident(id).await?;
+        Ok(self.store.reminders(&incident.id).await?)
+    }
+
+    /// One round of the watchdog at `now`: stores the reminders and escalations the running
+    /// clocks call for (each clock, point and recipient once), then sends every one not sent
+    /// yet, this round's and any an earlier round could not send.
+    pub async fn watchdog_tick(&self, now: DateTime<Utc>) -> Result<WatchdogReport, EngineError> {
+        let plan = crate::watchdog::Plan::from_settings(&self.settings.watchdog)
+            .map_err(|e| FieldError::new(e.field, e.reason))?;
+        let mut report = WatchdogReport::default();
+        if plan.responders.is_empty() && plan.escalation.is_empty() {
+            return Ok(report);
+        }
+        let clocks = self.deadlines(None, false, now).await?;
+        let mut rows = Vec::new();
+        for clock in &clocks {
+            let (Some(call), Some(due_at)) = (crate::watchdog::call(clock, &plan, now), clock.due_at) else {
+                continue;
+            };
+            let row = |point: &str, recipient: &str, channel: &str, text: &str, status: &str| ClockReminder {
+                incident_id: clock.incident_id.clone(),
+                regulator: clock.regulator.clone(),
+                stage: clock.stage.to_owned(),
+                due_at,
+                point: point.to_owned(),
+                recipient: recipient.to_owned(),
+                channel: channel.to_owned(),
+                text: text.to_owned(),
+                status: status.to_owned(),
+                attempts: 0,
+                last_error: None,
+                sent_at: None,
+            };
+            let text = crate::watchdog::text(clock, &call.point, now);
+            let mut told: Vec<&str> = Vec::new();
+            let escalation = if call.escalate { plan.escalation.as_slice() } else { &[] };
+            for contact in plan.responders.iter().chain(escalation) {
+                if !told.contains(&contact.address()) {
+                    told.push(contact.address());
+                    rows.push(row(&call.point, contact.address(), contact.channel(), &text, "pending"));
+                }
+            }
+            for skipped in &call.skipped {
+                rows.push(row(skipped, "", "", "", "skipped"));
+            }
+        }
+        report.stored = self.store.add_reminders(&rows, now).await?;
+        let pending = self.store.pending_reminders().await?;
+        if pending.is_empty() {
+            return Ok(report);
+        }
+        let mailer = EmailTransport::from_settings(&self.settings.email, &self.paths.email_outbox)?;
+        let texter =
+            crate::channels::WebhookTransport::from_settings(Channel::Sms, &self.settings.sms, &self.paths.sms_outbox)?;
+        for r in pending {
+            let key = r.key();
+            let sent = match r.channel.as_str() {
+                "email" => {
+                    let subject = r.text.lines().next().unwrap_or_default();
+                    let mail = Mail {
+                        to: &r.recipient,
+                        subject,
+                        text: &r.text,
+                        html: &format!("<p>{}</p>", handlebars::html_escape(&r.text)),
+                        language: "zh-CN",
+                        key: &key,
+                        delivery: None,
+                    };
+                    mailer.send_mail(&mail).await.map(|_| ())
+                }
+                _ => texter.send_text(&r.recipient, &r.text, &key).await.map(|_| ()),
+            };
+            match sent {
+                Ok(()) => {
+                    self.store.finish_reminder(&r, Ok(Utc::now())).await?;
+                    if r.point == "overdue" {
+                        report.escalations += 1;
+                    } else {
+                        report.reminders += 1;
+                    }
+                    tracing::info!(incident = %r.incident_id, regulator = %r.regulator, stage = %r.stage,
+                        point = %r.point, channel = %r.channel, "reminder sent");
+                }
+                Err(e) => {
+                    // The error stays in the store: a provider's words may quote the address.
+                    tracing::warn!(incident = %r.incident_id, regulator = %r.regulator, point = %r.point,
+                        channel = %r.channel, "reminder not sent; retried next round");
+                    self.store.finish_reminder(&r, Err(e.message)).await?;
+                    report.failed += 1;
+                }
+            }
+        }
+        Ok(report)
     }
 
     /// What an incident touches, as regulators' triggers test it: the grade and categories of

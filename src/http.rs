@@ -524,18 +524,36 @@ async fn worker(state: AppState, schedule: Schedule, mut stop: tokio::sync::watc
         if let Err(e) = engine.store.checkpoint().await {
             tracing::warn!(error = %e, "checkpointing the database failed");
         }
-        let now = Utc::now();
-        let next_tick = schedule
-            .next_after(now)
-            .map(|t| (t - now).to_std().unwrap_or_default())
-            .unwrap_or(Duration::from_secs(10));
         tokio::select! {
-            _ = tokio::time::sleep(next_tick.max(Duration::from_millis(10))) => {}
+            _ = tokio::time::sleep(until_next(&schedule, Duration::from_secs(10))) => {}
             _ = stop.changed() => break,
         }
     }
     // The pipelines saw the same stop: they claim nothing more and record what is in flight.
     let _ = deliveries.await;
+}
+
+/// How long until `schedule` next fires (`otherwise` if it never does), at least 10 ms.
+fn until_next(schedule: &Schedule, otherwise: Duration) -> Duration {
+    let now = Utc::now();
+    schedule
+        .next_after(now)
+        .map(|t| (t - now).to_std().unwrap_or_default())
+        .unwrap_or(otherwise)
+        .max(Duration::from_millis(10))
+}
+
+/// The deadline watchdog of `serve`: a round on every tick of `watchdog.schedule`.
+async fn watchdog(engine: Arc<Tocsin>, schedule: Schedule, mut stop: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(until_next(&schedule, Duration::from_secs(60))) => {}
+            _ = stop.changed() => break,
+        }
+        if let Err(e) = engine.watchdog_tick(Utc::now()).await {
+            tracing::error!(error = %e, "the deadline watchdog's round failed");
+        }
+    }
 }
 
 /// Checks that `listen` is a loopback address.
@@ -571,6 +589,8 @@ pub async fn serve(
         wake_worker: Arc::new(tokio::sync::Notify::new()),
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let watchdog_schedule = Schedule::parse(&state.engine.settings.watchdog.schedule)?;
+    let watchdog_task = tokio::spawn(watchdog(state.engine.clone(), watchdog_schedule, stop_rx.clone()));
     let worker_task = tokio::spawn(worker(state.clone(), schedule, stop_rx));
     let app = router_with(state);
     // On the signal the workers stop claiming at once, while the server finishes its requests.
@@ -581,6 +601,7 @@ pub async fn serve(
     };
     let result = axum::serve(listener, app).with_graceful_shutdown(stopping).await;
     let _ = worker_task.await;
+    let _ = watchdog_task.await;
     tracing::info!("stopped");
     Ok(result?)
 }

@@ -35,6 +35,7 @@ pub mod store;
 pub mod taxonomy;
 pub mod templates;
 pub mod time;
+pub mod watchdog;
 
 pub use engine::{EngineError, Tocsin};
 

@@ -565,6 +565,42 @@ pub struct Bulletin {
     pub covered: i64,
 }
 
+/// One reminder (or escalation) of a regulator clock to one recipient; see [`crate::watchdog`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClockReminder {
+    pub incident_id: String,
+    pub regulator: String,
+    pub stage: String,
+    pub due_at: DateTime<Utc>,
+    /// `before:2h`, `overdue`.
+    pub point: String,
+    /// A responder's email address or phone number; empty for a skipped point.
+    pub recipient: String,
+    /// `email`, `sms`, or empty for a skipped point.
+    pub channel: String,
+    pub text: String,
+    /// `pending`, `sent` or `skipped`.
+    pub status: String,
+    pub attempts: i64,
+    pub last_error: Option<String>,
+    pub sent_at: Option<DateTime<Utc>>,
+}
+
+impl ClockReminder {
+    /// The reminder's identity, carried as its idempotency key (Message-ID, Idempotency-Key).
+    pub fn key(&self) -> String {
+        format!(
+            "reminder:{}:{}:{}:{}:{}:{}",
+            self.incident_id,
+            self.regulator,
+            self.stage,
+            crate::time::fmt_ts(self.due_at),
+            self.point,
+            self.recipient
+        )
+    }
+}
+
 /// A regulator filing of one stage for one incident.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Filing {

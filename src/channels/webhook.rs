@@ -135,11 +135,39 @@ impl Reply {
 #[async_trait]
 impl Provider for WebhookTransport {
     async fn send(&self, m: &Outbound<'_>) -> Result<Accepted, SendError> {
-        let payload = self.payload(m);
+        self.post(&self.payload(m), &m.delivery.idempotency_key).await
+    }
+}
+
+/// An operational text to a phone number (the watchdog's reminders to responders), through
+/// the same signed webhook: `channel`, `idempotency_key`, `kind` (`reminder`), `text`, `to`.
+#[derive(serde::Serialize)]
+struct TextPayload<'a> {
+    channel: &'a str,
+    idempotency_key: &'a str,
+    kind: &'a str,
+    text: &'a str,
+    to: &'a str,
+}
+
+impl WebhookTransport {
+    /// Sends `text` to `to` with the idempotency key `key` (a repeat is the same request).
+    pub async fn send_text(&self, to: &str, text: &str, key: &str) -> Result<Accepted, SendError> {
+        let payload = TextPayload {
+            channel: self.channel.as_str(),
+            idempotency_key: key,
+            kind: "reminder",
+            text,
+            to,
+        };
+        self.post(&payload, key).await
+    }
+
+    async fn post<P: serde::Serialize + Sync>(&self, payload: &P, key: &str) -> Result<Accepted, SendError> {
         match &self.inner {
             Inner::File(dir) => {
                 // Named by the idempotency key: a repeated send rewrites the same file.
-                let name = format!("{}.json", &content_hash(m.delivery.idempotency_key.as_bytes())[..32]);
+                let name = format!("{}.json", &content_hash(key.as_bytes())[..32]);
                 let text = serde_json::to_vec_pretty(&payload).unwrap_or_default();
                 tokio::fs::write(dir.join(&name), text)
                     .await
@@ -154,7 +182,7 @@ impl Provider for WebhookTransport {
                     .header(reqwest::header::CONTENT_TYPE, "application/json")
                     .header("X-Tocsin-Timestamp", timestamp.to_string())
                     .header("X-Tocsin-Signature", sign(secret.expose().as_bytes(), timestamp, &body))
-                    .header("Idempotency-Key", &m.delivery.idempotency_key)
+                    .header("Idempotency-Key", key)
                     .body(body)
                     .send()
                     .await

@@ -380,6 +380,19 @@ pub trait Store: Send + Sync {
     ) -> Result<Vec<AffectedMerchant>, StoreError>;
     /// Affected merchants in one reachability state (the bulletin covers the unreachable).
     async fn affected_ids(&self, id: &IncidentId, reachability: Reachability) -> Result<Vec<MerchantId>, StoreError>;
+    /// Stores reminders not stored yet (a row already there for the same clock, point and
+    /// recipient is kept as it is); returns how many were new.
+    async fn add_reminders(&self, reminders: &[ClockReminder], at: DateTime<Utc>) -> Result<u64, StoreError>;
+    /// Reminders stored but not yet sent, oldest first.
+    async fn pending_reminders(&self) -> Result<Vec<ClockReminder>, StoreError>;
+    /// Records a send: `Ok(at)` marks the reminder sent, `Err(reason)` counts a failed attempt.
+    async fn finish_reminder(
+        &self,
+        r: &ClockReminder,
+        outcome: Result<DateTime<Utc>, String>,
+    ) -> Result<(), StoreError>;
+    /// Every reminder of an incident, in the order stored.
+    async fn reminders(&self, id: &IncidentId) -> Result<Vec<ClockReminder>, StoreError>;
     /// The distinct regions of an incident's affected merchants (what regulators' triggers test).
     async fn affected_regions(&self, id: &IncidentId) -> Result<Vec<String>, StoreError>;
     async fn affected_merchant(

@@ -78,6 +78,30 @@ impl SqliteStore {
     }
 }
 
+const REMINDER_SELECT: &str = "SELECT incident_id, regulator, stage, due_at, point, recipient, channel, text, status, \
+     attempts, last_error, sent_at FROM clock_reminders";
+
+fn reminder_from(row: &SqliteRow) -> Result<ClockReminder, StoreError> {
+    let ts = |name: &'static str, v: String| parse_ts(&v).map_err(|e| corrupt(name, e));
+    Ok(ClockReminder {
+        incident_id: row.get("incident_id"),
+        regulator: row.get("regulator"),
+        stage: row.get("stage"),
+        due_at: ts("clock_reminders.due_at", row.get("due_at"))?,
+        point: row.get("point"),
+        recipient: row.get("recipient"),
+        channel: row.get("channel"),
+        text: row.get("text"),
+        status: row.get("status"),
+        attempts: row.get("attempts"),
+        last_error: row.get("last_error"),
+        sent_at: row
+            .get::<Option<String>, _>("sent_at")
+            .map(|v| ts("clock_reminders.sent_at", v))
+            .transpose()?,
+    })
+}
+
 fn corrupt(what: &'static str, reason: impl ToString) -> StoreError {
     StoreError::Corrupt {
         what,
@@ -1634,6 +1658,101 @@ impl Store for SqliteStore {
         rows.iter()
             .map(|r| r.parse().map_err(|e: FieldError| corrupt("merchant id", e)))
             .collect()
+    }
+
+    async fn add_reminders(&self, reminders: &[ClockReminder], at: DateTime<Utc>) -> Result<u64, StoreError> {
+        let rows: Vec<serde_json::Value> = reminders
+            .iter()
+            .map(|r| {
+                serde_json::json!([
+                    r.incident_id,
+                    r.regulator,
+                    r.stage,
+                    fmt_ts(r.due_at),
+                    r.point,
+                    r.recipient,
+                    r.channel,
+                    r.text,
+                    r.status
+                ])
+            })
+            .collect();
+        let mut added = 0;
+        for chunk in rows.chunks(500) {
+            added += sqlx::query(
+                "INSERT OR IGNORE INTO clock_reminders
+                     (incident_id, regulator, stage, due_at, point, recipient, channel, text, status, created_at)
+                 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6,
+                        value ->> 7, value ->> 8, $2
+                 FROM json_each($1)
+                 -- A point marked skipped only if nothing was stored for it (it may have gone).
+                 WHERE value ->> 8 <> 'skipped'
+                    OR NOT EXISTS (SELECT 1 FROM clock_reminders AS c
+                                   WHERE c.incident_id = value ->> 0 AND c.regulator = value ->> 1
+                                     AND c.stage = value ->> 2 AND c.due_at = value ->> 3 AND c.point = value ->> 4)",
+            )
+            .bind(to_json(&chunk))
+            .bind(fmt_ts(at))
+            .execute(&self.pool)
+            .await
+            .doing("storing reminders")?
+            .rows_affected();
+        }
+        Ok(added)
+    }
+
+    async fn pending_reminders(&self) -> Result<Vec<ClockReminder>, StoreError> {
+        sqlx::query(trusted(format!(
+            "{REMINDER_SELECT} WHERE status = 'pending' ORDER BY created_at, point, recipient"
+        )))
+        .fetch_all(&self.pool)
+        .await
+        .doing("reading pending reminders")?
+        .iter()
+        .map(reminder_from)
+        .collect()
+    }
+
+    async fn finish_reminder(
+        &self,
+        r: &ClockReminder,
+        outcome: Result<DateTime<Utc>, String>,
+    ) -> Result<(), StoreError> {
+        let (status, sent_at, error) = match outcome {
+            Ok(at) => ("sent", Some(fmt_ts(at)), None),
+            Err(e) => ("pending", None, Some(e)),
+        };
+        sqlx::query(
+            "UPDATE clock_reminders SET status = $1, sent_at = $2, last_error = $3, attempts = attempts + 1
+             WHERE incident_id = $4 AND regulator = $5 AND stage = $6 AND due_at = $7 AND point = $8 AND recipient = $9
+               AND status = 'pending'",
+        )
+        .bind(status)
+        .bind(sent_at)
+        .bind(error)
+        .bind(&r.incident_id)
+        .bind(&r.regulator)
+        .bind(&r.stage)
+        .bind(fmt_ts(r.due_at))
+        .bind(&r.point)
+        .bind(&r.recipient)
+        .execute(&self.pool)
+        .await
+        .doing("recording a reminder's send")?;
+        Ok(())
+    }
+
+    async fn reminders(&self, id: &IncidentId) -> Result<Vec<ClockReminder>, StoreError> {
+        sqlx::query(trusted(format!(
+            "{REMINDER_SELECT} WHERE incident_id = $1 ORDER BY created_at, due_at, point, recipient"
+        )))
+        .bind(id.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .doing("reading reminders")?
+        .iter()
+        .map(reminder_from)
+        .collect()
     }
 
     async fn affected_regions(&self, id: &IncidentId) -> Result<Vec<String>, StoreError> {
