@@ -39,6 +39,78 @@ pub fn page_file(locale: Locale) -> String {
     }
 }
 
+/// What the public "am I affected?" lookup answers. Without the right second factor the answer
+/// is `Unverified` whether or not the merchant exists or is affected, so nobody can enumerate
+/// merchants or learn anything about one.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum LookupAnswer {
+    /// The labels of the categories exposed, in the asker's language.
+    Affected {
+        categories: Vec<String>,
+    },
+    NotAffected,
+    Unverified,
+    /// Too many lookups from this client: try again in this many seconds.
+    Limited {
+        retry_after_seconds: u64,
+    },
+}
+
+impl LookupAnswer {
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            LookupAnswer::Affected { .. } => "affected",
+            LookupAnswer::NotAffected => "not_affected",
+            LookupAnswer::Unverified => "unverified",
+            LookupAnswer::Limited { .. } => "limited",
+        }
+    }
+}
+
+/// The client as the lookup log keeps it: a salted hash of its address (32 hex digits).
+pub fn client_key(salt: &str, address: &str) -> String {
+    content_hash(format!("{salt}:{address}").as_bytes())[..32].to_owned()
+}
+
+/// The second factor as given: exactly four digits.
+pub fn parse_factor(text: &str) -> Result<String, FieldError> {
+    let t = text.trim();
+    if t.len() == 4 && t.bytes().all(|b| b.is_ascii_digit()) {
+        Ok(t.to_owned())
+    } else {
+        Err(FieldError::new(
+            "factor",
+            "must be the last four digits of the registered phone number",
+        ))
+    }
+}
+
+/// Compares in time independent of where the texts differ.
+pub fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The answer page in `locale`.
+pub fn render_lookup(
+    answer: &LookupAnswer,
+    reference: &str,
+    back: &str,
+    locale: Locale,
+    templates: &Templates,
+) -> Result<String, BulletinError> {
+    let context = json!({
+        "reference": reference,
+        "back": back,
+        "affected": matches!(answer, LookupAnswer::Affected { .. }),
+        "categories": match answer { LookupAnswer::Affected { categories } => categories.clone(), _ => vec![] },
+        "not_affected": *answer == LookupAnswer::NotAffected,
+        "unverified": *answer == LookupAnswer::Unverified,
+        "limited": matches!(answer, LookupAnswer::Limited { .. }),
+    });
+    Ok(templates.render(&format!("bulletin/{locale}/lookup.html"), &context)?)
+}
+
 /// Why a bulletin is (re)published now, or `None` if it need not be.
 pub fn trigger(unreachable: usize, threshold: u64, responder_asked: bool) -> Option<String> {
     if responder_asked {
@@ -136,6 +208,8 @@ pub fn render_files(
             },
             "feed_href": "feed.atom",
             "json_href": "bulletin.json",
+            // The lookup needs Tocsin itself (a static copy still shows the form).
+            "lookup": { "action": format!("{}/lookup", settings.notice_base_url.trim_end_matches('/')) },
         });
         files.push((
             page_file(locale),

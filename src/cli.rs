@@ -406,6 +406,9 @@ pub enum IncidentsCmd {
     Bulletin { id: String },
     /// Draft and submit the regulator's initial report (CAC) if the grade requires it.
     File { id: String },
+    /// The "am I affected?" lookups made on the incident's bulletin: when, outcome, and the
+    /// client as a salted hash (no merchant id, no second factor).
+    Lookups { id: String },
     /// List the incident's deliveries.
     Deliveries { id: String },
     /// List the affected merchants: exposure, risk with its reasons, notice decision and why.
@@ -974,6 +977,15 @@ async fn incidents(engine: &Tocsin, cli: &Cli, cmd: &IncidentsCmd) -> anyhow::Re
                     engine.paths.bulletins.display()
                 ),
                 None => "no bulletin published".into(),
+            });
+        }
+        IncidentsCmd::Lookups { id } => {
+            let list = engine.lookups(id).await?;
+            print(json, &list, || {
+                list.iter()
+                    .map(|l| format!("{}  {:<12} client {}", crate::time::human(l.at), l.outcome, l.client))
+                    .collect::<Vec<_>>()
+                    .join("\n")
             });
         }
         IncidentsCmd::File { id } => {

@@ -385,6 +385,8 @@ fn push_body_max() -> usize {
 pub struct BulletinSettings {
     /// Publish a bulletin when at least this many affected merchants are unreachable.
     pub unreachable_threshold: u64,
+    /// "Am I affected?" lookups allowed per client per hour.
+    pub lookups_per_hour: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]

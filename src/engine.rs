@@ -1102,6 +1102,83 @@ impl Tocsin {
         Ok(views)
     }
 
+    /// The public "am I affected?" lookup on a published bulletin: `merchant_id` and `factor`
+    /// (the last four digits of the registered phone) as typed, `client` the asker's address
+    /// (kept only as a salted hash). Every lookup is logged without personal data.
+    pub async fn lookup(
+        &self,
+        reference: &str,
+        merchant_id: &str,
+        factor: &str,
+        client: &str,
+        locale: Locale,
+        now: DateTime<Utc>,
+    ) -> Result<bulletin::LookupAnswer, EngineError> {
+        use bulletin::LookupAnswer;
+        let factor = bulletin::parse_factor(factor)?;
+        let incident = self.incident(reference).await?;
+        // Only a published incident can be looked up: the lookup reveals nothing else.
+        if self.store.bulletins(&incident.id).await?.is_empty() {
+            return Err(EngineError::NotFound {
+                what: "bulletin",
+                id: reference.to_owned(),
+            });
+        }
+        let client = bulletin::client_key(&self.store.lookup_salt().await?, client);
+        let limit = u64::from(self.settings.bulletin.lookups_per_hour);
+        let answer = if self
+            .store
+            .lookups_since(&client, now - chrono::Duration::hours(1))
+            .await?
+            >= limit
+        {
+            LookupAnswer::Limited {
+                retry_after_seconds: 3600,
+            }
+        } else {
+            // The same reads whether the id is known or not, so the time taken tells nothing.
+            let id: Option<MerchantId> = merchant_id.trim().parse().ok();
+            let (merchant, affected) = match &id {
+                Some(id) => (
+                    self.store.merchant(id).await?,
+                    self.store.affected_merchant(&incident.id, id).await?,
+                ),
+                None => (None, None),
+            };
+            let expected = merchant
+                .as_ref()
+                .and_then(|m| m.phone.as_ref())
+                .map(|p| p.last_four().to_owned())
+                .unwrap_or_else(|| "----".into());
+            if !bulletin::same_secret(&expected, &factor) {
+                LookupAnswer::Unverified
+            } else {
+                match affected {
+                    Some(a) => LookupAnswer::Affected {
+                        categories: a.exposed.iter().map(|c| self.taxonomy.label(c, locale)).collect(),
+                    },
+                    None => LookupAnswer::NotAffected,
+                }
+            }
+        };
+        self.store
+            .record_lookup(&Lookup {
+                at: now,
+                reference: incident.reference.clone(),
+                client,
+                outcome: answer.outcome().to_owned(),
+            })
+            .await?;
+        tracing::info!(reference = %incident.reference, outcome = answer.outcome(), "bulletin lookup");
+        Ok(answer)
+    }
+
+    /// The lookups made on an incident's bulletin (no personal data), newest first.
+    pub async fn lookups(&self, id: &str) -> Result<Vec<Lookup>, EngineError> {
+        let incident = self.incident(id).await?;
+        Ok(self.store.lookups(&incident.reference).await?)
+    }
+
     /// Every reminder the watchdog stored for an incident.
     pub async fn reminders(&self, id: &str) -> Result<Vec<ClockReminder>, EngineError> {
         let incident = self.incident(id).await?;

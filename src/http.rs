@@ -204,6 +204,7 @@ fn router_with(state: AppState) -> Router {
         .route("/api/v1/incidents/{id}/diff/{merchant}", get(diff))
         .route("/api/v1/notices/{id}", get(get_notice))
         .route("/n/{token}", get(notice_page))
+        .route("/lookup", post(lookup))
         // Provider callbacks, each authenticated by the provider's own scheme.
         .route("/hooks/twilio/{provider}", post(twilio_status))
         .route("/hooks/aliyun/{provider}", post(aliyun_report))
@@ -403,6 +404,101 @@ async fn notice_page(State(s): State<AppState>, Path(token): Path<String>) -> Re
     }
 }
 
+/// The form of the bulletin's "am I affected?" lookup.
+#[derive(Deserialize)]
+struct LookupForm {
+    reference: String,
+    #[serde(default)]
+    merchant_id: String,
+    #[serde(default)]
+    factor: String,
+    #[serde(default)]
+    lang: Option<String>,
+}
+
+/// `POST /lookup`, unauthenticated: answers as an HTML page in the form's language, or as JSON
+/// when asked (`Accept: application/json`); 429 once a client has looked up too often.
+async fn lookup(state: State<AppState>, request: axum::extract::Request) -> Response {
+    // Answers (refusals too) are about one merchant: never cached, never sent on as a referrer.
+    let mut response = lookup_answer(state, request).await;
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, axum::http::HeaderValue::from_static("no-store"));
+    headers.insert(
+        header::REFERRER_POLICY,
+        axum::http::HeaderValue::from_static("no-referrer"),
+    );
+    response
+}
+
+async fn lookup_answer(State(s): State<AppState>, request: axum::extract::Request) -> Response {
+    let client = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let wants_json = request
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/json"));
+    let limit = s.engine.settings.server.body_limit_bytes;
+    let form: LookupForm = match axum::body::to_bytes(request.into_body(), limit).await {
+        Ok(body) => match serde_urlencoded::from_bytes(&body) {
+            Ok(f) => f,
+            Err(e) => return bad_request("form", e.to_string()).into_response(),
+        },
+        Err(_) => return bad_request("form", "the body could not be read").into_response(),
+    };
+    let locale = match form.lang.as_deref() {
+        Some("en") => crate::domain::Locale::En,
+        _ => crate::domain::Locale::ZhCn,
+    };
+    let answer = match s
+        .engine
+        .lookup(
+            &form.reference,
+            &form.merchant_id,
+            &form.factor,
+            &client,
+            locale,
+            Utc::now(),
+        )
+        .await
+    {
+        Ok(a) => a,
+        Err(e) => return Problem::from(e).into_response(),
+    };
+    let status = match answer {
+        crate::bulletin::LookupAnswer::Limited { .. } => StatusCode::TOO_MANY_REQUESTS,
+        _ => StatusCode::OK,
+    };
+    let retry_after = match &answer {
+        crate::bulletin::LookupAnswer::Limited { retry_after_seconds } => Some(retry_after_seconds.to_string()),
+        _ => None,
+    };
+    let mut response = if wants_json {
+        (status, axum::Json(&answer)).into_response()
+    } else {
+        let back = format!(
+            "{}/{}/{}",
+            s.engine.settings.operator.public_base_url.trim_end_matches('/'),
+            form.reference,
+            crate::bulletin::page_file(locale)
+        );
+        match crate::bulletin::render_lookup(&answer, &form.reference, &back, locale, &s.engine.templates) {
+            Ok(html) => (status, axum::response::Html(html)).into_response(),
+            Err(e) => {
+                tracing::error!(error = %e, "rendering a lookup answer failed");
+                (StatusCode::INTERNAL_SERVER_ERROR, "the answer could not be shown").into_response()
+            }
+        }
+    };
+    if let Some(v) = retry_after.and_then(|v| axum::http::HeaderValue::from_str(&v).ok()) {
+        response.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    response
+}
+
 async fn approve(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
     ok(s.engine.approve(&id, &actor_of(&body_json(&body)?)?).await?)
 }
@@ -599,7 +695,10 @@ pub async fn serve(
         tracing::info!("stopping: no new deliveries are claimed; sends in flight finish");
         let _ = stop_tx.send(true);
     };
-    let result = axum::serve(listener, app).with_graceful_shutdown(stopping).await;
+    // The peer's address reaches the handlers: the public lookup's rate limit is per client.
+    let result = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(stopping)
+        .await;
     let _ = worker_task.await;
     let _ = watchdog_task.await;
     tracing::info!("stopped");

@@ -565,6 +565,17 @@ pub struct Bulletin {
     pub covered: i64,
 }
 
+/// One "am I affected?" lookup, as logged: no merchant id, no second factor, the client as a
+/// salted hash of its address.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Lookup {
+    pub at: DateTime<Utc>,
+    pub reference: String,
+    pub client: String,
+    /// `affected`, `not_affected`, `unverified` or `limited`.
+    pub outcome: String,
+}
+
 /// One reminder (or escalation) of a regulator clock to one recipient; see [`crate::watchdog`].
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ClockReminder {

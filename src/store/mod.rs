@@ -380,6 +380,13 @@ pub trait Store: Send + Sync {
     ) -> Result<Vec<AffectedMerchant>, StoreError>;
     /// Affected merchants in one reachability state (the bulletin covers the unreachable).
     async fn affected_ids(&self, id: &IncidentId, reachability: Reachability) -> Result<Vec<MerchantId>, StoreError>;
+    /// The salt of the lookup's client hashes (made with the database).
+    async fn lookup_salt(&self) -> Result<String, StoreError>;
+    /// Lookups by `client` since `since` (for its rate limit).
+    async fn lookups_since(&self, client: &str, since: DateTime<Utc>) -> Result<u64, StoreError>;
+    async fn record_lookup(&self, l: &Lookup) -> Result<(), StoreError>;
+    /// The lookups made on an incident's bulletin, newest first.
+    async fn lookups(&self, reference: &str) -> Result<Vec<Lookup>, StoreError>;
     /// Stores reminders not stored yet (a row already there for the same clock, point and
     /// recipient is kept as it is); returns how many were new.
     async fn add_reminders(&self, reminders: &[ClockReminder], at: DateTime<Utc>) -> Result<u64, StoreError>;

@@ -1660,6 +1660,54 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    async fn lookup_salt(&self) -> Result<String, StoreError> {
+        sqlx::query_scalar("SELECT value FROM local_secrets WHERE name = 'lookup_salt'")
+            .fetch_one(&self.pool)
+            .await
+            .doing("reading the lookup salt")
+    }
+
+    async fn lookups_since(&self, client: &str, since: DateTime<Utc>) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM lookups WHERE client = $1 AND at >= $2")
+            .bind(client)
+            .bind(fmt_ts(since))
+            .fetch_one(&self.pool)
+            .await
+            .doing("counting a client's lookups")?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    async fn record_lookup(&self, l: &Lookup) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO lookups (at, reference, client, outcome) VALUES ($1, $2, $3, $4)")
+            .bind(fmt_ts(l.at))
+            .bind(&l.reference)
+            .bind(&l.client)
+            .bind(&l.outcome)
+            .execute(&self.pool)
+            .await
+            .doing("logging a lookup")?;
+        Ok(())
+    }
+
+    async fn lookups(&self, reference: &str) -> Result<Vec<Lookup>, StoreError> {
+        let rows: Vec<(String, String, String, String)> =
+            sqlx::query_as("SELECT at, reference, client, outcome FROM lookups WHERE reference = $1 ORDER BY at DESC")
+                .bind(reference)
+                .fetch_all(&self.pool)
+                .await
+                .doing("reading lookups")?;
+        rows.into_iter()
+            .map(|(at, reference, client, outcome)| {
+                Ok(Lookup {
+                    at: parse_ts(&at).map_err(|e| corrupt("lookups.at", e))?,
+                    reference,
+                    client,
+                    outcome,
+                })
+            })
+            .collect()
+    }
+
     async fn add_reminders(&self, reminders: &[ClockReminder], at: DateTime<Utc>) -> Result<u64, StoreError> {
         let rows: Vec<serde_json::Value> = reminders
             .iter()

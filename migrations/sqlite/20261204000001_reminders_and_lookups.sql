@@ -22,3 +22,23 @@ CREATE TABLE clock_reminders (
     PRIMARY KEY (incident_id, regulator, stage, due_at, point, recipient)
 ) WITHOUT ROWID;
 CREATE INDEX clock_reminders_pending ON clock_reminders (created_at) WHERE status = 'pending';
+
+-- The public "am I affected?" lookup: every lookup, without personal data (the client is a
+-- salted hash of its address; the merchant id and the second factor are not kept). The same
+-- rows count a client's lookups for its rate limit.
+CREATE TABLE lookups (
+    at         TEXT NOT NULL,
+    reference  TEXT NOT NULL,
+    client     TEXT NOT NULL,
+    outcome    TEXT NOT NULL     -- affected | not_affected | unverified | limited
+);
+CREATE INDEX lookups_by_client ON lookups (client, at);
+CREATE INDEX lookups_by_reference ON lookups (reference, at);
+
+-- Secrets the database keeps for itself: the salt of the lookup's client hashes (random per
+-- installation, so a hash cannot be matched to an address by hashing guesses elsewhere).
+CREATE TABLE local_secrets (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+INSERT INTO local_secrets (name, value) VALUES ('lookup_salt', lower(hex(randomblob(32))));
