@@ -111,14 +111,82 @@ pub fn render_lookup(
     Ok(templates.render(&format!("bulletin/{locale}/lookup.html"), &context)?)
 }
 
+/// The affected cohort as the bulletin's triggers weigh it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Cohort {
+    /// Affected merchants who must be notified.
+    pub merchants: u64,
+    /// Of them, those with no contact data on any channel.
+    pub without_contact: u64,
+    /// Of them, those left unreachable after their channel plan.
+    pub unreachable: u64,
+}
+
+/// When individual notice is disproportionate (0 turns a threshold off).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Thresholds {
+    pub unreachable: u64,
+    pub cohort_merchants: u64,
+    /// Estimated cost of notifying everyone: merchants times `cost_per_notice`.
+    pub cost_per_notice: f64,
+    pub cost_limit: f64,
+    /// Share (0 to 1) of merchants without contact data.
+    pub no_contact_share: f64,
+}
+
+/// Whether a bulletin is due now, and why; whom it covers follows from the reason: everyone
+/// affected when notifying each one is disproportionate, the unreachable ones otherwise.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Trigger {
+    pub reason: String,
+    pub covers_everyone: bool,
+}
+
 /// Why a bulletin is (re)published now, or `None` if it need not be.
-pub fn trigger(unreachable: usize, threshold: u64, responder_asked: bool) -> Option<String> {
-    if responder_asked {
-        Some("a responder decided to publish".into())
-    } else if threshold > 0 && unreachable as u64 >= threshold {
-        Some(format!(
-            "{unreachable} affected merchant(s) could not be reached individually"
+pub fn trigger(cohort: &Cohort, t: &Thresholds, responder_asked: bool) -> Option<Trigger> {
+    let everyone = |reason: String| {
+        Some(Trigger {
+            reason,
+            covers_everyone: true,
+        })
+    };
+    let cost = cohort.merchants as f64 * t.cost_per_notice;
+    let share = if cohort.merchants == 0 {
+        0.0
+    } else {
+        cohort.without_contact as f64 / cohort.merchants as f64
+    };
+    if t.cohort_merchants > 0 && cohort.merchants >= t.cohort_merchants {
+        everyone(format!(
+            "{} affected merchants: individual notice is disproportionate (threshold {})",
+            cohort.merchants, t.cohort_merchants
         ))
+    } else if t.cost_limit > 0.0 && cost >= t.cost_limit {
+        everyone(format!(
+            "notifying {} merchants would cost about {cost:.0} (threshold {:.0})",
+            cohort.merchants, t.cost_limit
+        ))
+    } else if t.no_contact_share > 0.0 && cohort.merchants > 0 && share >= t.no_contact_share {
+        everyone(format!(
+            "{} of {} affected merchants ({:.0}%) have no contact data (threshold {:.0}%)",
+            cohort.without_contact,
+            cohort.merchants,
+            share * 100.0,
+            t.no_contact_share * 100.0
+        ))
+    } else if responder_asked {
+        Some(Trigger {
+            reason: "a responder decided to publish".into(),
+            covers_everyone: false,
+        })
+    } else if t.unreachable > 0 && cohort.unreachable >= t.unreachable {
+        Some(Trigger {
+            reason: format!(
+                "{} affected merchant(s) could not be reached individually",
+                cohort.unreachable
+            ),
+            covers_everyone: false,
+        })
     } else {
         None
     }
@@ -329,13 +397,57 @@ pub fn write_index(publish_dir: &Path, entries: &[(String, String, String)]) -> 
 mod tests {
     use super::*;
 
+    fn cohort(merchants: u64, without_contact: u64, unreachable: u64) -> Cohort {
+        Cohort {
+            merchants,
+            without_contact,
+            unreachable,
+        }
+    }
+
     #[test]
-    fn triggers_record_their_reason() {
-        assert!(trigger(0, 1, false).is_none());
-        assert!(trigger(3, 1, false).is_some_and(|r| r.contains("3 affected")));
-        assert!(trigger(0, 1, true).is_some_and(|r| r.contains("responder")));
+    fn each_threshold_holds_from_its_value_up_and_says_so() {
+        let off = Thresholds::default();
+        assert_eq!(
+            trigger(&cohort(1_000_000, 0, 0), &off, false),
+            None,
+            "every threshold off"
+        );
+        let size = Thresholds {
+            cohort_merchants: 1000,
+            ..off
+        };
+        assert_eq!(trigger(&cohort(999, 0, 0), &size, false), None);
+        let t = trigger(&cohort(1000, 0, 0), &size, false).expect("at the threshold");
         assert!(
-            trigger(5, 0, false).is_none(),
+            t.covers_everyone && t.reason.contains("1000 affected merchants"),
+            "{t:?}"
+        );
+        let cost = Thresholds {
+            cost_per_notice: 0.5,
+            cost_limit: 250_000.0,
+            ..off
+        };
+        assert_eq!(trigger(&cohort(499_999, 0, 0), &cost, false), None);
+        assert!(trigger(&cohort(500_000, 0, 0), &cost, false).is_some_and(|t| t.reason.contains("cost about 250000")));
+        let share = Thresholds {
+            no_contact_share: 0.25,
+            ..off
+        };
+        assert_eq!(trigger(&cohort(100, 24, 0), &share, false), None);
+        assert!(
+            trigger(&cohort(100, 25, 0), &share, false).is_some_and(|t| t.covers_everyone && t.reason.contains("25%"))
+        );
+        let unreachable = Thresholds { unreachable: 3, ..off };
+        assert_eq!(trigger(&cohort(10, 0, 2), &unreachable, false), None);
+        let t = trigger(&cohort(10, 0, 3), &unreachable, false).expect("unreachable");
+        assert!(!t.covers_everyone, "covers the unreachable ones");
+        let asked = trigger(&cohort(10, 0, 0), &off, true).expect("a responder's decision");
+        assert_eq!(asked.reason, "a responder decided to publish");
+        let zero = Thresholds { unreachable: 0, ..off };
+        assert_eq!(
+            trigger(&cohort(10, 0, 5), &zero, false),
+            None,
             "threshold 0 disables the automatic trigger"
         );
     }

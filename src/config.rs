@@ -385,6 +385,14 @@ fn push_body_max() -> usize {
 pub struct BulletinSettings {
     /// Publish a bulletin when at least this many affected merchants are unreachable.
     pub unreachable_threshold: u64,
+    /// Publish (covering every affected merchant) when the cohort is this large (0: off).
+    pub cohort_merchants: u64,
+    /// ... or when notifying everyone would cost at least `cost_limit` at `cost_per_notice`
+    /// each (0: off).
+    pub cost_per_notice: f64,
+    pub cost_limit: f64,
+    /// ... or when at least this share (0 to 1) of them has no contact data (0: off).
+    pub no_contact_share: f64,
     /// "Am I affected?" lookups allowed per client per hour.
     pub lookups_per_hour: u32,
 }
@@ -519,6 +527,13 @@ impl Settings {
         }
         crate::scheduler::Schedule::parse(&self.delivery.sweep_schedule)
             .map_err(|e| invalid("delivery.sweep_schedule", e.to_string()))?;
+        let b = &self.bulletin;
+        if !(0.0..=1.0).contains(&b.no_contact_share) {
+            return Err(invalid("bulletin.no_contact_share", "must be a share between 0 and 1"));
+        }
+        if b.cost_per_notice < 0.0 || b.cost_limit < 0.0 {
+            return Err(invalid("bulletin.cost_limit", "costs cannot be negative"));
+        }
         crate::scheduler::Schedule::parse(&self.watchdog.schedule)
             .map_err(|e| invalid("watchdog.schedule", e.to_string()))?;
         crate::watchdog::Plan::from_settings(&self.watchdog).map_err(|e| invalid(e.field, e.reason))?;

@@ -927,6 +927,11 @@ impl Tocsin {
             .affected_ids(&incident.id, Reachability::Unreachable)
             .await?
             .len();
+        // A cohort too large (or too costly, or too often without contact data) to notify
+        // one by one gets its public bulletin as the notices go out.
+        if queued > 0 {
+            self.publish_bulletin_if(id, actor, false, true).await?;
+        }
         Ok(DispatchStart {
             draft_id: draft.id,
             queued,
@@ -979,6 +984,18 @@ impl Tocsin {
         actor: &Actor,
         force: bool,
     ) -> Result<Option<Bulletin>, EngineError> {
+        self.publish_bulletin_if(id, actor, force, false).await
+    }
+
+    /// As [`Self::publish_bulletin`]; with `cohort_only`, only when notifying the cohort one
+    /// by one is disproportionate (the check at dispatch, before any send could fail).
+    async fn publish_bulletin_if(
+        &self,
+        id: &str,
+        actor: &Actor,
+        force: bool,
+        cohort_only: bool,
+    ) -> Result<Option<Bulletin>, EngineError> {
         let incident = self.incident(id).await?;
         let settings = self.notice_settings_for(Self::facts(&incident)?);
         // A public notice says what the approved notices say: not before approval, never for a
@@ -991,13 +1008,38 @@ impl Tocsin {
         }
         let unreachable = self.store.affected_ids(&incident.id, Reachability::Unreachable).await?;
         let mut versions = self.store.bulletins(&incident.id).await?;
-        let Some(reason) = bulletin::trigger(
-            unreachable.len(),
-            self.settings.bulletin.unreachable_threshold,
-            force || !versions.is_empty(),
-        ) else {
+        let counts = self.store.scope_counts(&incident.id).await?;
+        let required = counts.iter().filter(|c| c.notice_required);
+        let cohort = bulletin::Cohort {
+            merchants: required.clone().map(|c| c.merchants as u64).sum(),
+            without_contact: required
+                .filter(|c| c.first_channel.is_none())
+                .map(|c| c.merchants as u64)
+                .sum(),
+            unreachable: unreachable.len() as u64,
+        };
+        let b = &self.settings.bulletin;
+        let thresholds = bulletin::Thresholds {
+            unreachable: b.unreachable_threshold,
+            cohort_merchants: b.cohort_merchants,
+            cost_per_notice: b.cost_per_notice,
+            cost_limit: b.cost_limit,
+            no_contact_share: b.no_contact_share,
+        };
+        let Some(trigger) = bulletin::trigger(&cohort, &thresholds, force || !versions.is_empty()) else {
             return Ok(None);
         };
+        if cohort_only && !trigger.covers_everyone {
+            return Ok(None);
+        }
+        let reason = trigger.reason;
+        // Disproportionate individual notice: the bulletin stands in for every notice.
+        let covered = if trigger.covers_everyone {
+            self.store.affected_ids_requiring_notice(&incident.id).await?
+        } else {
+            unreachable
+        };
+        let unreachable = covered;
         let key = bulletin::content_key(&incident, &unreachable);
         let fresh = versions.last().is_none_or(|b| b.content_hash != key);
         if fresh {

@@ -400,6 +400,8 @@ pub trait Store: Send + Sync {
     ) -> Result<(), StoreError>;
     /// Every reminder of an incident, in the order stored.
     async fn reminders(&self, id: &IncidentId) -> Result<Vec<ClockReminder>, StoreError>;
+    /// The affected merchants who must be notified (whatever their reachability).
+    async fn affected_ids_requiring_notice(&self, id: &IncidentId) -> Result<Vec<MerchantId>, StoreError>;
     /// The distinct regions of an incident's affected merchants (what regulators' triggers test).
     async fn affected_regions(&self, id: &IncidentId) -> Result<Vec<String>, StoreError>;
     async fn affected_merchant(

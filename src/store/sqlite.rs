@@ -1803,6 +1803,20 @@ impl Store for SqliteStore {
         .collect()
     }
 
+    async fn affected_ids_requiring_notice(&self, id: &IncidentId) -> Result<Vec<MerchantId>, StoreError> {
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT merchant_id FROM affected_merchants WHERE incident_id = $1 AND reachability <> 'not_required'
+             ORDER BY merchant_id",
+        )
+        .bind(id.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .doing("listing the merchants a bulletin covers")?;
+        rows.iter()
+            .map(|r| r.parse().map_err(|e: FieldError| corrupt("merchant id", e)))
+            .collect()
+    }
+
     async fn affected_regions(&self, id: &IncidentId) -> Result<Vec<String>, StoreError> {
         // From the scope's groups: a handful of rows where the affected merchants may be millions.
         sqlx::query_scalar("SELECT DISTINCT region FROM scope_groups WHERE incident_id = $1 ORDER BY region")

@@ -1,0 +1,100 @@
+//! Public bulletins through the `tocsin` binary: a cohort too often without contact data gets
+//! its bulletin as the notices go out, covering every affected merchant and saying why; every
+//! update is an entry of the Atom feed as a real feed parser reads it.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+#[test]
+fn a_disproportionate_cohort_is_covered_by_a_bulletin_whose_feed_carries_every_update() {
+    let mut t = Tocsin::new();
+    // One merchant in three has no contact data: over the 30% threshold.
+    t.set("TOCSIN_BULLETIN__NO_CONTACT_SHARE", "0.3");
+    let merchants = [
+        merchant(
+            "b-1",
+            "en",
+            Some("b1@example.com"),
+            None,
+            None,
+            &["account_credentials"],
+        ),
+        merchant(
+            "b-2",
+            "zh-CN",
+            None,
+            Some("+8613800000201"),
+            None,
+            &["account_credentials"],
+        ),
+        merchant("b-3", "en", None, None, None, &["account_credentials"]),
+    ]
+    .join("\n");
+    t.run(&["merchants", "import", &t.file("m.jsonl", &merchants)]).ok();
+    let incident = confirmed_incident(&t, "bulletins");
+    t.run(&[
+        "--actor",
+        "alice",
+        "incidents",
+        "scope",
+        &incident,
+        "--merchants",
+        "b-1,b-2,b-3",
+    ])
+    .ok();
+    t.run(&["--actor", "alice", "incidents", "draft", &incident]).ok();
+    t.run(&["--actor", "bob", "incidents", "approve", &incident]).ok();
+    t.run(&["--actor", "alice", "incidents", "dispatch", &incident]).ok();
+
+    let view = t.run(&["--json", "incidents", "show", &incident]).ok().json();
+    let first = &view["bulletins"][0];
+    assert_eq!(first["covered"], 3, "the bulletin stands in for every notice: {first}");
+    let reason = first["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("1 of 3") && reason.contains("no contact data"),
+        "{reason}"
+    );
+
+    // An update: the facts change, so does the bulletin; the feed keeps both entries.
+    let mut facts: Value =
+        serde_json::from_str(&std::fs::read_to_string(repo("config/demo/incident.json")).expect("facts"))
+            .expect("json");
+    facts["measures_taken"]["en"] = Value::from("We reset every exposed password and closed the export interface.");
+    facts["measures_taken"]["zh-CN"] = Value::from("我们已重置所有泄露的密码并关闭了导出接口。");
+    let file = t.file("amended.json", &facts.to_string());
+    t.run(&[
+        "--actor",
+        "alice",
+        "incidents",
+        "amend",
+        &incident,
+        "--facts",
+        &file,
+        "--reason",
+        "passwords reset",
+    ])
+    .ok();
+    t.run(&["--actor", "alice", "incidents", "bulletin", &incident]).ok();
+    let view = t.run(&["--json", "incidents", "show", &incident]).ok().json();
+    let versions = view["bulletins"].as_array().map(Vec::len).unwrap_or(0);
+    assert_eq!(versions, 2, "{}", view["bulletins"]);
+
+    let reference = view["incident"]["reference"].as_str().expect("reference");
+    let folder = t.data_dir().join("publish/bulletins").join(reference);
+    let atom = std::fs::read(folder.join("feed.atom")).expect("feed");
+    let feed = feed_rs::parser::parse(atom.as_slice()).expect("a valid Atom feed");
+    assert_eq!(feed.feed_type, feed_rs::model::FeedType::Atom);
+    assert_eq!(feed.entries.len(), 2, "every update is an entry");
+    let mut ids: Vec<&str> = feed.entries.iter().map(|e| e.id.as_str()).collect();
+    ids.dedup();
+    assert_eq!(ids.len(), 2, "each with its own id");
+    assert!(feed.entries.iter().all(|e| e.updated.is_some() && e.title.is_some()));
+    // The page shows both updates and the lookup form, and nobody's data.
+    let page = std::fs::read_to_string(folder.join("index.en.html")).expect("page");
+    assert_eq!(page.matches("<li><time>").count(), 2, "two updates in the timeline");
+    for personal in ["b-1", "b1@example.com", "+86138", "Merchant b"] {
+        assert!(!page.contains(personal), "the bulletin leaks {personal}");
+    }
+}
