@@ -32,20 +32,7 @@ fn a_disproportionate_cohort_is_covered_by_a_bulletin_whose_feed_carries_every_u
         merchant("b-3", "en", None, None, None, &["account_credentials"]),
     ]
     .join("\n");
-    t.run(&["merchants", "import", &t.file("m.jsonl", &merchants)]).ok();
-    let incident = confirmed_incident(&t, "bulletins");
-    t.run(&[
-        "--actor",
-        "alice",
-        "incidents",
-        "scope",
-        &incident,
-        "--merchants",
-        "b-1,b-2,b-3",
-    ])
-    .ok();
-    t.run(&["--actor", "alice", "incidents", "draft", &incident]).ok();
-    t.run(&["--actor", "bob", "incidents", "approve", &incident]).ok();
+    let incident = approved_incident(&t, "bulletins", &merchants, "b-1,b-2,b-3");
     t.run(&["--actor", "alice", "incidents", "dispatch", &incident]).ok();
 
     let view = t.run(&["--json", "incidents", "show", &incident]).ok().json();

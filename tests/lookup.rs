@@ -63,20 +63,7 @@ async fn a_merchant_learns_its_exposure_with_its_second_factor_and_nobody_else_l
     ]
     .join("\n");
     let t = tokio::task::spawn_blocking(move || {
-        t.run(&["merchants", "import", &t.file("m.jsonl", &merchants)]).ok();
-        let incident = confirmed_incident(&t, "lookup");
-        t.run(&[
-            "--actor",
-            "alice",
-            "incidents",
-            "scope",
-            &incident,
-            "--merchants",
-            "lk-1,lk-3",
-        ])
-        .ok();
-        t.run(&["--actor", "alice", "incidents", "draft", &incident]).ok();
-        t.run(&["--actor", "bob", "incidents", "approve", &incident]).ok();
+        let incident = approved_incident(&t, "lookup", &merchants, "lk-1,lk-3");
         (t, incident)
     })
     .await

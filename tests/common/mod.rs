@@ -298,6 +298,26 @@ impl Server {
     }
 }
 
+/// Imports `merchants` (JSON lines), confirms an incident with the demo facts, scopes it to
+/// the merchants listed and has alice draft and bob approve it; returns the incident id.
+pub fn approved_incident(t: &Tocsin, key: &str, merchants: &str, scope: &str) -> String {
+    t.run(&["merchants", "import", &t.file("m.jsonl", merchants)]).ok();
+    let incident = confirmed_incident(t, key);
+    t.run(&[
+        "--actor",
+        "alice",
+        "incidents",
+        "scope",
+        &incident,
+        "--merchants",
+        scope,
+    ])
+    .ok();
+    t.run(&["--actor", "alice", "incidents", "draft", &incident]).ok();
+    t.run(&["--actor", "bob", "incidents", "approve", &incident]).ok();
+    incident
+}
+
 /// Ingests one event, confirms it with the demo facts and returns the incident id.
 pub fn confirmed_incident(t: &Tocsin, key: &str) -> String {
     let ingested = t
