@@ -165,6 +165,8 @@ pub struct FilingView {
     pub transport: String,
     /// Time left on the clock when the view was taken (negative when overdue), in minutes.
     pub minutes_left: i64,
+    /// Required fields a drafted report still lacks (the summary report's lessons...).
+    pub missing: Vec<String>,
 }
 
 /// A notice as JSON: its sections and every rendering.
@@ -599,6 +601,11 @@ impl Tocsin {
     /// Closes an incident whose notices are settled; its correlation key is then free again.
     pub async fn close(&self, id: &str, reason: &str, actor: &Actor) -> Result<(), EngineError> {
         let incident = self.incident(id).await?;
+        if incident.state == IncidentState::Closed {
+            // Closing again finishes what a crash may have cut short: the summary drafts.
+            self.draft_final_reports(incident.id.as_str(), actor).await?;
+            return Ok(());
+        }
         if incident.state != IncidentState::Monitoring {
             return Err(EngineError::wrong_state(
                 &incident,
@@ -615,6 +622,9 @@ impl Tocsin {
         self.store
             .transition(&incident.id, IncidentState::Monitoring, step, Default::default())
             .await?;
+        // Stored after the transition: closing again would find nothing to close, and the
+        // drafts are made once (a second run finds them).
+        self.draft_final_reports(incident.id.as_str(), actor).await?;
         Ok(())
     }
 
@@ -1319,6 +1329,68 @@ impl Tocsin {
         Ok(report)
     }
 
+    /// The figures a report states besides the facts: who reports, the contact, how many
+    /// merchants and persons are affected, how many were notified on which channel and how
+    /// many the bulletin covers.
+    async fn figures(&self, incident: &Incident, exposure: &filing::Exposure) -> Result<filing::Figures, EngineError> {
+        let affected = usize::try_from(exposure.merchants).unwrap_or(usize::MAX);
+        let c = &self.settings.contact;
+        let notified_by_channel = self
+            .store
+            .delivery_tally(&incident.id)
+            .await?
+            .into_iter()
+            .filter(|t| t.sent > 0)
+            .map(|t| (t.channel, u64::try_from(t.sent).unwrap_or(0)))
+            .collect();
+        let bulletin_covered = self
+            .store
+            .bulletins(&incident.id)
+            .await?
+            .last()
+            .map(|b| u64::try_from(b.covered).unwrap_or(0));
+        Ok(filing::Figures {
+            reporting_unit: format!("{} ({})", self.settings.operator.name, self.settings.operator.platform),
+            contact: format!("{} / {} / {}", c.officer_zh, c.email, c.phone),
+            affected_merchants: (affected > 0).then_some(affected),
+            natural_persons: incident.grade_suggestion.as_ref().map(|g| g.natural_persons as usize),
+            notified_by_channel,
+            bulletin_covered,
+        })
+    }
+
+    /// When handling ends: the summary report of every regulator that applies and asks for
+    /// one, drafted with the final figures (not submitted; the responder completes it).
+    async fn draft_final_reports(&self, id: &str, actor: &Actor) -> Result<Vec<Filing>, EngineError> {
+        let incident = self.incident(id).await?;
+        let exposure = self.exposure(&incident).await?;
+        let figures = self.figures(&incident, &exposure).await?;
+        let existing = self.store.filings(&incident.id).await?;
+        let clocks = self.deadlines(Some(id), true, Utc::now()).await?;
+        let mut drafted = Vec::new();
+        for p in self
+            .regulators
+            .profiles
+            .iter()
+            .filter(|p| p.applies(&exposure) && !p.final_report.is_empty())
+        {
+            if existing.iter().any(|f| f.regulator == p.id && f.stage == "final") {
+                continue;
+            }
+            let Some(due) = clocks
+                .iter()
+                .find(|c| c.regulator == p.id && c.stage == "final")
+                .and_then(|c| c.due_at)
+            else {
+                continue;
+            };
+            let f = filing::draft_final(p, &incident, &figures, due, &self.settings.filing.transport)?;
+            self.store.insert_filing(&f, actor).await?;
+            drafted.push(f);
+        }
+        Ok(drafted)
+    }
+
     /// What an incident touches, as regulators' triggers test it: the grade and categories of
     /// its facts, the natural persons counted at scoping, the affected merchants and regions.
     pub async fn exposure(&self, incident: &Incident) -> Result<filing::Exposure, EngineError> {
@@ -1366,14 +1438,7 @@ impl Tocsin {
         let filing = match existing {
             Some(f) => f,
             None => {
-                let affected = usize::try_from(exposure.merchants).unwrap_or(usize::MAX);
-                let c = &self.settings.contact;
-                let figures = filing::Figures {
-                    reporting_unit: format!("{} ({})", self.settings.operator.name, self.settings.operator.platform),
-                    contact: format!("{} / {} / {}", c.officer_zh, c.email, c.phone),
-                    affected_merchants: (affected > 0).then_some(affected),
-                    natural_persons: incident.grade_suggestion.as_ref().map(|g| g.natural_persons as usize),
-                };
+                let figures = self.figures(&incident, &exposure).await?;
                 let f = filing::draft_initial(
                     &self.cac,
                     &incident,
@@ -1472,6 +1537,10 @@ impl Tocsin {
                 .into_iter()
                 .map(|f| FilingView {
                     minutes_left: (f.deadline_at - now).num_minutes(),
+                    missing: f.content["missing"]
+                        .as_array()
+                        .map(|m| m.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+                        .unwrap_or_default(),
                     id: f.id,
                     regulator: f.regulator,
                     stage: f.stage,

@@ -402,6 +402,7 @@ pub const REPORT_FIELDS: &[&str] = &[
     "responsibility",
     "remediation",
     "lessons",
+    "delivery_figures",
 ];
 
 /// Figures the report states besides the facts.
@@ -410,6 +411,9 @@ pub struct Figures {
     pub reporting_unit: String,
     /// Who the regulator (or a person) contacts: the privacy officer's line.
     pub contact: String,
+    /// Merchants notified per channel (accepted by a provider), and covered by the bulletin.
+    pub notified_by_channel: Vec<(String, u64)>,
+    pub bulletin_covered: Option<u64>,
     pub affected_merchants: Option<usize>,
     pub natural_persons: Option<usize>,
 }
@@ -496,6 +500,30 @@ fn field_text(name: &str, facts: &IncidentFacts, figures: &Figures, locale: Loca
             label("Contact", "联系方式"),
             (!figures.contact.is_empty()).then(|| figures.contact.clone()),
         ),
+        "delivery_figures" => (
+            label("Notification", "告知情况"),
+            (!figures.notified_by_channel.is_empty() || figures.bulletin_covered.is_some()).then(|| {
+                let mut parts: Vec<String> = figures
+                    .notified_by_channel
+                    .iter()
+                    .map(|(c, n)| {
+                        if zh {
+                            format!("{c} 告知 {n} 个商家")
+                        } else {
+                            format!("{n} merchants notified by {c}")
+                        }
+                    })
+                    .collect();
+                if let Some(b) = figures.bulletin_covered {
+                    parts.push(if zh {
+                        format!("公告覆盖 {b} 个商家")
+                    } else {
+                        format!("{b} covered by the public bulletin")
+                    });
+                }
+                parts.join(if zh { "；" } else { "; " })
+            }),
+        ),
         // Written by the responder for the summary report (no incident fact holds them yet).
         "responsibility" | "remediation" | "lessons" => (String::new(), None),
         _ => return None,
@@ -516,10 +544,35 @@ pub fn initial_items(
     facts: &IncidentFacts,
     figures: &Figures,
 ) -> Result<Vec<Value>, FilingError> {
+    let (items, missing) = stage_items(profile, Stage::Initial, facts, figures);
+    if missing.is_empty() {
+        Ok(items)
+    } else {
+        Err(FilingError::Incomplete {
+            regulator: profile.id.clone(),
+            stage: "initial".into(),
+            missing,
+        })
+    }
+}
+
+/// A stage's items filled from the facts and figures, and the required fields still missing
+/// (`item 3: 'lessons' (zh-CN)`).
+pub fn stage_items(
+    profile: &RegulatorProfile,
+    stage: Stage,
+    facts: &IncidentFacts,
+    figures: &Figures,
+) -> (Vec<Value>, Vec<String>) {
     let locale = profile.locale;
     let mut missing = Vec::new();
     let mut items = Vec::new();
-    for item in &profile.initial {
+    let list = match stage {
+        Stage::Initial => &profile.initial,
+        Stage::Update => &profile.update,
+        Stage::Final => &profile.final_report,
+    };
+    for item in list {
         for f in &item.required_fields {
             if field_text(f, facts, figures, locale).is_none() {
                 missing.push(format!("item {}: '{f}' ({locale})", item.number));
@@ -542,15 +595,42 @@ pub fn initial_items(
             "value": if value.is_empty() { none.to_owned() } else { value.join("\n") },
         }));
     }
-    if missing.is_empty() {
-        Ok(items)
-    } else {
-        Err(FilingError::Incomplete {
-            regulator: profile.id.clone(),
-            stage: "initial".into(),
-            missing,
-        })
-    }
+    (items, missing)
+}
+
+/// The summary report drafted when handling ends: the final figures filled in, the fields
+/// only a responder can write (responsibility, remediation, lessons) listed as missing.
+/// Stored as a draft; it is submitted once complete.
+pub fn draft_final(
+    profile: &RegulatorProfile,
+    incident: &Incident,
+    figures: &Figures,
+    deadline: DateTime<Utc>,
+    transport: &str,
+) -> Result<Filing, FilingError> {
+    let facts = incident.facts.as_ref().ok_or(FilingError::NoFacts)?;
+    let (items, missing) = stage_items(profile, Stage::Final, facts, figures);
+    let content = json!({
+        "regulator": { "id": profile.id, "name": profile.name() },
+        "stage": "final",
+        "reference": incident.reference,
+        "deadline_at": fmt_ts(deadline),
+        "items": items,
+        "missing": missing,
+    });
+    Ok(Filing {
+        id: FilingId::generate(),
+        incident_id: incident.id.clone(),
+        regulator: profile.id.clone(),
+        stage: "final".into(),
+        content_hash: content_hash(content.to_string().as_bytes()),
+        content,
+        deadline_at: deadline,
+        created_at: Utc::now(),
+        submitted_at: None,
+        transport: transport.to_owned(),
+        location: None,
+    })
 }
 
 /// Drafts the initial filing (not yet stored or submitted).
@@ -731,6 +811,33 @@ mod tests {
     }
 
     #[test]
+    fn the_summary_report_carries_the_final_figures_and_lists_what_the_responder_must_write() {
+        let p = RegulatorProfile::cac().expect("profile");
+        let figures = Figures {
+            affected_merchants: Some(45),
+            natural_persons: Some(30),
+            notified_by_channel: vec![("email".into(), 40), ("sms".into(), 3)],
+            bulletin_covered: Some(2),
+            ..Default::default()
+        };
+        let (items, missing) = stage_items(&p, Stage::Final, &facts(), &figures);
+        assert_eq!(items.len(), 3);
+        let measures = items[1]["value"].as_str().unwrap_or_default();
+        assert!(
+            measures.contains("email 告知 40 个商家") && measures.contains("公告覆盖 2 个商家"),
+            "{measures}"
+        );
+        assert_eq!(
+            missing,
+            [
+                "item 3: 'responsibility' (zh-CN)",
+                "item 3: 'remediation' (zh-CN)",
+                "item 3: 'lessons' (zh-CN)"
+            ]
+        );
+    }
+
+    #[test]
     fn a_profile_with_a_mistake_is_refused_naming_it() {
         let cac = CAC_PROFILE;
         for (from, to, says) in [
@@ -763,6 +870,7 @@ mod tests {
             contact: "privacy@example.com".into(),
             affected_merchants: Some(45),
             natural_persons: Some(30),
+            ..Default::default()
         };
         let items = initial_items(&p, &facts(), &figures).expect("complete");
         assert_eq!(items.len(), 8);
