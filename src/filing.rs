@@ -618,11 +618,30 @@ pub fn draft_final(
         "items": items,
         "missing": missing,
     });
-    Ok(Filing {
+    Ok(new_filing(
+        profile,
+        incident,
+        Stage::Final,
+        content,
+        deadline,
+        transport,
+    ))
+}
+
+/// A filing drafted now, not yet submitted; its hash covers its content.
+fn new_filing(
+    profile: &RegulatorProfile,
+    incident: &Incident,
+    stage: Stage,
+    content: Value,
+    deadline: DateTime<Utc>,
+    transport: &str,
+) -> Filing {
+    Filing {
         id: FilingId::generate(),
         incident_id: incident.id.clone(),
         regulator: profile.id.clone(),
-        stage: "final".into(),
+        stage: stage.as_str().into(),
         content_hash: content_hash(content.to_string().as_bytes()),
         content,
         deadline_at: deadline,
@@ -630,7 +649,7 @@ pub fn draft_final(
         submitted_at: None,
         transport: transport.to_owned(),
         location: None,
-    })
+    }
 }
 
 /// Drafts the initial filing (not yet stored or submitted).
@@ -653,19 +672,14 @@ pub fn draft_initial(
         "deadline_at": fmt_ts(deadline),
         "items": items,
     });
-    Ok(Filing {
-        id: FilingId::generate(),
-        incident_id: incident.id.clone(),
-        regulator: profile.id.clone(),
-        stage: "initial".into(),
-        content_hash: content_hash(content.to_string().as_bytes()),
+    Ok(new_filing(
+        profile,
+        incident,
+        Stage::Initial,
         content,
-        deadline_at: deadline,
-        created_at: Utc::now(),
-        submitted_at: None,
-        transport: transport.to_owned(),
-        location: None,
-    })
+        deadline,
+        transport,
+    ))
 }
 
 /// Renders the filing as a printable HTML document.
