@@ -395,6 +395,10 @@ pub struct BulletinSettings {
     pub no_contact_share: f64,
     /// "Am I affected?" lookups allowed per client per hour.
     pub lookups_per_hour: u32,
+    /// An external status page that takes each bulletin version as a signed JSON POST (empty:
+    /// none), and the secret of its `X-Tocsin-Signature`.
+    pub status_page_url: String,
+    pub status_page_secret: Secret,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -528,6 +532,14 @@ impl Settings {
         crate::scheduler::Schedule::parse(&self.delivery.sweep_schedule)
             .map_err(|e| invalid("delivery.sweep_schedule", e.to_string()))?;
         let b = &self.bulletin;
+        if !b.status_page_url.is_empty() {
+            if reqwest::Url::parse(&b.status_page_url).is_err() {
+                return Err(invalid("bulletin.status_page_url", "is not a URL"));
+            }
+            if b.status_page_secret.is_empty() {
+                return Err(invalid("bulletin.status_page_secret", "is required with a status page"));
+            }
+        }
         if !(0.0..=1.0).contains(&b.no_contact_share) {
             return Err(invalid("bulletin.no_contact_share", "must be a share between 0 and 1"));
         }

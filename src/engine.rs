@@ -1067,6 +1067,7 @@ impl Tocsin {
                 content_hash: key,
                 published_at: Utc::now(),
                 covered: unreachable.len() as i64,
+                status_pushed_at: None,
             };
             // Stored first: if writing the files fails, the next run rewrites them.
             self.store.insert_bulletin(&b, &unreachable, actor).await?;
@@ -1075,7 +1076,60 @@ impl Tocsin {
         let files = bulletin::render_files(&incident, &versions, &settings, &self.taxonomy, &self.templates)?;
         bulletin::write(&self.paths.bulletins, &incident.reference, &files)?;
         self.write_bulletin_index().await?;
+        self.push_to_status_page(&incident, &versions).await?;
         Ok(versions.pop())
+    }
+
+    /// Sends every bulletin version the status page has not taken yet (each stored before it
+    /// is sent; one that fails is sent again at the next publication, which
+    /// `tocsin incidents bulletin` also triggers).
+    async fn push_to_status_page(&self, incident: &Incident, versions: &[Bulletin]) -> Result<(), EngineError> {
+        let b = &self.settings.bulletin;
+        if b.status_page_url.is_empty() {
+            return Ok(());
+        }
+        let client = crate::channels::http_client_builder(30)
+            .build()
+            .map_err(|e| FieldError::new("bulletin.status_page_url", e.to_string()))?;
+        let page = format!(
+            "{}/{}/",
+            self.settings.operator.public_base_url.trim_end_matches('/'),
+            incident.reference
+        );
+        for v in versions.iter().filter(|v| v.status_pushed_at.is_none()) {
+            let body = json!({
+                "reference": incident.reference, "version": v.version, "published_at": crate::time::fmt_ts(v.published_at),
+                "summary": v.summary, "reason": v.reason, "covered": v.covered, "url": page,
+                "feed": format!("{page}feed.atom"),
+            })
+            .to_string();
+            let timestamp = Utc::now().timestamp();
+            let sent = client
+                .post(&b.status_page_url)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .header("X-Tocsin-Timestamp", timestamp.to_string())
+                .header(
+                    "X-Tocsin-Signature",
+                    crate::channels::sign(b.status_page_secret.expose().as_bytes(), timestamp, body.as_bytes()),
+                )
+                .header(
+                    "Idempotency-Key",
+                    format!("bulletin:{}:{}", incident.reference, v.version),
+                )
+                .body(body)
+                .send()
+                .await;
+            match sent {
+                Ok(r) if r.status().is_success() => self.store.mark_bulletin_pushed(&v.id, Utc::now()).await?,
+                Ok(r) => {
+                    tracing::warn!(reference = %incident.reference, version = v.version, status = r.status().as_u16(),
+                    "the status page refused a bulletin version; sent again next time")
+                }
+                Err(_) => tracing::warn!(reference = %incident.reference, version = v.version,
+                    "the status page could not be reached; sent again next time"),
+            }
+        }
+        Ok(())
     }
 
     async fn write_bulletin_index(&self) -> Result<(), EngineError> {

@@ -563,6 +563,8 @@ pub struct Bulletin {
     pub content_hash: String,
     pub published_at: DateTime<Utc>,
     pub covered: i64,
+    /// When the external status page took this version (`None`: not yet, or none configured).
+    pub status_pushed_at: Option<DateTime<Utc>>,
 }
 
 /// One "am I affected?" lookup, as logged: no merchant id, no second factor, the client as a

@@ -6,10 +6,71 @@ mod common;
 
 use common::*;
 use serde_json::Value;
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
 
-#[test]
-fn a_disproportionate_cohort_is_covered_by_a_bulletin_whose_feed_carries_every_update() {
+const SECRET: &str = "status-page-secret";
+
+#[tokio::test]
+async fn a_disproportionate_cohort_is_covered_by_a_bulletin_whose_feed_carries_every_update() {
+    // The external status page is down for the first push, then takes every version.
+    let status = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/bulletins"))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&status)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/bulletins"))
+        .respond_with(ResponseTemplate::new(200))
+        .with_priority(2)
+        .mount(&status)
+        .await;
+    let url = format!("{}/bulletins", status.uri());
+    tokio::task::spawn_blocking(move || publish_and_update(&url))
+        .await
+        .expect("flow");
+    let pushes = status.received_requests().await.unwrap_or_default();
+    let versions: Vec<(i64, String)> = pushes
+        .iter()
+        .map(|r| {
+            let body: Value = serde_json::from_slice(&r.body).expect("json");
+            let stamp = r
+                .headers
+                .get("x-tocsin-timestamp")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            let signature = r
+                .headers
+                .get("x-tocsin-signature")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            assert_eq!(signature, expected_signature(SECRET, stamp, &r.body));
+            let key = r
+                .headers
+                .get("idempotency-key")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            (body["version"].as_i64().unwrap_or(0), key.to_owned())
+        })
+        .collect();
+    // Version 1 refused, then versions 1 and 2 taken when version 2 was published.
+    assert_eq!(
+        versions,
+        [
+            (1, "bulletin:INC-2026-0001:1".to_owned()),
+            (1, "bulletin:INC-2026-0001:1".to_owned()),
+            (2, "bulletin:INC-2026-0001:2".to_owned())
+        ]
+    );
+}
+
+fn publish_and_update(status_page: &str) {
     let mut t = Tocsin::new();
+    t.set("TOCSIN_BULLETIN__STATUS_PAGE_URL", status_page)
+        .set("TOCSIN_BULLETIN__STATUS_PAGE_SECRET", SECRET);
     // One merchant in three has no contact data: over the 30% threshold.
     t.set("TOCSIN_BULLETIN__NO_CONTACT_SHARE", "0.3");
     let merchants = [

@@ -42,3 +42,7 @@ CREATE TABLE local_secrets (
     value TEXT NOT NULL
 );
 INSERT INTO local_secrets (name, value) VALUES ('lookup_salt', lower(hex(randomblob(32))));
+
+-- When each bulletin version reached the external status page (NULL: not yet, or none is
+-- configured): a version is stored before it is pushed, and pushed again until it is taken.
+ALTER TABLE bulletins ADD COLUMN status_pushed_at TEXT;

@@ -520,6 +520,8 @@ pub trait Store: Send + Sync {
 
     // Bulletins
     async fn bulletins(&self, incident: &IncidentId) -> Result<Vec<Bulletin>, StoreError>;
+    /// Records that the external status page took a bulletin version.
+    async fn mark_bulletin_pushed(&self, id: &BulletinId, at: DateTime<Utc>) -> Result<(), StoreError>;
     async fn insert_bulletin(
         &self,
         bulletin: &Bulletin,

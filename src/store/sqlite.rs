@@ -376,6 +376,7 @@ fn bulletin_from(row: &SqliteRow) -> Result<Bulletin, StoreError> {
         content_hash: row.try_get("content_hash").doing("reading a bulletin")?,
         published_at: ts_col(row, "published_at")?,
         covered: row.try_get("covered").doing("reading a bulletin")?,
+        status_pushed_at: opt_ts_col(row, "status_pushed_at")?,
     })
 }
 
@@ -2507,6 +2508,16 @@ impl Store for SqliteStore {
         .doing("finding the next due delivery")?;
         next.map(|n| parse_ts(&n).map_err(|e| corrupt("deliveries.next_attempt_at", e)))
             .transpose()
+    }
+
+    async fn mark_bulletin_pushed(&self, id: &BulletinId, at: DateTime<Utc>) -> Result<(), StoreError> {
+        sqlx::query("UPDATE bulletins SET status_pushed_at = $1 WHERE id = $2 AND status_pushed_at IS NULL")
+            .bind(fmt_ts(at))
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await
+            .doing("recording a bulletin's push to the status page")?;
+        Ok(())
     }
 
     async fn bulletins(&self, incident: &IncidentId) -> Result<Vec<Bulletin>, StoreError> {
