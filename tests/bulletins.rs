@@ -37,23 +37,11 @@ async fn a_disproportionate_cohort_is_covered_by_a_bulletin_whose_feed_carries_e
         .iter()
         .map(|r| {
             let body: Value = serde_json::from_slice(&r.body).expect("json");
-            let stamp = r
-                .headers
-                .get("x-tocsin-timestamp")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default();
-            let signature = r
-                .headers
-                .get("x-tocsin-signature")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default();
-            assert_eq!(signature, expected_signature(SECRET, stamp, &r.body));
-            let key = r
-                .headers
-                .get("idempotency-key")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default();
-            (body["version"].as_i64().unwrap_or(0), key.to_owned())
+            assert_signed(r, SECRET);
+            (
+                body["version"].as_i64().unwrap_or(0),
+                header_text(r, "idempotency-key").to_owned(),
+            )
         })
         .collect();
     // Version 1 refused, then versions 1 and 2 taken when version 2 was published.

@@ -113,32 +113,13 @@ async fn reminders_go_once_at_each_point_and_an_overdue_report_is_escalated() {
     let texts = sms.received_requests().await.unwrap_or_default();
     // One failed and five accepted: 2h (retried), 30m, overdue (CAC); 30m (PIPL).
     assert_eq!(texts.len(), 5);
-    let keys: Vec<String> = texts
-        .iter()
-        .map(|r| {
-            r.headers
-                .get("idempotency-key")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_owned()
-        })
-        .collect();
+    let keys: Vec<&str> = texts.iter().map(|r| header_text(r, "idempotency-key")).collect();
     assert_eq!(keys[0], keys[1], "the retry carries the failed send's idempotency key");
     for r in &texts {
         let body: Value = serde_json::from_slice(&r.body).expect("json");
         assert_eq!(body["to"], "+8613800000001");
         assert_eq!(body["kind"], "reminder");
-        let stamp = r
-            .headers
-            .get("x-tocsin-timestamp")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default();
-        let signature = r
-            .headers
-            .get("x-tocsin-signature")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default();
-        assert_eq!(signature, expected_signature(SECRET, stamp, &r.body));
+        assert_signed(r, SECRET);
     }
     let list = reminders.as_array().expect("list");
     let skipped: Vec<&Value> = list.iter().filter(|r| r["status"] == "skipped").collect();

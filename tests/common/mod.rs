@@ -211,6 +211,21 @@ pub fn expected_signature(secret: &str, timestamp: &str, body: &[u8]) -> String 
     tocsin::channels::sign(secret.as_bytes(), timestamp.parse().expect("timestamp"), body)
 }
 
+/// A header of a request a wiremock peer received, as text (empty when absent).
+pub fn header_text<'a>(r: &'a wiremock::Request, name: &str) -> &'a str {
+    r.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default()
+}
+
+/// Asserts the request carries a valid `X-Tocsin-Signature` for `secret`.
+pub fn assert_signed(r: &wiremock::Request, secret: &str) {
+    let stamp = header_text(r, "x-tocsin-timestamp");
+    assert_eq!(
+        header_text(r, "x-tocsin-signature"),
+        expected_signature(secret, stamp, &r.body),
+        "bad signature"
+    );
+}
+
 /// Minimal merchant records for tests.
 pub fn merchant(
     id: &str,
