@@ -1,6 +1,7 @@
 //! Public bulletins through the `tocsin` binary: a cohort too often without contact data gets
 //! its bulletin as the notices go out, covering every affected merchant and saying why; every
-//! update is an entry of the Atom feed as a real feed parser reads it.
+//! update is an entry of the Atom feed as a real feed parser reads it; both pages parse as HTML
+//! without an error, with their language and headings in order; the status page gets each version.
 
 mod common;
 
@@ -127,10 +128,71 @@ fn publish_and_update(status_page: &str) {
     ids.dedup();
     assert_eq!(ids.len(), 2, "each with its own id");
     assert!(feed.entries.iter().all(|e| e.updated.is_some() && e.title.is_some()));
+    // Both pages parse as HTML without a single error, with their language and headings in
+    // order (no level skipped).
+    for (file, lang) in [("index.html", "zh-CN"), ("index.en.html", "en")] {
+        let html = std::fs::read_to_string(folder.join(file)).expect("page");
+        check_html(&html, lang);
+    }
     // The page shows both updates and the lookup form, and nobody's data.
     let page = std::fs::read_to_string(folder.join("index.en.html")).expect("page");
     assert_eq!(page.matches("<li><time>").count(), 2, "two updates in the timeline");
     for personal in ["b-1", "b1@example.com", "+86138", "Merchant b"] {
         assert!(!page.contains(personal), "the bulletin leaks {personal}");
     }
+}
+
+/// Parses `html` as the HTML standard does (html5ever, with every parse error reported) and
+/// checks there is none, that `<html lang>` is `lang` and that headings never skip a level.
+fn check_html(html: &str, lang: &str) {
+    use html5ever::tendril::TendrilSink;
+    use markup5ever_rcdom::{Handle, NodeData, RcDom};
+    let opts = html5ever::ParseOpts {
+        tree_builder: html5ever::tree_builder::TreeBuilderOpts {
+            exact_errors: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let dom = html5ever::parse_document(RcDom::default(), opts)
+        .from_utf8()
+        .read_from(&mut html.as_bytes())
+        .expect("parsed");
+    let errors = dom.errors.borrow();
+    assert!(errors.is_empty(), "HTML errors: {errors:?}");
+    fn walk(node: &Handle, found: &mut Vec<(String, Option<String>)>) {
+        if let NodeData::Element { name, attrs, .. } = &node.data {
+            let lang = attrs
+                .borrow()
+                .iter()
+                .find(|a| &*a.name.local == "lang")
+                .map(|a| a.value.to_string());
+            found.push((name.local.to_string(), lang));
+        }
+        for child in node.children.borrow().iter() {
+            walk(child, found);
+        }
+    }
+    let mut elements = Vec::new();
+    walk(&dom.document, &mut elements);
+    assert_eq!(elements.first(), Some(&("html".to_owned(), Some(lang.to_owned()))));
+    let levels: Vec<u32> = elements
+        .iter()
+        .filter_map(|(name, _)| name.strip_prefix('h').and_then(|n| n.parse().ok()))
+        .collect();
+    assert_eq!(levels.first(), Some(&1), "{levels:?}");
+    assert!(
+        levels.windows(2).all(|w| w[1] <= w[0] + 1),
+        "a heading level skipped: {levels:?}"
+    );
+}
+
+/// The checker itself catches a stray end tag.
+#[test]
+#[should_panic(expected = "HTML errors")]
+fn the_html_check_catches_a_stray_end_tag() {
+    check_html(
+        "<!DOCTYPE html><html lang=\"en\"><head><title>x</title></head><body><h1>a</h1></span><p>x</body></html>",
+        "en",
+    );
 }
