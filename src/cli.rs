@@ -406,6 +406,9 @@ pub enum IncidentsCmd {
     Bulletin { id: String },
     /// Draft and submit the regulator's initial report (CAC) if the grade requires it.
     File { id: String },
+    /// For every regulator that applies and each report stage: the required fields still
+    /// missing from the incident's facts (nothing listed: ready to file).
+    Readiness { id: String },
     /// The "am I affected?" lookups made on the incident's bulletin: when, outcome, and the
     /// client as a salted hash (no merchant id, no second factor).
     Lookups { id: String },
@@ -977,6 +980,22 @@ async fn incidents(engine: &Tocsin, cli: &Cli, cmd: &IncidentsCmd) -> anyhow::Re
                     engine.paths.bulletins.display()
                 ),
                 None => "no bulletin published".into(),
+            });
+        }
+        IncidentsCmd::Readiness { id } => {
+            let list = engine.filing_readiness(id).await?;
+            print(json, &list, || {
+                list.iter()
+                    .map(|r| {
+                        let state = if r.missing.is_empty() {
+                            "ready".to_owned()
+                        } else {
+                            format!("missing {}", r.missing.join("; "))
+                        };
+                        format!("{:<11} {:<8} ({:<6}) {state}", r.regulator, r.stage, r.submission)
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
             });
         }
         IncidentsCmd::Lookups { id } => {

@@ -143,6 +143,17 @@ pub struct IncidentView {
     pub filings: Vec<FilingView>,
 }
 
+/// Whether one stage of one regulator's report could be filed now.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageReadiness {
+    pub regulator: String,
+    pub stage: &'static str,
+    /// `email`, `https` or `portal`.
+    pub submission: String,
+    /// Required fields not given yet (`item 4: 'cause' (zh-CN)`); empty when complete.
+    pub missing: Vec<String>,
+}
+
 /// One watchdog round: reminders stored, and sent this round.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct WatchdogReport {
@@ -1411,6 +1422,35 @@ impl Tocsin {
             notified_by_channel,
             bulletin_covered,
         })
+    }
+
+    /// For every regulator that applies and every stage it asks for: the required fields the
+    /// incident's facts and figures do not give yet (empty: the report can be filed).
+    pub async fn filing_readiness(&self, id: &str) -> Result<Vec<StageReadiness>, EngineError> {
+        let incident = self.incident(id).await?;
+        let facts = Self::facts(&incident)?;
+        let exposure = self.exposure(&incident).await?;
+        let figures = self.figures(&incident, &exposure).await?;
+        let mut out = Vec::new();
+        for p in self.regulators.profiles.iter().filter(|p| p.applies(&exposure)) {
+            for (stage, items) in [
+                (filing::Stage::Initial, &p.initial),
+                (filing::Stage::Update, &p.update),
+                (filing::Stage::Final, &p.final_report),
+            ] {
+                if items.is_empty() {
+                    continue;
+                }
+                let (_, missing) = filing::stage_items(p, stage, facts, &figures);
+                out.push(StageReadiness {
+                    regulator: p.id.clone(),
+                    stage: stage.as_str(),
+                    submission: p.submission.method.clone(),
+                    missing,
+                });
+            }
+        }
+        Ok(out)
     }
 
     /// When handling ends: the summary report of every regulator that applies and asks for

@@ -95,6 +95,42 @@ async fn every_applicable_regulators_clock_is_listed_and_follows_the_incident() 
         "{text}"
     );
 
+    // What each applicable regulator's reports still lack: with the demo facts every report is
+    // complete but the CAC summary report, which needs the responder's conclusions.
+    let readiness = t.run(&["--json", "incidents", "readiness", &incident]).ok().json();
+    let stage = |regulator: &str, stage: &str| -> Vec<String> {
+        readiness
+            .as_array()
+            .expect("list")
+            .iter()
+            .find(|r| r["regulator"] == regulator && r["stage"] == stage)
+            .unwrap_or_else(|| panic!("{regulator} {stage} in {readiness}"))["missing"]
+            .as_array()
+            .expect("missing")
+            .iter()
+            .filter_map(|m| m.as_str().map(str::to_owned))
+            .collect()
+    };
+    for (regulator, s) in [
+        ("cn-cac", "initial"),
+        ("cn-pipl-57", "initial"),
+        ("eu-gdpr-33", "initial"),
+        ("eu-nis2", "update"),
+        ("sg-pdpc", "initial"),
+    ] {
+        assert_eq!(stage(regulator, s), Vec::<String>::new(), "{regulator} {s}");
+    }
+    assert_eq!(
+        stage("cn-cac", "final"),
+        [
+            "item 3: 'responsibility' (zh-CN)",
+            "item 3: 'remediation' (zh-CN)",
+            "item 3: 'lessons' (zh-CN)"
+        ]
+    );
+    let text = t.run(&["incidents", "readiness", &incident]).ok().stdout;
+    assert!(text.contains("cn-cac      initial  (email ) ready"), "{text}");
+
     // Filing the CAC's initial report takes its clock off the running list, late.
     t.run(&["--actor", "alice", "incidents", "file", &incident]).ok();
     let running = t.run(&["--json", "deadlines"]).ok().json();
