@@ -1060,8 +1060,7 @@ impl Tocsin {
         } else {
             unreachable
         };
-        let unreachable = covered;
-        let key = bulletin::content_key(&incident, &unreachable);
+        let key = bulletin::content_key(&incident, &covered);
         let fresh = versions.last().is_none_or(|b| b.content_hash != key);
         if fresh {
             let reason = if versions.is_empty() || force {
@@ -1073,15 +1072,15 @@ impl Tocsin {
                 id: BulletinId::generate(),
                 incident_id: incident.id.clone(),
                 version: versions.last().map(|b| b.version + 1).unwrap_or(1),
-                summary: bulletin::update_text(versions.len() as i64 + 1, unreachable.len(), Locale::En),
+                summary: bulletin::update_text(versions.len() as i64 + 1, covered.len(), Locale::En),
                 reason,
                 content_hash: key,
                 published_at: Utc::now(),
-                covered: unreachable.len() as i64,
+                covered: covered.len() as i64,
                 status_pushed_at: None,
             };
             // Stored first: if writing the files fails, the next run rewrites them.
-            self.store.insert_bulletin(&b, &unreachable, actor).await?;
+            self.store.insert_bulletin(&b, &covered, actor).await?;
             versions.push(b);
         }
         let files = bulletin::render_files(&incident, &versions, &settings, &self.taxonomy, &self.templates)?;
@@ -1177,40 +1176,14 @@ impl Tocsin {
                 .filter(|i| i.state != IncidentState::Dismissed)
                 .collect(),
         };
-        let class = self.settings.operator.operator_class()?;
         let mut views = Vec::new();
         for incident in &incidents {
-            let Some(facts) = incident.facts.as_ref() else {
-                continue;
-            };
-            let exposure = self.exposure(incident).await?;
-            let applying: Vec<&RegulatorProfile> = self
-                .regulators
-                .profiles
-                .iter()
-                .filter(|p| p.applies(&exposure))
-                .collect();
-            if applying.is_empty() {
+            if incident.facts.is_none() {
                 continue;
             }
-            let transitions = self.store.transitions(&incident.id).await?;
-            let first = |state: IncidentState| transitions.iter().find(|t| t.to_state == state).map(|t| t.at);
-            let submitted: Vec<(String, String, DateTime<Utc>)> = self
-                .store
-                .filings(&incident.id)
-                .await?
-                .into_iter()
-                .filter_map(|f| Some((f.regulator, f.stage, f.submitted_at?)))
-                .collect();
-            let inputs = crate::clocks::ClockInputs {
-                incident,
-                aware_at: facts.aware_at,
-                assessed_at: first(IncidentState::Confirmed),
-                handling_ended_at: first(IncidentState::Closed),
-                submitted: &submitted,
-                class,
-            };
-            views.extend(crate::clocks::clock_views(&inputs, &self.regulators, &applying, now));
+            let exposure = self.exposure(incident).await?;
+            let filings = self.store.filings(&incident.id).await?;
+            views.extend(self.clocks_of(incident, &exposure, &filings, now).await?);
         }
         if !all {
             views.retain(|v| matches!(v.status, "open" | "overdue"));
@@ -1460,7 +1433,7 @@ impl Tocsin {
         let exposure = self.exposure(&incident).await?;
         let figures = self.figures(&incident, &exposure).await?;
         let existing = self.store.filings(&incident.id).await?;
-        let clocks = self.deadlines(Some(id), true, Utc::now()).await?;
+        let clocks = self.clocks_of(&incident, &exposure, &existing, Utc::now()).await?;
         let mut drafted = Vec::new();
         for p in self
             .regulators
@@ -1483,6 +1456,43 @@ impl Tocsin {
             drafted.push(f);
         }
         Ok(drafted)
+    }
+
+    /// The clocks of every regulator that applies to one incident with facts.
+    async fn clocks_of(
+        &self,
+        incident: &Incident,
+        exposure: &filing::Exposure,
+        filings: &[Filing],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<crate::clocks::ClockView>, EngineError> {
+        let Some(facts) = incident.facts.as_ref() else {
+            return Ok(Vec::new());
+        };
+        let applying: Vec<&RegulatorProfile> = self
+            .regulators
+            .profiles
+            .iter()
+            .filter(|p| p.applies(exposure))
+            .collect();
+        if applying.is_empty() {
+            return Ok(Vec::new());
+        }
+        let transitions = self.store.transitions(&incident.id).await?;
+        let first = |state: IncidentState| transitions.iter().find(|t| t.to_state == state).map(|t| t.at);
+        let submitted: Vec<(String, String, DateTime<Utc>)> = filings
+            .iter()
+            .filter_map(|f| Some((f.regulator.clone(), f.stage.clone(), f.submitted_at?)))
+            .collect();
+        let inputs = crate::clocks::ClockInputs {
+            incident,
+            aware_at: facts.aware_at,
+            assessed_at: first(IncidentState::Confirmed),
+            handling_ended_at: first(IncidentState::Closed),
+            submitted: &submitted,
+            class: self.settings.operator.operator_class()?,
+        };
+        Ok(crate::clocks::clock_views(&inputs, &self.regulators, &applying, now))
     }
 
     /// What an incident touches, as regulators' triggers test it: the grade and categories of
