@@ -60,6 +60,10 @@ pub enum Command {
     /// Drafted notices.
     #[command(subcommand)]
     Notices(NoticesCmd),
+    /// Regulator reports: draft, complete, approve (a second person), submit, record the
+    /// reference number and the acknowledgement.
+    #[command(subcommand)]
+    Filings(FilingsCmd),
     /// The audit ledger.
     #[command(subcommand)]
     Audit(AuditCmd),
@@ -126,6 +130,58 @@ pub enum BenchCmd {
     Sink {
         #[arg(long, default_value = "127.0.0.1:8089")]
         listen: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FilingsCmd {
+    /// Draft the reports the incident owes: every applicable regulator profile and every
+    /// stage whose clock runs (or the ones named). Drafts not yet approved are brought up to
+    /// date with the facts and figures; incomplete ones are kept with their missing fields.
+    Draft {
+        incident: String,
+        /// Only this regulator profile (cn-cac, eu-gdpr-33...).
+        #[arg(long)]
+        regulator: Option<String>,
+        /// Only this stage (initial, update, final), even one without a running clock.
+        #[arg(long)]
+        stage: Option<String>,
+    },
+    /// The incident's reports: state, deadline, what is missing.
+    List { incident: String },
+    /// One report: its items and every submission attempt.
+    Show { filing: String },
+    /// Write a field of a draft report (lessons, remediation...) in the report's language;
+    /// an empty text removes it. The writer cannot approve the report.
+    Write {
+        filing: String,
+        field: String,
+        /// The text (or --file).
+        text: Option<String>,
+        /// Read the text from this file.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Approve a complete report (not by anyone who drafted or wrote into it).
+    Approve { filing: String },
+    /// Submit an approved report by its regulator's method: email, HTTPS, or a document for the
+    /// regulator's portal (then `filings reference`).
+    Submit { filing: String },
+    /// Record the reference number the regulator's portal gave a report a person filed.
+    Reference {
+        filing: String,
+        reference: String,
+        /// When it was filed (RFC 3339); default now.
+        #[arg(long)]
+        filed_at: Option<String>,
+    },
+    /// Record the regulator's acknowledgement of a submitted report.
+    Ack {
+        filing: String,
+        #[arg(long)]
+        reference: Option<String>,
+        #[arg(long, default_value = "")]
+        note: String,
     },
 }
 
@@ -404,8 +460,6 @@ pub enum IncidentsCmd {
     },
     /// Publish the public bulletin now.
     Bulletin { id: String },
-    /// Draft and submit the regulator's initial report (CAC) if the grade requires it.
-    File { id: String },
     /// For every regulator that applies and each report stage: the required fields still
     /// missing from the incident's facts (nothing listed: ready to file).
     Readiness { id: String },
@@ -464,6 +518,147 @@ fn actor(cli_actor: &Option<String>, fallback: Option<&str>) -> anyhow::Result<A
             .map_err(|e: FieldError| anyhow::anyhow!("--actor: {}", e.reason)),
         (None, None) => bail!("--actor (or TOCSIN_ACTOR) is required: every change is recorded with who made it"),
     }
+}
+
+fn filing_line(f: &crate::engine::FilingView) -> String {
+    let due = match (f.deadline_at, f.minutes_left) {
+        (Some(d), Some(left)) => format!("due {} ({left} min left)", crate::time::human(d)),
+        (Some(d), None) => format!("due {}", crate::time::human(d)),
+        (None, _) => "no fixed deadline".to_owned(),
+    };
+    let state = serde_json::to_value(f.state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let mut line = format!(
+        "{}  {:<11} {:<8} {:<18} {:<7} {due}",
+        f.id, f.regulator, f.stage, state, f.transport
+    );
+    if !f.missing.is_empty() {
+        line.push_str(&format!("\n    missing: {}", f.missing.join("; ")));
+    }
+    if let Some(r) = &f.reference_number {
+        line.push_str(&format!("\n    reference: {r}"));
+    }
+    if let Some(l) = &f.location {
+        line.push_str(&format!("\n    at: {l}"));
+    }
+    if let Some(e) = &f.last_error {
+        line.push_str(&format!("\n    last attempt failed: {e}"));
+    }
+    line
+}
+
+async fn filings_command(
+    engine: &Tocsin,
+    cmd: &FilingsCmd,
+    cli_actor: &Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let one = |f: crate::engine::FilingView| {
+        print(json, &f, || filing_line(&f));
+    };
+    match cmd {
+        FilingsCmd::Draft {
+            incident,
+            regulator,
+            stage,
+        } => {
+            let drafted = engine
+                .draft_filings(
+                    incident,
+                    regulator.as_deref(),
+                    stage.as_deref(),
+                    &actor(cli_actor, None)?,
+                )
+                .await?;
+            print(json, &drafted, || {
+                if drafted.is_empty() {
+                    return "no report is due: no regulator profile applies, or no clock runs yet (name a --stage to draft one anyway)".into();
+                }
+                drafted
+                    .iter()
+                    .map(|d| format!("{:<9} {}", d.change, filing_line(&d.filing)))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        FilingsCmd::List { incident } => {
+            let list = engine.filings(incident).await?;
+            print(json, &list, || {
+                list.iter().map(filing_line).collect::<Vec<_>>().join("\n")
+            });
+        }
+        FilingsCmd::Show { filing } => {
+            let d = engine.filing(filing).await?;
+            print(json, &d, || {
+                let mut out = filing_line(&d.filing);
+                for item in d.content["items"].as_array().into_iter().flatten() {
+                    out.push_str(&format!(
+                        "\n  {}. {}\n     {}",
+                        item["number"],
+                        item["title"].as_str().unwrap_or_default(),
+                        item["value"].as_str().unwrap_or_default().replace('\n', "\n     ")
+                    ));
+                }
+                for s in &d.submissions {
+                    out.push_str(&format!(
+                        "\n  {} {} {} {} by {}: {}",
+                        crate::time::human(s.at),
+                        s.method,
+                        s.outcome,
+                        s.target,
+                        s.actor,
+                        s.detail
+                    ));
+                }
+                out
+            });
+        }
+        FilingsCmd::Write {
+            filing,
+            field,
+            text,
+            file,
+        } => {
+            let text = match (text, file) {
+                (Some(t), None) => t.clone(),
+                (None, Some(path)) => {
+                    std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("--file {}: {e}", path.display()))?
+                }
+                _ => bail!("give the text, or --file with it (not both)"),
+            };
+            one(engine
+                .write_filing_field(filing, field, &text, &actor(cli_actor, None)?)
+                .await?);
+        }
+        FilingsCmd::Approve { filing } => one(engine.approve_filing(filing, &actor(cli_actor, None)?).await?),
+        FilingsCmd::Submit { filing } => one(engine.submit_filing(filing, &actor(cli_actor, None)?).await?),
+        FilingsCmd::Reference {
+            filing,
+            reference,
+            filed_at,
+        } => {
+            let filed_at = filed_at
+                .as_deref()
+                .map(|t| {
+                    crate::time::parse_ts(t)
+                        .map_err(|e| anyhow::anyhow!("--filed-at: '{t}' is not an RFC 3339 instant ({e})"))
+                })
+                .transpose()?;
+            one(engine
+                .record_filing_reference(filing, reference, filed_at, &actor(cli_actor, None)?)
+                .await?);
+        }
+        FilingsCmd::Ack {
+            filing,
+            reference,
+            note,
+        } => one(engine
+            .acknowledge_filing(filing, reference.as_deref(), note, &actor(cli_actor, None)?)
+            .await?),
+    }
+    Ok(())
 }
 
 fn print<T: Serialize>(json: bool, value: &T, text: impl FnOnce() -> String) {
@@ -800,6 +995,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .join("\n")
             });
         }
+        Command::Filings(cmd) => filings_command(&engine, cmd, &cli.actor, json).await?,
         Command::Deadlines { incident, all } => {
             let clocks = engine.deadlines(incident.as_deref(), *all, chrono::Utc::now()).await?;
             print(json, &clocks, || deadlines_text(&clocks));
@@ -1005,19 +1201,6 @@ async fn incidents(engine: &Tocsin, cli: &Cli, cmd: &IncidentsCmd) -> anyhow::Re
                     .map(|l| format!("{}  {:<12} client {}", crate::time::human(l.at), l.outcome, l.client))
                     .collect::<Vec<_>>()
                     .join("\n")
-            });
-        }
-        IncidentsCmd::File { id } => {
-            let f = engine.file_initial(id, &actor(&cli.actor, None)?).await?;
-            print(json, &f, || match &f {
-                Some(f) => format!(
-                    "{} {} report due {} -> {}",
-                    f.regulator,
-                    f.stage,
-                    crate::time::human(f.deadline_at),
-                    f.location.as_deref().unwrap_or("not submitted")
-                ),
-                None => "no regulator profile applies to this incident's grade".into(),
             });
         }
         IncidentsCmd::Affected {

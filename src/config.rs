@@ -413,14 +413,48 @@ pub struct WatchdogSettings {
     pub escalation: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FilingSettings {
-    /// `file` (JSON and HTML under the data directory) or `email`.
-    pub transport: String,
-    /// The regulator's address when filing by email.
+    /// Where each regulator's reports go, by profile id (`[filing.regulators.cn-cac]`); a
+    /// setting given here overrides the profile's `[submission]`.
     #[serde(default)]
-    pub regulator_email: String,
+    pub regulators: std::collections::BTreeMap<String, FilingEndpoint>,
+}
+
+/// How one regulator's reports are submitted in this deployment.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilingEndpoint {
+    /// `email`, `https` or `portal`; empty: the profile's method.
+    #[serde(default)]
+    pub method: String,
+    /// The regulator's address (email).
+    #[serde(default)]
+    pub address: String,
+    /// The endpoint reports are POSTed to (https).
+    #[serde(default)]
+    pub url: String,
+    /// Sent as `Authorization: Bearer` (https).
+    #[serde(default)]
+    pub token: Secret,
+    /// Where in the endpoint's JSON reply its reference number is (a JSON pointer).
+    #[serde(default)]
+    pub reference_pointer: String,
+    /// The portal a person files the document on.
+    #[serde(default)]
+    pub portal: String,
+}
+
+impl FilingSettings {
+    /// The settings for profile `id` (`cn-cac` may be written `cn_cac`, as environment
+    /// variables cannot hold a hyphen).
+    pub fn endpoint(&self, id: &str) -> Option<(&str, &FilingEndpoint)> {
+        self.regulators
+            .iter()
+            .find(|(k, _)| k.as_str() == id || k.replace('_', "-") == id)
+            .map(|(k, v)| (k.as_str(), v))
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -490,15 +524,25 @@ impl Settings {
                 }
             }
         }
-        match self.filing.transport.as_str() {
-            "file" => {}
-            "email" => {
-                self.filing
-                    .regulator_email
-                    .parse::<EmailAddress>()
-                    .map_err(|e| invalid("filing.regulator_email", e.reason))?;
+        for (id, e) in &self.filing.regulators {
+            let key = |k: &str| format!("filing.regulators.{id}.{k}");
+            if !matches!(e.method.as_str(), "" | "email" | "https" | "portal") {
+                return Err(invalid(&key("method"), "must be 'email', 'https' or 'portal'"));
             }
-            _ => return Err(invalid("filing.transport", "must be 'file' or 'email'")),
+            if !e.address.is_empty() {
+                e.address
+                    .parse::<EmailAddress>()
+                    .map_err(|err| invalid(&key("address"), err.reason))?;
+            }
+            if !(e.url.is_empty() || e.url.starts_with("https://") || e.url.starts_with("http://")) {
+                return Err(invalid(&key("url"), "must be an http(s) URL"));
+            }
+            if !e.reference_pointer.is_empty() && !e.reference_pointer.starts_with('/') {
+                return Err(invalid(
+                    &key("reference_pointer"),
+                    "must be a JSON pointer such as /reference",
+                ));
+            }
         }
         let d = &self.delivery;
         if d.max_attempts == 0 || d.concurrency == 0 {

@@ -12,6 +12,7 @@ use serde_json::Value;
 use crate::directory;
 use crate::domain::{Actor, IncidentState};
 use crate::engine::{EngineError, IncidentView, Tocsin};
+use crate::model::FilingState;
 use crate::model::ScopeRule;
 use crate::store::IngestOutcome;
 use chrono::Utc;
@@ -94,7 +95,6 @@ pub async fn run(engine: &Tocsin) -> Result<DemoSummary, EngineError> {
         shift_times(&mut facts, &["occurred_at", "aware_at", "contained_at"], shift);
         engine.confirm(id, &facts, &alice).await?;
     }
-    engine.file_initial(id, &alice).await?;
     view = engine.view(id).await?;
     if state(&view) == IncidentState::Confirmed {
         let rule: ScopeRule = serde_json::from_str(SCOPE).map_err(|e| demo_err(e.to_string()))?;
@@ -110,6 +110,17 @@ pub async fn run(engine: &Tocsin) -> Result<DemoSummary, EngineError> {
     engine.approve(id, &bob).await?;
     engine.dispatch(id, &alice).await?;
     engine.deliver(id, Duration::from_secs(120), &alice).await?;
+    // The regulator reports: drafted by alice, approved by bob, submitted by each profile's
+    // method (on the embedded default, documents for the regulators' portals).
+    for drafted in engine.draft_filings(id, None, None, &alice).await? {
+        let f = &drafted.filing;
+        if f.state == FilingState::Ready {
+            engine.approve_filing(f.id.as_str(), &bob).await?;
+        }
+        if matches!(f.state, FilingState::Ready | FilingState::Approved) {
+            engine.submit_filing(f.id.as_str(), &alice).await?;
+        }
+    }
 
     let incident = engine.view(id).await?;
     let reference = incident.incident.reference.clone();
@@ -192,24 +203,39 @@ pub fn describe(v: &IncidentView) -> String {
     }
     for f in &v.filings {
         let span = |minutes: i64| format!("{}h{:02}m", minutes.abs() / 60, minutes.abs() % 60);
-        let status = match (&f.submitted_at, &f.location) {
-            (Some(at), Some(loc)) => {
-                let margin = (f.deadline_at - *at).num_minutes();
-                let timing = if margin >= 0 {
-                    format!("{} before the deadline", span(margin))
-                } else {
-                    format!("{} late", span(margin))
-                };
-                format!("submitted {} ({timing}) -> {loc}", human(*at))
+        let clock = match (f.deadline_at, f.submitted_at, f.minutes_left) {
+            (Some(due), Some(at), _) if at <= due => {
+                format!("filed {} before the deadline", span((due - at).num_minutes()))
             }
-            _ if f.minutes_left >= 0 => format!("not submitted, {} left", span(f.minutes_left)),
-            _ => format!("not submitted, overdue by {}", span(f.minutes_left)),
+            (Some(due), Some(at), _) => format!("filed {} late", span((at - due).num_minutes())),
+            (_, _, Some(left)) if left >= 0 => format!("{} left", span(left)),
+            (_, _, Some(left)) => format!("overdue by {}", span(left)),
+            _ => "no fixed deadline".to_owned(),
+        };
+        let state = match f.state {
+            FilingState::Incomplete => format!("incomplete: {}", f.missing.join("; ")),
+            FilingState::Ready => "waiting for a second person's approval".to_owned(),
+            FilingState::Approved => "approved, not yet submitted".to_owned(),
+            FilingState::AwaitingReference => format!(
+                "document for the regulator's portal: {}; once filed: tocsin filings reference {} REFERENCE",
+                f.location.as_deref().unwrap_or("-"),
+                f.id
+            ),
+            FilingState::Submitted | FilingState::Acknowledged => format!(
+                "submitted -> {}{}",
+                f.location.as_deref().unwrap_or("-"),
+                f.reference_number
+                    .as_deref()
+                    .map(|r| format!(", reference {r}"))
+                    .unwrap_or_default()
+            ),
         };
         out.push_str(&format!(
-            "  filing {} {}: deadline {}; {status}\n",
+            "  filing {} {} ({}): deadline {}; {clock}; {state}\n",
             f.regulator,
             f.stage,
-            human(f.deadline_at)
+            f.stage_label,
+            f.deadline_at.map(human).unwrap_or_else(|| "none".into()),
         ));
     }
     out.push_str("  timeline:\n");

@@ -66,9 +66,26 @@ pub enum EngineError {
     NotFound { what: &'static str, id: String },
     #[error("four eyes: {approver} drafted notice version {version} and cannot also approve it")]
     SameActor { approver: String, version: i64 },
+    #[error("four eyes: {approver} drafted or wrote into the {regulator} {stage} report and cannot also approve it")]
+    FilingAuthor {
+        approver: String,
+        regulator: String,
+        stage: String,
+    },
+    #[error("submitting the report: {0}")]
+    Submission(#[from] crate::submission::SubmissionError),
     /// A provider callback whose signature or token does not check out.
     #[error("{0}")]
     Unauthenticated(String),
+}
+
+/// `authors` with `actor` among them.
+fn with_author(authors: &[Actor], actor: &Actor) -> Vec<Actor> {
+    let mut all = authors.to_vec();
+    if !all.contains(actor) {
+        all.push(actor.clone());
+    }
+    all
 }
 
 /// Compares two secrets in time independent of where they differ.
@@ -165,19 +182,54 @@ pub struct WatchdogReport {
     pub failed: u64,
 }
 
+/// A regulator filing as responders see it.
 #[derive(Debug, Clone, Serialize)]
 pub struct FilingView {
     pub id: FilingId,
     pub regulator: String,
+    pub regulator_name: String,
     pub stage: String,
-    pub deadline_at: chrono::DateTime<Utc>,
-    pub submitted_at: Option<chrono::DateTime<Utc>>,
-    pub location: Option<String>,
+    /// What the regime calls this report, in its language ("初报", "early warning").
+    pub stage_label: String,
+    pub state: FilingState,
+    /// `email`, `https` or `portal`, as the profile (and the settings) say.
     pub transport: String,
-    /// Time left on the clock when the view was taken (negative when overdue), in minutes.
-    pub minutes_left: i64,
-    /// Required fields a drafted report still lacks (the summary report's lessons...).
+    /// `None`: the stage has no fixed clock (or its clock has not started).
+    pub deadline_at: Option<DateTime<Utc>>,
+    /// Time left on the clock when the view was taken (negative when overdue), in minutes;
+    /// `None` once submitted or without a deadline.
+    pub minutes_left: Option<i64>,
+    /// Required fields the draft still lacks (the summary report's lessons...).
     pub missing: Vec<String>,
+    pub content_hash: String,
+    pub authors: Vec<Actor>,
+    pub written: std::collections::BTreeMap<String, String>,
+    pub approved_by: Option<Actor>,
+    pub approved_at: Option<DateTime<Utc>>,
+    pub document_at: Option<DateTime<Utc>>,
+    pub submitted_at: Option<DateTime<Utc>>,
+    pub location: Option<String>,
+    pub reference_number: Option<String>,
+    pub acknowledged_at: Option<DateTime<Utc>>,
+    pub acknowledgement: Option<String>,
+    pub last_error: Option<String>,
+}
+
+/// One filing with the report itself and every submission attempt.
+#[derive(Debug, Clone, Serialize)]
+pub struct FilingDetail {
+    pub filing: FilingView,
+    pub incident_reference: String,
+    pub content: Value,
+    pub submissions: Vec<FilingSubmission>,
+}
+
+/// What drafting did to one report: `drafted` (new), `revised` (the facts or figures changed),
+/// `unchanged`, or `frozen` (approved or submitted: left as it is).
+#[derive(Debug, Clone, Serialize)]
+pub struct FilingDrafted {
+    pub change: &'static str,
+    pub filing: FilingView,
 }
 
 /// A notice as JSON: its sections and every rendering.
@@ -614,7 +666,7 @@ impl Tocsin {
         let incident = self.incident(id).await?;
         if incident.state == IncidentState::Closed {
             // Closing again finishes what a crash may have cut short: the summary drafts.
-            self.draft_final_reports(incident.id.as_str(), actor).await?;
+            self.draft_summary_reports(incident.id.as_str(), actor).await?;
             return Ok(());
         }
         if incident.state != IncidentState::Monitoring {
@@ -635,7 +687,7 @@ impl Tocsin {
             .await?;
         // Stored after the transition: closing again would find nothing to close, and the
         // drafts are made once (a second run finds them).
-        self.draft_final_reports(incident.id.as_str(), actor).await?;
+        self.draft_summary_reports(incident.id.as_str(), actor).await?;
         Ok(())
     }
 
@@ -1157,7 +1209,6 @@ impl Tocsin {
         Ok(())
     }
 
-    /// Drafts, stores and submits the CAC initial report if the incident's grade requires it.
     /// Every regulator clock of the incidents that have facts (all but dismissed ones, or the
     /// one named), soonest first. Without `all`, only clocks running or overdue.
     pub async fn deadlines(
@@ -1394,6 +1445,7 @@ impl Tocsin {
             natural_persons: incident.grade_suggestion.as_ref().map(|g| g.natural_persons as usize),
             notified_by_channel,
             bulletin_covered,
+            written: Default::default(),
         })
     }
 
@@ -1427,35 +1479,9 @@ impl Tocsin {
     }
 
     /// When handling ends: the summary report of every regulator that applies and asks for
-    /// one, drafted with the final figures (not submitted; the responder completes it).
-    async fn draft_final_reports(&self, id: &str, actor: &Actor) -> Result<Vec<Filing>, EngineError> {
-        let incident = self.incident(id).await?;
-        let exposure = self.exposure(&incident).await?;
-        let figures = self.figures(&incident, &exposure).await?;
-        let existing = self.store.filings(&incident.id).await?;
-        let clocks = self.clocks_of(&incident, &exposure, &existing, Utc::now()).await?;
-        let mut drafted = Vec::new();
-        for p in self
-            .regulators
-            .profiles
-            .iter()
-            .filter(|p| p.applies(&exposure) && !p.final_report.is_empty())
-        {
-            if existing.iter().any(|f| f.regulator == p.id && f.stage == "final") {
-                continue;
-            }
-            let Some(due) = clocks
-                .iter()
-                .find(|c| c.regulator == p.id && c.stage == "final")
-                .and_then(|c| c.due_at)
-            else {
-                continue;
-            };
-            let f = filing::draft_final(p, &incident, &figures, due, &self.settings.filing.transport)?;
-            self.store.insert_filing(&f, actor).await?;
-            drafted.push(f);
-        }
-        Ok(drafted)
+    /// one, drafted with the final figures (the responder completes and another approves it).
+    async fn draft_summary_reports(&self, id: &str, actor: &Actor) -> Result<Vec<FilingDrafted>, EngineError> {
+        self.draft_filings(id, None, Some("final"), actor).await
     }
 
     /// The clocks of every regulator that applies to one incident with facts.
@@ -1518,98 +1544,507 @@ impl Tocsin {
         })
     }
 
-    /// Returns `None` when the profile does not apply. Submitting twice changes nothing.
-    pub async fn file_initial(&self, id: &str, actor: &Actor) -> Result<Option<Filing>, EngineError> {
+    /// Drafts the reports the incident owes its regulators: for every profile that applies
+    /// (or the one named), every stage whose clock is running (or the stage named, even one
+    /// without a fixed clock: the CAC's update). A report already drafted is brought up to date
+    /// with the facts and figures unless it is approved or submitted. Incomplete reports are
+    /// stored too, with their missing fields listed.
+    pub async fn draft_filings(
+        &self,
+        id: &str,
+        regulator: Option<&str>,
+        stage: Option<&str>,
+        actor: &Actor,
+    ) -> Result<Vec<FilingDrafted>, EngineError> {
         let incident = self.incident(id).await?;
         if incident.state == IncidentState::Dismissed {
             return Err(EngineError::wrong_state(
                 &incident,
                 "confirmed (not dismissed)",
-                "file a regulator report",
+                "draft a regulator report",
             ));
         }
         Self::facts(&incident)?;
+        let stage = stage
+            .map(|s| {
+                filing::Stage::parse(s)
+                    .ok_or_else(|| FieldError::new("stage", format!("'{s}' is not initial, update or final")))
+            })
+            .transpose()?;
         let exposure = self.exposure(&incident).await?;
-        if !self.cac.applies(&exposure) {
-            return Ok(None);
-        }
-        let existing = self
-            .store
-            .filings(&incident.id)
-            .await?
-            .into_iter()
-            .find(|f| f.regulator == self.cac.id && f.stage == "initial");
-        let filing = match existing {
-            Some(f) => f,
-            None => {
-                let figures = self.figures(&incident, &exposure).await?;
-                let f = filing::draft_initial(
-                    &self.cac,
-                    &incident,
-                    &figures,
-                    self.settings.operator.operator_class()?,
-                    &self.settings.filing.transport,
-                )?;
-                self.store.insert_filing(&f, actor).await?;
-                f
+        let applying: Vec<&RegulatorProfile> = match regulator {
+            Some(r) => {
+                let p = self.regulators.get(r).ok_or_else(|| {
+                    let known: Vec<&str> = self.regulators.profiles.iter().map(|p| p.id.as_str()).collect();
+                    FieldError::new("regulator", format!("no profile '{r}' (known: {})", known.join(", ")))
+                })?;
+                if !p.applies(&exposure) {
+                    return Err(FieldError::new(
+                        "regulator",
+                        format!("the {r} profile does not apply to this incident: none of its triggers holds"),
+                    )
+                    .into());
+                }
+                if let Some(s) = stage.filter(|s| p.items(*s).is_empty()) {
+                    return Err(
+                        FieldError::new("stage", format!("the {r} profile has no {} report", s.as_str())).into(),
+                    );
+                }
+                vec![p]
             }
+            None => self
+                .regulators
+                .profiles
+                .iter()
+                .filter(|p| p.applies(&exposure))
+                .collect(),
         };
-        if filing.submitted_at.is_some() {
-            return Ok(Some(filing));
+        let mut figures = self.figures(&incident, &exposure).await?;
+        let existing = self.store.filings(&incident.id).await?;
+        let now = Utc::now();
+        let clocks = self.clocks_of(&incident, &exposure, &existing, now).await?;
+        let class = self.settings.operator.operator_class()?;
+        let mut out = Vec::new();
+        for p in applying {
+            for s in [filing::Stage::Initial, filing::Stage::Update, filing::Stage::Final] {
+                if p.items(s).is_empty() || stage.is_some_and(|want| want != s) {
+                    continue;
+                }
+                let clock = clocks.iter().find(|c| c.regulator == p.id && c.stage == s.as_str());
+                let before = existing.iter().find(|f| f.regulator == p.id && f.stage == s.as_str());
+                let running = clock.is_some_and(|c| matches!(c.status, "open" | "overdue"));
+                if stage.is_none() && before.is_none() && !running {
+                    continue;
+                }
+                let deadline = clock.and_then(|c| c.due_at);
+                match before {
+                    Some(f) if f.approved_at.is_some() || f.submitted_at.is_some() => out.push(FilingDrafted {
+                        change: "frozen",
+                        filing: self.filing_view(f.clone(), now),
+                    }),
+                    Some(f) => {
+                        figures.written = f.written.clone();
+                        let fresh = filing::draft_stage(p, &incident, s, &figures, deadline, class)?;
+                        if fresh.content_hash == f.content_hash {
+                            out.push(FilingDrafted {
+                                change: "unchanged",
+                                filing: self.filing_view(f.clone(), now),
+                            });
+                            continue;
+                        }
+                        let revised = Filing {
+                            content: fresh.content,
+                            content_hash: fresh.content_hash,
+                            deadline_at: deadline,
+                            authors: with_author(&f.authors, actor),
+                            ..f.clone()
+                        };
+                        self.store
+                            .revise_filing(&revised, &f.content_hash, actor, "redrafted from the current facts")
+                            .await?;
+                        out.push(FilingDrafted {
+                            change: "revised",
+                            filing: self.filing_view(revised, now),
+                        });
+                    }
+                    None => {
+                        figures.written.clear();
+                        let mut f = filing::draft_stage(p, &incident, s, &figures, deadline, class)?;
+                        f.transport = self.route(p).map(|r| r.method().to_owned()).unwrap_or(f.transport);
+                        f.authors = vec![actor.clone()];
+                        self.store.insert_filing(&f, actor).await?;
+                        out.push(FilingDrafted {
+                            change: "drafted",
+                            filing: self.filing_view(f, now),
+                        });
+                    }
+                }
+            }
         }
-        // Claimed before sending, so a second `file` running at the same time does not send it
-        // again; a claim left by a crash expires and the next run sends it.
+        Ok(out)
+    }
+
+    /// Where a profile's reports go in this deployment.
+    fn route(&self, p: &RegulatorProfile) -> Result<crate::submission::Route, FieldError> {
+        crate::submission::Route::of(p, &self.settings.filing)
+    }
+
+    async fn stored_filing(&self, id: &str) -> Result<(Filing, &RegulatorProfile), EngineError> {
+        let not_found = || EngineError::NotFound {
+            what: "filing",
+            id: id.to_owned(),
+        };
+        let fid: FilingId = id.parse().map_err(|_| not_found())?;
+        let f = self.store.filing(&fid).await?.ok_or_else(not_found)?;
+        let p = self.regulators.get(&f.regulator).ok_or_else(|| {
+            FieldError::new(
+                "regulator",
+                format!("the profile '{}' of this filing is no longer configured", f.regulator),
+            )
+        })?;
+        Ok((f, p))
+    }
+
+    fn filing_conflict(f: &Filing, reason: &str) -> EngineError {
+        StoreError::Conflict {
+            what: "filing",
+            id: f.id.to_string(),
+            reason: reason.to_owned(),
+        }
+        .into()
+    }
+
+    /// Writes a field of a draft report in the report's language (the summary report's
+    /// responsibility, remediation and lessons; or wording that replaces a computed field).
+    /// Empty text removes what was written. The writer becomes an author: someone else approves.
+    pub async fn write_filing_field(
+        &self,
+        filing_id: &str,
+        field: &str,
+        text: &str,
+        actor: &Actor,
+    ) -> Result<FilingView, EngineError> {
+        let (f, p) = self.stored_filing(filing_id).await?;
+        if f.approved_at.is_some() || f.submitted_at.is_some() {
+            return Err(Self::filing_conflict(
+                &f,
+                "it is approved or submitted; its content can no longer change",
+            ));
+        }
+        let stage = filing::Stage::parse(&f.stage).unwrap_or(filing::Stage::Initial);
+        let fields: Vec<&str> = p
+            .items(stage)
+            .iter()
+            .flat_map(|i| i.fields.iter().map(String::as_str))
+            .collect();
+        if !fields.contains(&field) {
+            return Err(FieldError::new(
+                "field",
+                format!(
+                    "the {} {} report has no field '{field}' (its fields: {})",
+                    p.id,
+                    f.stage,
+                    fields.join(", ")
+                ),
+            )
+            .into());
+        }
+        let text = text.trim();
+        if text.chars().count() > 20_000 {
+            return Err(FieldError::new("text", "is longer than 20,000 characters").into());
+        }
+        let incident = self.incident(f.incident_id.as_str()).await?;
+        let exposure = self.exposure(&incident).await?;
+        let mut figures = self.figures(&incident, &exposure).await?;
+        figures.written = f.written.clone();
+        if text.is_empty() {
+            figures.written.remove(field);
+        } else {
+            figures.written.insert(field.to_owned(), text.to_owned());
+        }
+        let fresh = filing::draft_stage(
+            p,
+            &incident,
+            stage,
+            &figures,
+            f.deadline_at,
+            self.settings.operator.operator_class()?,
+        )?;
+        let revised = Filing {
+            content: fresh.content,
+            content_hash: fresh.content_hash,
+            written: figures.written,
+            authors: with_author(&f.authors, actor),
+            ..f.clone()
+        };
+        self.store
+            .revise_filing(&revised, &f.content_hash, actor, &format!("field '{field}' written"))
+            .await?;
+        Ok(self.filing_view(revised, Utc::now()))
+    }
+
+    /// A second person approves a complete report: nobody who drafted it or wrote into it.
+    /// Approving again changes nothing.
+    pub async fn approve_filing(&self, filing_id: &str, approver: &Actor) -> Result<FilingView, EngineError> {
+        let (f, p) = self.stored_filing(filing_id).await?;
+        if f.approved_at.is_some() || f.submitted_at.is_some() {
+            return Ok(self.filing_view(f, Utc::now()));
+        }
+        if f.authors.contains(approver) {
+            return Err(EngineError::FilingAuthor {
+                approver: approver.to_string(),
+                regulator: p.id.clone(),
+                stage: f.stage.clone(),
+            });
+        }
+        let missing = f.missing();
+        if !missing.is_empty() {
+            return Err(FilingError::Incomplete {
+                regulator: p.id.clone(),
+                stage: f.stage.clone(),
+                missing,
+            }
+            .into());
+        }
+        self.store
+            .approve_filing(&f.id, &f.content_hash, approver, Utc::now())
+            .await?;
+        self.filing(filing_id).await.map(|d| d.filing)
+    }
+
+    /// Submits an approved report by its route: by email (JSON and document attached), by an
+    /// HTTPS POST, or, for a portal, as a document a person files (then
+    /// [`Self::record_filing_reference`]). A copy of the report is kept under the filings
+    /// directory either way. The submission is claimed (stored) before anything is sent, so
+    /// two submitters never both send it; after a crash the claim expires and the next run
+    /// sends the same report again, under the same Message-ID or Idempotency-Key. A failure is
+    /// recorded, and the report can be submitted again.
+    pub async fn submit_filing(&self, filing_id: &str, actor: &Actor) -> Result<FilingView, EngineError> {
+        let (f, p) = self.stored_filing(filing_id).await?;
+        match f.state() {
+            FilingState::Incomplete | FilingState::Ready => {
+                return Err(Self::filing_conflict(
+                    &f,
+                    "it is not approved: a second person approves it first",
+                ));
+            }
+            FilingState::AwaitingReference | FilingState::Submitted | FilingState::Acknowledged => {
+                return Ok(self.filing_view(f, Utc::now()));
+            }
+            FilingState::Approved => {}
+        }
+        let route = self.route(p)?;
         let now = Utc::now();
         if !self
             .store
-            .claim_filing(&filing.id, now, now + chrono::Duration::minutes(5))
+            .claim_filing(&f.id, now, now + chrono::Duration::minutes(5))
             .await?
         {
-            return Ok(Some(filing));
+            return self.filing(filing_id).await.map(|d| d.filing);
         }
+        let incident = self.incident(f.incident_id.as_str()).await?;
         let html = filing::render_html(
-            &filing,
-            &self.cac,
+            &f,
+            p,
             (&self.settings.operator.name, &self.settings.operator.platform),
             &self.templates,
         )?;
-        let location = match self.settings.filing.transport.as_str() {
-            "email" => {
-                let mailer = EmailTransport::from_settings(&self.settings.email, &self.paths.email_outbox)?;
-                let subject = format!(
-                    "网络安全事件报告（初报）{} / Incident report (initial)",
-                    incident.reference
-                );
-                let text = serde_json::to_string_pretty(&filing.content).unwrap_or_default();
-                let key = format!("{}:{}", filing.id, filing.stage);
-                let mail = Mail {
-                    to: &self.settings.filing.regulator_email,
-                    subject: &subject,
-                    text: &text,
-                    html: &html,
-                    language: self.cac.locale.as_str(),
-                    key: &key,
-                    delivery: None,
-                };
-                mailer.send_mail(&mail).await.map_err(|e| FilingError::Write {
-                    path: "regulator email".into(),
-                    reason: e.message,
-                })?;
-                format!("email to the configured regulator address ({})", self.cac.id)
-            }
-            _ => filing::write_files(&self.paths.filings, &incident.reference, &filing, &html)?
-                .display()
-                .to_string(),
+        let json = filing::report_json(&f);
+        let copy = filing::write_files(&self.paths.filings, &incident.reference, &f, &html)?;
+        let stage = filing::Stage::parse(&f.stage).unwrap_or(filing::Stage::Initial);
+        let report = crate::submission::Report {
+            filing: &f,
+            profile: p,
+            json: &json,
+            html: &html,
+            stem: format!("{}-{}", f.regulator, f.stage),
+            subject: format!(
+                "{} {} / {}",
+                p.stage_label(stage),
+                incident.reference,
+                self.settings.operator.name
+            ),
         };
+        let attempt = |outcome: &str, detail: String| FilingSubmission {
+            filing_id: f.id.clone(),
+            at: Utc::now(),
+            actor: actor.clone(),
+            method: route.method().to_owned(),
+            target: route.target(),
+            outcome: outcome.to_owned(),
+            detail,
+        };
+        let sent: Result<(FilingSubmission, FilingOutcome), crate::submission::SubmissionError> = match &route {
+            crate::submission::Route::Email { address } => {
+                let mailer = EmailTransport::from_settings(&self.settings.email, &self.paths.email_outbox)?;
+                crate::submission::by_email(&mailer, address, &report)
+                    .await
+                    .map(|message_id| {
+                        (
+                            attempt("sent", format!("Message-ID <{message_id}>")),
+                            FilingOutcome::Sent {
+                                location: format!("email to {address}"),
+                                reference: None,
+                                acknowledgement: None,
+                            },
+                        )
+                    })
+            }
+            crate::submission::Route::Https {
+                url,
+                token,
+                reference_pointer,
+            } => {
+                let client = crate::channels::client_builder(30)
+                    .build()
+                    .map_err(|e| crate::channels::setup_err("filing", e))?;
+                crate::submission::by_https(&client, url, token, reference_pointer, &report)
+                    .await
+                    .map(|r| {
+                        let acknowledgement = r.reference.as_ref().map(|_| r.body.clone());
+                        (
+                            attempt("sent", format!("HTTP {}: {}", r.status, r.body)),
+                            FilingOutcome::Sent {
+                                location: url.to_string(),
+                                reference: r.reference,
+                                acknowledgement,
+                            },
+                        )
+                    })
+            }
+            crate::submission::Route::Portal { portal } => {
+                let document = copy.with_extension("html").display().to_string();
+                Ok((
+                    attempt(
+                        "document",
+                        match portal {
+                            Some(url) => format!("{document}, to be filed on {url}"),
+                            None => document.clone(),
+                        },
+                    ),
+                    FilingOutcome::Document { location: document },
+                ))
+            }
+        };
+        match sent {
+            Ok((row, outcome)) => {
+                self.store.record_filing_attempt(&row, &outcome).await?;
+                self.filing(filing_id).await.map(|d| d.filing)
+            }
+            Err(e) => {
+                let row = attempt("failed", e.to_string());
+                self.store
+                    .record_filing_attempt(&row, &FilingOutcome::Failed { error: e.to_string() })
+                    .await?;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Records the reference number a regulator gave a report a person filed (on its portal,
+    /// or by another way in an emergency): the report counts as submitted at `filed_at`
+    /// (default now). Recording the same reference again changes nothing.
+    pub async fn record_filing_reference(
+        &self,
+        filing_id: &str,
+        reference: &str,
+        filed_at: Option<DateTime<Utc>>,
+        actor: &Actor,
+    ) -> Result<FilingView, EngineError> {
+        let (f, _) = self.stored_filing(filing_id).await?;
+        let reference = reference.trim();
+        if reference.is_empty() || reference.chars().count() > 200 || reference.chars().any(char::is_control) {
+            return Err(FieldError::new("reference", "must be 1-200 printable characters").into());
+        }
+        if f.submitted_at.is_some() {
+            if f.reference_number.as_deref() == Some(reference) {
+                return Ok(self.filing_view(f, Utc::now()));
+            }
+            return Err(Self::filing_conflict(
+                &f,
+                "it is already submitted (record an acknowledgement instead)",
+            ));
+        }
+        let Some(approved_at) = f.approved_at else {
+            return Err(Self::filing_conflict(
+                &f,
+                "it is not approved: a second person approves it first",
+            ));
+        };
+        let now = Utc::now();
+        let filed_at = filed_at.unwrap_or(now);
+        if filed_at > now + chrono::Duration::minutes(1) || filed_at < approved_at {
+            return Err(FieldError::new("filed_at", "must lie between the approval and now").into());
+        }
         self.store
-            .mark_filing_submitted(&filing.id, Utc::now(), &location, actor)
+            .record_filing_reference(&f.id, reference, filed_at, actor, now)
             .await?;
+        self.filing(filing_id).await.map(|d| d.filing)
+    }
+
+    /// Records the regulator's acknowledgement of a submitted report (a reply by mail, a
+    /// receipt), with its reference number if it gave one.
+    pub async fn acknowledge_filing(
+        &self,
+        filing_id: &str,
+        reference: Option<&str>,
+        note: &str,
+        actor: &Actor,
+    ) -> Result<FilingView, EngineError> {
+        let (f, _) = self.stored_filing(filing_id).await?;
+        if f.submitted_at.is_none() {
+            return Err(Self::filing_conflict(&f, "it has not been submitted"));
+        }
+        let note = note.trim();
+        if note.chars().count() > 2_000 {
+            return Err(FieldError::new("note", "is longer than 2,000 characters").into());
+        }
+        let reference = reference.map(str::trim).filter(|r| !r.is_empty());
+        if reference.is_some_and(|r| r.chars().count() > 200 || r.chars().any(char::is_control)) {
+            return Err(FieldError::new("reference", "must be 1-200 printable characters").into());
+        }
+        self.store
+            .acknowledge_filing(&f.id, reference, note, actor, Utc::now())
+            .await?;
+        self.filing(filing_id).await.map(|d| d.filing)
+    }
+
+    /// The incident's filings.
+    pub async fn filings(&self, id: &str) -> Result<Vec<FilingView>, EngineError> {
+        let incident = self.incident(id).await?;
+        let now = Utc::now();
         Ok(self
             .store
             .filings(&incident.id)
             .await?
             .into_iter()
-            .find(|f| f.id == filing.id))
+            .map(|f| self.filing_view(f, now))
+            .collect())
+    }
+
+    /// One filing with its report and every submission attempt.
+    pub async fn filing(&self, filing_id: &str) -> Result<FilingDetail, EngineError> {
+        let (f, _) = self.stored_filing(filing_id).await?;
+        let incident = self.incident(f.incident_id.as_str()).await?;
+        let submissions = self.store.filing_submissions(&f.id).await?;
+        Ok(FilingDetail {
+            incident_reference: incident.reference,
+            content: f.content.clone(),
+            submissions,
+            filing: self.filing_view(f, Utc::now()),
+        })
+    }
+
+    fn filing_view(&self, f: Filing, now: DateTime<Utc>) -> FilingView {
+        let profile = self.regulators.get(&f.regulator);
+        let stage = filing::Stage::parse(&f.stage).unwrap_or(filing::Stage::Initial);
+        FilingView {
+            state: f.state(),
+            missing: f.missing(),
+            regulator_name: profile.map(|p| p.name().to_owned()).unwrap_or_default(),
+            stage_label: profile.map(|p| p.stage_label(stage)).unwrap_or_default(),
+            minutes_left: f
+                .deadline_at
+                .filter(|_| f.submitted_at.is_none())
+                .map(|d| (d - now).num_minutes()),
+            id: f.id,
+            regulator: f.regulator,
+            stage: f.stage,
+            transport: f.transport,
+            deadline_at: f.deadline_at,
+            content_hash: f.content_hash,
+            authors: f.authors,
+            written: f.written,
+            approved_by: f.approved_by,
+            approved_at: f.approved_at,
+            document_at: f.document_at,
+            submitted_at: f.submitted_at,
+            location: f.location,
+            reference_number: f.reference_number,
+            acknowledged_at: f.acknowledged_at,
+            acknowledgement: f.acknowledgement,
+            last_error: f.last_error,
+        }
     }
 
     // ---- reading
@@ -1639,20 +2074,7 @@ impl Tocsin {
                 .filings(&incident.id)
                 .await?
                 .into_iter()
-                .map(|f| FilingView {
-                    minutes_left: (f.deadline_at - now).num_minutes(),
-                    missing: f.content["missing"]
-                        .as_array()
-                        .map(|m| m.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
-                        .unwrap_or_default(),
-                    id: f.id,
-                    regulator: f.regulator,
-                    stage: f.stage,
-                    deadline_at: f.deadline_at,
-                    submitted_at: f.submitted_at,
-                    location: f.location,
-                    transport: f.transport,
-                })
+                .map(|f| self.filing_view(f, now))
                 .collect(),
             incident,
         })

@@ -416,6 +416,8 @@ pub struct Figures {
     pub bulletin_covered: Option<u64>,
     pub affected_merchants: Option<usize>,
     pub natural_persons: Option<usize>,
+    /// Fields a responder wrote into this report (they take the place of the computed text).
+    pub written: std::collections::BTreeMap<String, String>,
 }
 
 fn grade_label(g: Grade, locale: Locale) -> &'static str {
@@ -435,6 +437,7 @@ fn field_text(name: &str, facts: &IncidentFacts, figures: &Figures, locale: Loca
         if zh { zh_label.to_owned() } else { en.to_owned() }
     };
     let text = |t: &LocalizedText| t.get(locale).map(str::to_owned);
+    let written = figures.written.get(name).filter(|t| !t.trim().is_empty()).cloned();
     let (lead, value) = match name {
         "reporting_unit" => (
             label("Reporting unit", "报告单位"),
@@ -524,11 +527,13 @@ fn field_text(name: &str, facts: &IncidentFacts, figures: &Figures, locale: Loca
                 parts.join(if zh { "；" } else { "; " })
             }),
         ),
-        // Written by the responder for the summary report (no incident fact holds them yet).
-        "responsibility" | "remediation" | "lessons" => (String::new(), None),
+        // Written by the responder for the summary report (no incident fact holds them).
+        "responsibility" => (label("Responsibility", "责任认定"), None),
+        "remediation" => (label("Remediation", "整改措施"), None),
+        "lessons" => (label("Lessons learned", "经验教训"), None),
         _ => return None,
     };
-    let value = value?;
+    let value = written.or(value)?;
     Some(if lead.is_empty() {
         value
     } else if zh {
@@ -536,24 +541,6 @@ fn field_text(name: &str, facts: &IncidentFacts, figures: &Figures, locale: Loca
     } else {
         format!("{lead}: {value}")
     })
-}
-
-/// Builds the initial report's items; fails with every missing required field.
-pub fn initial_items(
-    profile: &RegulatorProfile,
-    facts: &IncidentFacts,
-    figures: &Figures,
-) -> Result<Vec<Value>, FilingError> {
-    let (items, missing) = stage_items(profile, Stage::Initial, facts, figures);
-    if missing.is_empty() {
-        Ok(items)
-    } else {
-        Err(FilingError::Incomplete {
-            regulator: profile.id.clone(),
-            stage: "initial".into(),
-            missing,
-        })
-    }
 }
 
 /// A stage's items filled from the facts and figures, and the required fields still missing
@@ -567,12 +554,7 @@ pub fn stage_items(
     let locale = profile.locale;
     let mut missing = Vec::new();
     let mut items = Vec::new();
-    let list = match stage {
-        Stage::Initial => &profile.initial,
-        Stage::Update => &profile.update,
-        Stage::Final => &profile.final_report,
-    };
-    for item in list {
+    for item in profile.items(stage) {
         for f in &item.required_fields {
             if field_text(f, facts, figures, locale).is_none() {
                 missing.push(format!("item {}: '{f}' ({locale})", item.number));
@@ -588,7 +570,12 @@ pub fn stage_items(
         } else {
             &item.title_en
         };
-        let none = if locale == Locale::ZhCn { "无" } else { "none" };
+        // "None so far": an item the initial report leaves for the update is not yet known.
+        let none = if locale == Locale::ZhCn {
+            "暂无"
+        } else {
+            "none so far"
+        };
         items.push(json!({
             "number": item.number,
             "title": title,
@@ -598,46 +585,30 @@ pub fn stage_items(
     (items, missing)
 }
 
-/// The summary report drafted when handling ends: the final figures filled in, the fields
-/// only a responder can write (responsibility, remediation, lessons) listed as missing.
-/// Stored as a draft; it is submitted once complete.
-pub fn draft_final(
-    profile: &RegulatorProfile,
-    incident: &Incident,
-    figures: &Figures,
-    deadline: DateTime<Utc>,
-    transport: &str,
-) -> Result<Filing, FilingError> {
-    let facts = incident.facts.as_ref().ok_or(FilingError::NoFacts)?;
-    let (items, missing) = stage_items(profile, Stage::Final, facts, figures);
-    let content = json!({
-        "regulator": { "id": profile.id, "name": profile.name() },
-        "stage": "final",
-        "reference": incident.reference,
-        "deadline_at": fmt_ts(deadline),
-        "items": items,
-        "missing": missing,
-    });
-    Ok(new_filing(
-        profile,
-        incident,
-        Stage::Final,
-        content,
-        deadline,
-        transport,
-    ))
-}
-
-/// A filing drafted now, not yet submitted; its hash covers its content.
-fn new_filing(
+/// One stage's report drafted from the incident's facts, the figures and what a responder
+/// wrote: every item filled where the facts allow, the required fields still missing listed
+/// (a draft may be stored incomplete; it is approved and submitted only once complete).
+pub fn draft_stage(
     profile: &RegulatorProfile,
     incident: &Incident,
     stage: Stage,
-    content: Value,
-    deadline: DateTime<Utc>,
-    transport: &str,
-) -> Filing {
-    Filing {
+    figures: &Figures,
+    deadline: Option<DateTime<Utc>>,
+    class: OperatorClass,
+) -> Result<Filing, FilingError> {
+    let facts = incident.facts.as_ref().ok_or(FilingError::NoFacts)?;
+    let (items, missing) = stage_items(profile, stage, facts, figures);
+    let content = json!({
+        "regulator": { "id": profile.id, "name": profile.name() },
+        "stage": stage.as_str(),
+        "reference": incident.reference,
+        "operator_class": class.as_str(),
+        "aware_at": fmt_ts(facts.aware_at),
+        "deadline_at": deadline.map(fmt_ts),
+        "items": items,
+        "missing": missing,
+    });
+    Ok(Filing {
         id: FilingId::generate(),
         incident_id: incident.id.clone(),
         regulator: profile.id.clone(),
@@ -647,39 +618,59 @@ fn new_filing(
         deadline_at: deadline,
         created_at: Utc::now(),
         submitted_at: None,
-        transport: transport.to_owned(),
+        transport: profile.submission.method.clone(),
         location: None,
+        authors: Vec::new(),
+        written: figures.written.clone(),
+        approved_by: None,
+        approved_at: None,
+        document_at: None,
+        reference_number: None,
+        acknowledged_at: None,
+        acknowledgement: None,
+        last_error: None,
+    })
+}
+
+impl Stage {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "initial" => Some(Stage::Initial),
+            "update" => Some(Stage::Update),
+            "final" => Some(Stage::Final),
+            _ => None,
+        }
     }
 }
 
-/// Drafts the initial filing (not yet stored or submitted).
-pub fn draft_initial(
-    profile: &RegulatorProfile,
-    incident: &Incident,
-    figures: &Figures,
-    class: OperatorClass,
-    transport: &str,
-) -> Result<Filing, FilingError> {
-    let facts = incident.facts.as_ref().ok_or(FilingError::NoFacts)?;
-    let items = initial_items(profile, facts, figures)?;
-    let deadline = profile.initial_deadline(facts, class);
-    let content = json!({
-        "regulator": { "id": profile.id, "name": profile.name() },
-        "stage": "initial",
-        "reference": incident.reference,
-        "operator_class": class.as_str(),
-        "aware_at": fmt_ts(facts.aware_at),
-        "deadline_at": fmt_ts(deadline),
-        "items": items,
-    });
-    Ok(new_filing(
-        profile,
-        incident,
-        Stage::Initial,
-        content,
-        deadline,
-        transport,
-    ))
+impl RegulatorProfile {
+    /// The items a stage of this profile's report holds (empty: the regime has no such stage).
+    pub fn items(&self, stage: Stage) -> &[ProfileItem] {
+        match stage {
+            Stage::Initial => &self.initial,
+            Stage::Update => &self.update,
+            Stage::Final => &self.final_report,
+        }
+    }
+
+    /// What the report of `stage` is called in the profile's language.
+    pub fn stage_label(&self, stage: Stage) -> String {
+        let zh = self.locale == Locale::ZhCn;
+        let from_clock = self
+            .clock(stage)
+            .and_then(|c| if zh { c.label_zh.clone() } else { c.label_en.clone() });
+        from_clock.unwrap_or_else(|| {
+            match (zh, stage) {
+                (true, Stage::Initial) => "初报",
+                (true, Stage::Update) => "续报",
+                (true, Stage::Final) => "总结报告",
+                (false, Stage::Initial) => "initial report",
+                (false, Stage::Update) => "update",
+                (false, Stage::Final) => "final report",
+            }
+            .to_owned()
+        })
+    }
 }
 
 /// Renders the filing as a printable HTML document.
@@ -689,18 +680,32 @@ pub fn render_html(
     operator: (&str, &str),
     templates: &Templates,
 ) -> Result<String, FilingError> {
-    let zh = profile.locale == Locale::ZhCn;
+    let stage = Stage::parse(&filing.stage).unwrap_or(Stage::Initial);
     let context = json!({
         "locale": profile.locale.as_str(),
         "regulator": { "id": profile.id, "name": profile.name() },
-        "stage_label": if zh { "初报" } else { "Initial report" },
+        "stage_label": profile.stage_label(stage),
         "reference": filing.content["reference"],
         "operator": { "name": operator.0, "platform": operator.1 },
         "generated_at": human_for(filing.created_at, profile.locale),
-        "deadline": human_for(filing.deadline_at, profile.locale),
+        "deadline": filing.deadline_at.map(|d| human_for(d, profile.locale)),
+        "drafted_by": filing.authors.iter().map(|a| a.as_str()).collect::<Vec<_>>().join(", "),
+        "approved_by": filing.approved_by.as_ref().map(|a| a.as_str()),
+        "approved_at": filing.approved_at.map(|t| human_for(t, profile.locale)),
+        "content_hash": filing.content_hash,
         "items": filing.content["items"],
     });
     Ok(templates.render("filing/report.html", &context)?)
+}
+
+/// The report as the JSON a regulator receives: its content, hash, filing id and approval.
+pub fn report_json(filing: &Filing) -> Value {
+    let mut doc = filing.content.clone();
+    doc["filing_id"] = filing.id.as_str().into();
+    doc["content_hash"] = filing.content_hash.clone().into();
+    doc["approved_by"] = filing.approved_by.as_ref().map(|a| a.as_str()).into();
+    doc["approved_at"] = filing.approved_at.map(fmt_ts).into();
+    doc
 }
 
 /// Writes `<dir>/<reference>/<regulator>-<stage>.json` and `.html`; returns the JSON path.
@@ -713,9 +718,11 @@ pub fn write_files(dir: &Path, reference: &str, filing: &Filing, html: &str) -> 
     std::fs::create_dir_all(&folder).map_err(err)?;
     let stem = format!("{}-{}", filing.regulator, filing.stage);
     let json_path = folder.join(format!("{stem}.json"));
-    let mut doc = filing.content.clone();
-    doc["content_hash"] = filing.content_hash.clone().into();
-    std::fs::write(&json_path, serde_json::to_vec_pretty(&doc).unwrap_or_default()).map_err(err)?;
+    std::fs::write(
+        &json_path,
+        serde_json::to_vec_pretty(&report_json(filing)).unwrap_or_default(),
+    )
+    .map_err(err)?;
     std::fs::write(folder.join(format!("{stem}.html")), html).map_err(err)?;
     Ok(json_path)
 }
@@ -861,7 +868,7 @@ mod tests {
                 "time_zone = \"Asia/Beijing\"",
                 "not an IANA time zone",
             ),
-            ("method = \"email\"", "method = \"fax\"", "submission.method"),
+            ("method = \"portal\"", "method = \"fax\"", "submission.method"),
             (
                 "fields = [\"cause\"]",
                 "fields = [\"motive\"]",
@@ -886,7 +893,8 @@ mod tests {
             natural_persons: Some(30),
             ..Default::default()
         };
-        let items = initial_items(&p, &facts(), &figures).expect("complete");
+        let (items, missing) = stage_items(&p, Stage::Initial, &facts(), &figures);
+        assert_eq!(missing, Vec::<String>::new());
         assert_eq!(items.len(), 8);
         assert!(
             items[0]["value"]
@@ -898,9 +906,11 @@ mod tests {
         let mut f = facts();
         f.cause = LocalizedText::default();
         f.attacker_leads.zh_cn = None;
-        let Err(FilingError::Incomplete { missing, .. }) = initial_items(&p, &f, &figures) else {
-            panic!("must fail")
-        };
+        // Items 1-2 may go first: the initial report goes without the cause, the update not.
+        let (items, missing) = stage_items(&p, Stage::Initial, &f, &figures);
+        assert!(missing.is_empty(), "{missing:?}");
+        assert_eq!(items[3]["value"], "暂无", "an unknown item says so");
+        let (_, missing) = stage_items(&p, Stage::Update, &f, &figures);
         assert_eq!(
             missing,
             vec![
@@ -908,5 +918,8 @@ mod tests {
                 "item 5: 'attacker_leads' (zh-CN)".to_owned()
             ]
         );
+        f.affected_system = LocalizedText::default();
+        let (_, missing) = stage_items(&p, Stage::Initial, &f, &figures);
+        assert_eq!(missing, vec!["item 1: 'affected_system' (zh-CN)".to_owned()]);
     }
 }

@@ -117,7 +117,19 @@ impl From<EngineError> for Problem {
                 detail,
                 field: None,
             },
-            EngineError::SameActor { .. } => Problem {
+            EngineError::Submission(crate::submission::SubmissionError::Setting(error)) => Problem {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                title: "submission not configured",
+                detail,
+                field: Some(error.field.clone()),
+            },
+            EngineError::Submission(_) => Problem {
+                status: StatusCode::BAD_GATEWAY,
+                title: "the regulator did not take the report",
+                detail,
+                field: None,
+            },
+            EngineError::SameActor { .. } | EngineError::FilingAuthor { .. } => Problem {
                 status: StatusCode::FORBIDDEN,
                 title: "four-eyes rule",
                 detail,
@@ -193,7 +205,14 @@ fn router_with(state: AppState) -> Router {
         .route("/api/v1/incidents/{id}/approve", post(approve))
         .route("/api/v1/incidents/{id}/dispatch", post(dispatch))
         .route("/api/v1/incidents/{id}/bulletin", post(bulletin))
-        .route("/api/v1/incidents/{id}/filings", post(file))
+        .route("/api/v1/incidents/{id}/filings", get(list_filings).post(draft_filings))
+        .route("/api/v1/incidents/{id}/readiness", get(readiness))
+        .route("/api/v1/filings/{id}", get(get_filing))
+        .route("/api/v1/filings/{id}/fields", post(write_filing_field))
+        .route("/api/v1/filings/{id}/approve", post(approve_filing))
+        .route("/api/v1/filings/{id}/submit", post(submit_filing))
+        .route("/api/v1/filings/{id}/reference", post(filing_reference))
+        .route("/api/v1/filings/{id}/acknowledgement", post(acknowledge_filing))
         .route("/api/v1/incidents/{id}/notices", get(list_notices))
         .route("/api/v1/incidents/{id}/deliveries", get(list_deliveries))
         .route("/api/v1/incidents/{id}/affected", get(list_affected))
@@ -515,8 +534,70 @@ async fn bulletin(State(s): State<AppState>, Path(id): Path<String>, body: Bytes
         .await?)
 }
 
-async fn file(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
-    ok(s.engine.file_initial(&id, &actor_of(&body_json(&body)?)?).await?)
+/// An optional string member of a JSON body; present but not a string is an error naming it.
+fn opt_str<'a>(body: &'a Value, field: &str) -> Result<Option<&'a str>, Problem> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(bad_request(field, "must be a string")),
+    }
+}
+
+fn req_str<'a>(body: &'a Value, field: &str) -> Result<&'a str, Problem> {
+    opt_str(body, field)?.ok_or_else(|| bad_request(field, "is required"))
+}
+
+async fn list_filings(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    ok(s.engine.filings(&id).await?)
+}
+
+/// Drafts the reports the incident owes (`regulator` and `stage` optional).
+async fn draft_filings(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+    let body = body_json(&body)?;
+    let (regulator, stage) = (opt_str(&body, "regulator")?, opt_str(&body, "stage")?);
+    ok(s.engine.draft_filings(&id, regulator, stage, &actor_of(&body)?).await?)
+}
+
+async fn readiness(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    ok(s.engine.filing_readiness(&id).await?)
+}
+
+async fn get_filing(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    ok(s.engine.filing(&id).await?)
+}
+
+async fn write_filing_field(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+    let body = body_json(&body)?;
+    let (field, text) = (req_str(&body, "field")?, req_str(&body, "text")?);
+    ok(s.engine.write_filing_field(&id, field, text, &actor_of(&body)?).await?)
+}
+
+async fn approve_filing(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+    ok(s.engine.approve_filing(&id, &actor_of(&body_json(&body)?)?).await?)
+}
+
+async fn submit_filing(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+    ok(s.engine.submit_filing(&id, &actor_of(&body_json(&body)?)?).await?)
+}
+
+async fn filing_reference(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+    let body = body_json(&body)?;
+    let filed_at = opt_str(&body, "filed_at")?
+        .map(|t| {
+            crate::time::parse_ts(t).map_err(|e| bad_request("filed_at", format!("not an RFC 3339 instant ({e})")))
+        })
+        .transpose()?;
+    ok(s.engine
+        .record_filing_reference(&id, req_str(&body, "reference")?, filed_at, &actor_of(&body)?)
+        .await?)
+}
+
+async fn acknowledge_filing(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+    let body = body_json(&body)?;
+    let note = opt_str(&body, "note")?.unwrap_or_default();
+    ok(s.engine
+        .acknowledge_filing(&id, opt_str(&body, "reference")?, note, &actor_of(&body)?)
+        .await?)
 }
 
 #[derive(serde::Deserialize)]

@@ -32,6 +32,7 @@ pub mod model;
 pub mod scheduler;
 pub mod scope;
 pub mod store;
+pub mod submission;
 pub mod taxonomy;
 pub mod templates;
 pub mod time;

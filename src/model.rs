@@ -621,13 +621,105 @@ pub struct Filing {
     pub incident_id: IncidentId,
     pub regulator: String,
     pub stage: String,
+    /// The report as drafted: `items`, and `missing` (required fields without a value).
     pub content: serde_json::Value,
     pub content_hash: String,
-    pub deadline_at: DateTime<Utc>,
+    /// `None` for a stage without a fixed clock (the CAC's updates, GDPR's phased information).
+    pub deadline_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
+    /// When the regulator had it: its clock stops here.
     pub submitted_at: Option<DateTime<Utc>>,
+    /// `email`, `https` or `portal`.
     pub transport: String,
     pub location: Option<String>,
+    /// Everyone who drafted it or wrote into it: none of them may approve it.
+    pub authors: Vec<Actor>,
+    /// Fields a responder wrote (the summary report's lessons...), by field name.
+    pub written: std::collections::BTreeMap<String, String>,
+    pub approved_by: Option<Actor>,
+    pub approved_at: Option<DateTime<Utc>>,
+    /// For a portal filing: when its document was produced for a person to file.
+    pub document_at: Option<DateTime<Utc>>,
+    pub reference_number: Option<String>,
+    pub acknowledged_at: Option<DateTime<Utc>>,
+    pub acknowledgement: Option<String>,
+    pub last_error: Option<String>,
+}
+
+/// Where a filing is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FilingState {
+    /// Required fields are still missing.
+    Incomplete,
+    /// Complete, waiting for a second person's approval.
+    Ready,
+    /// Approved, not yet with the regulator.
+    Approved,
+    /// A portal document was produced; the reference number is not recorded yet.
+    AwaitingReference,
+    Submitted,
+    Acknowledged,
+}
+
+impl Filing {
+    /// The required fields the draft still lacks (`item 3: 'lessons' (zh-CN)`).
+    pub fn missing(&self) -> Vec<String> {
+        self.content["missing"]
+            .as_array()
+            .map(|m| m.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn state(&self) -> FilingState {
+        if self.acknowledged_at.is_some() {
+            FilingState::Acknowledged
+        } else if self.submitted_at.is_some() {
+            FilingState::Submitted
+        } else if self.document_at.is_some() {
+            FilingState::AwaitingReference
+        } else if self.approved_at.is_some() {
+            FilingState::Approved
+        } else if self.missing().is_empty() {
+            FilingState::Ready
+        } else {
+            FilingState::Incomplete
+        }
+    }
+}
+
+/// How a submission attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FilingOutcome {
+    /// The regulator (its mail server or endpoint) took it; it may have answered with a
+    /// reference (an acknowledgement) at once.
+    Sent {
+        location: String,
+        reference: Option<String>,
+        acknowledgement: Option<String>,
+    },
+    /// A document was produced for a person to file on the regulator's portal.
+    Document {
+        location: String,
+    },
+    Failed {
+        error: String,
+    },
+}
+
+/// One attempt to submit a filing, or a reference or acknowledgement recorded for it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FilingSubmission {
+    pub filing_id: FilingId,
+    pub at: DateTime<Utc>,
+    pub actor: Actor,
+    /// `email`, `https`, `portal`, `reference` or `acknowledgement`.
+    pub method: String,
+    /// The address, endpoint or document path.
+    pub target: String,
+    /// `sent`, `document`, `failed` or `recorded`.
+    pub outcome: String,
+    pub detail: String,
 }
 
 /// An audit ledger entry before it is chained.

@@ -129,10 +129,16 @@ async fn every_applicable_regulators_clock_is_listed_and_follows_the_incident() 
         ]
     );
     let text = t.run(&["incidents", "readiness", &incident]).ok().stdout;
-    assert!(text.contains("cn-cac      initial  (email ) ready"), "{text}");
+    assert!(text.contains("cn-cac      initial  (portal) ready"), "{text}");
 
-    // Filing the CAC's initial report takes its clock off the running list, late.
-    t.run(&["--actor", "alice", "incidents", "file", &incident]).ok();
+    // The CAC's initial report, drafted, approved and produced for the portal: its clock
+    // runs on until the reference number is recorded, then it is filed (late).
+    let filing = file_report(&t, &incident, "cn-cac", "initial");
+    assert_eq!(filing["state"], "awaiting_reference");
+    assert!(clock(&t.run(&["--json", "deadlines"]).ok().json(), "cn-cac", "initial").is_some());
+    let id = filing["id"].as_str().expect("filing id");
+    t.run(&["--actor", "alice", "filings", "reference", id, "CAC-2026-0042"])
+        .ok();
     let running = t.run(&["--json", "deadlines"]).ok().json();
     assert!(clock(&running, "cn-cac", "initial").is_none());
     let all = t.run(&["--json", "deadlines", &incident, "--all"]).ok().json();

@@ -42,8 +42,17 @@ fn the_demo_runs_the_whole_flow_and_a_second_run_duplicates_nothing() {
             ("sms".to_owned(), 9, 0)
         ]
     );
-    assert_eq!(view["filings"][0]["regulator"], "cn-cac");
-    assert!(view["filings"][0]["submitted_at"].is_string());
+    // Every regulator report the incident owes is drafted by alice and approved by bob; on the
+    // embedded default each is a document for the regulator's portal, awaiting its reference.
+    let cac = &view["filings"][0];
+    assert_eq!(cac["regulator"], "cn-cac");
+    assert_eq!(cac["state"], "awaiting_reference");
+    assert_eq!(cac["approved_by"], "bob@security");
+    assert!(
+        cac["location"]
+            .as_str()
+            .is_some_and(|l| l.ends_with("cn-cac-initial.html"))
+    );
     assert_eq!(view["drafts"][0]["drafted_by"], "alice@security");
     assert_eq!(view["drafts"][0]["approved_by"], "bob@security");
 

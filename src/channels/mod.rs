@@ -26,9 +26,10 @@ use crate::domain::Channel;
 pub use crate::model::FailureKind;
 use crate::model::{Delivery, ErrorClass, Notice};
 
-pub use email::{EmailTransport, Mail, delivery_named_by, names_delivery};
+pub use email::{EmailTransport, Mail, MailAttachment, delivery_named_by, names_delivery};
 pub(crate) use webhook::client_builder as http_client_builder;
 pub use webhook::{WebhookTransport, sign};
+pub(crate) use webhook::{client_builder, without_url};
 
 /// One message to send: the outbox row and the notice it carries.
 pub struct Outbound<'a> {
@@ -326,7 +327,7 @@ fn named_provider(
     })
 }
 
-fn setup_err(channel: &'static str, reason: impl ToString) -> ChannelSetupError {
+pub(crate) fn setup_err(channel: &'static str, reason: impl ToString) -> ChannelSetupError {
     ChannelSetupError::Setup {
         channel,
         reason: reason.to_string(),

@@ -240,7 +240,7 @@ pub(super) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Durati
 
 /// reqwest's errors print the URL (which may hold a phone number or push token); keep the kind
 /// of failure only.
-pub(super) fn without_url(e: &reqwest::Error) -> String {
+pub(crate) fn without_url(e: &reqwest::Error) -> String {
     let kind = if e.is_timeout() {
         "timed out"
     } else if e.is_connect() {

@@ -532,17 +532,54 @@ pub trait Store: Send + Sync {
 
     // Filings
     async fn filings(&self, incident: &IncidentId) -> Result<Vec<Filing>, StoreError>;
-    /// Claims the right to submit a filing until `until`; `false` if it was submitted or another
-    /// process holds an unexpired claim. Two submitters can then not both send it.
+    async fn filing(&self, id: &FilingId) -> Result<Option<Filing>, StoreError>;
+    /// Claims the right to submit an approved filing until `until`; `false` if it was submitted
+    /// or another process holds an unexpired claim. Two submitters can then not both send it.
     async fn claim_filing(&self, id: &FilingId, now: DateTime<Utc>, until: DateTime<Utc>) -> Result<bool, StoreError>;
     async fn insert_filing(&self, filing: &Filing, actor: &Actor) -> Result<(), StoreError>;
-    async fn mark_filing_submitted(
+    /// Replaces a draft's content, deadline, authors and written fields (a redraft, or a field a
+    /// responder wrote), if it still holds `expected_hash` and is neither approved nor submitted.
+    async fn revise_filing(
+        &self,
+        revised: &Filing,
+        expected_hash: &str,
+        actor: &Actor,
+        why: &str,
+    ) -> Result<(), StoreError>;
+    /// Records a second person's approval of the content with `content_hash`.
+    async fn approve_filing(
         &self,
         id: &FilingId,
+        content_hash: &str,
+        approver: &Actor,
         at: DateTime<Utc>,
-        location: &str,
-        actor: &Actor,
     ) -> Result<(), StoreError>;
+    /// Records a submission attempt and its outcome, and releases the claim.
+    async fn record_filing_attempt(
+        &self,
+        attempt: &FilingSubmission,
+        outcome: &FilingOutcome,
+    ) -> Result<(), StoreError>;
+    /// Records the regulator's reference number for a filing a person submitted (on a portal):
+    /// it counts as submitted at `filed_at` and acknowledged by the reference.
+    async fn record_filing_reference(
+        &self,
+        id: &FilingId,
+        reference: &str,
+        filed_at: DateTime<Utc>,
+        actor: &Actor,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    /// Records the regulator's acknowledgement of a submitted filing.
+    async fn acknowledge_filing(
+        &self,
+        id: &FilingId,
+        reference: Option<&str>,
+        text: &str,
+        actor: &Actor,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    async fn filing_submissions(&self, id: &FilingId) -> Result<Vec<FilingSubmission>, StoreError>;
 
     /// Housekeeping the database needs from time to time (SQLite: copying the write-ahead log
     /// back into the database file, which large commits leave to this instead of doing inline).

@@ -382,6 +382,8 @@ fn bulletin_from(row: &SqliteRow) -> Result<Bulletin, StoreError> {
 
 fn filing_from(row: &SqliteRow) -> Result<Filing, StoreError> {
     let text = |name: &'static str| -> Result<String, StoreError> { row.try_get(name).doing("reading a filing") };
+    let opt_text =
+        |name: &'static str| -> Result<Option<String>, StoreError> { row.try_get(name).doing("reading a filing") };
     Ok(Filing {
         id: col(row, "id")?,
         incident_id: col(row, "incident_id")?,
@@ -389,12 +391,65 @@ fn filing_from(row: &SqliteRow) -> Result<Filing, StoreError> {
         stage: text("stage")?,
         content: json_col(row, "content")?,
         content_hash: text("content_hash")?,
-        deadline_at: ts_col(row, "deadline_at")?,
+        deadline_at: opt_ts_col(row, "deadline_at")?,
         created_at: ts_col(row, "created_at")?,
         submitted_at: opt_ts_col(row, "submitted_at")?,
         transport: text("transport")?,
-        location: row.try_get("location").doing("reading a filing")?,
+        location: opt_text("location")?,
+        authors: json_col(row, "authors")?,
+        written: json_col(row, "written")?,
+        approved_by: opt_col(row, "approved_by")?,
+        approved_at: opt_ts_col(row, "approved_at")?,
+        document_at: opt_ts_col(row, "document_at")?,
+        reference_number: opt_text("reference_number")?,
+        acknowledged_at: opt_ts_col(row, "acknowledged_at")?,
+        acknowledgement: opt_text("acknowledgement")?,
+        last_error: opt_text("last_error")?,
     })
+}
+
+fn filing_submission_from(row: &SqliteRow) -> Result<FilingSubmission, StoreError> {
+    let text = |name: &'static str| -> Result<String, StoreError> { row.try_get(name).doing("reading a submission") };
+    Ok(FilingSubmission {
+        filing_id: col(row, "filing_id")?,
+        at: ts_col(row, "at")?,
+        actor: col(row, "actor")?,
+        method: text("method")?,
+        target: text("target")?,
+        outcome: text("outcome")?,
+        detail: text("detail")?,
+    })
+}
+
+/// Stores one row of a filing's submission record.
+async fn insert_filing_submission(conn: &mut SqliteConnection, s: &FilingSubmission) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO filing_submissions (filing_id, at, actor, method, target, outcome, detail)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(s.filing_id.as_str())
+    .bind(fmt_ts(s.at))
+    .bind(s.actor.as_str())
+    .bind(&s.method)
+    .bind(&s.target)
+    .bind(&s.outcome)
+    .bind(&s.detail)
+    .execute(conn)
+    .await
+    .doing("recording a filing submission")?;
+    Ok(())
+}
+
+/// The incident of a filing an UPDATE matched, or the conflict that it matched none.
+fn filing_changed(incident: Option<String>, id: &FilingId, reason: &str) -> Result<IncidentId, StoreError> {
+    incident
+        .ok_or_else(|| StoreError::Conflict {
+            what: "filing",
+            id: id.to_string(),
+            reason: reason.to_owned(),
+        })?
+        .parse()
+        .map_err(|e| corrupt("filings.incident_id", e))
 }
 
 fn ledger_from(row: &SqliteRow) -> Result<LedgerEntry, StoreError> {
@@ -2583,7 +2638,7 @@ impl Store for SqliteStore {
     }
 
     async fn filings(&self, incident: &IncidentId) -> Result<Vec<Filing>, StoreError> {
-        sqlx::query("SELECT * FROM filings WHERE incident_id = $1 ORDER BY created_at")
+        sqlx::query("SELECT * FROM filings WHERE incident_id = $1 ORDER BY created_at, regulator, stage")
             .bind(incident.as_str())
             .fetch_all(&self.pool)
             .await
@@ -2593,10 +2648,22 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    async fn filing(&self, id: &FilingId) -> Result<Option<Filing>, StoreError> {
+        sqlx::query("SELECT * FROM filings WHERE id = $1")
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .doing("reading a filing")?
+            .as_ref()
+            .map(filing_from)
+            .transpose()
+    }
+
     async fn claim_filing(&self, id: &FilingId, now: DateTime<Utc>, until: DateTime<Utc>) -> Result<bool, StoreError> {
         let done = sqlx::query(
             "UPDATE filings SET claimed_until = $1
-             WHERE id = $2 AND submitted_at IS NULL AND (claimed_until IS NULL OR claimed_until <= $3)",
+             WHERE id = $2 AND submitted_at IS NULL AND approved_at IS NOT NULL
+               AND (claimed_until IS NULL OR claimed_until <= $3)",
         )
         .bind(fmt_ts(until))
         .bind(id.as_str())
@@ -2610,8 +2677,9 @@ impl Store for SqliteStore {
     async fn insert_filing(&self, f: &Filing, actor: &Actor) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
         sqlx::query(
-            "INSERT INTO filings (id, incident_id, regulator, stage, content, content_hash, deadline_at, created_at, transport)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            "INSERT INTO filings (id, incident_id, regulator, stage, content, content_hash, deadline_at, created_at,
+                                  transport, authors, written)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         )
         .bind(f.id.as_str())
         .bind(f.incident_id.as_str())
@@ -2619,9 +2687,11 @@ impl Store for SqliteStore {
         .bind(&f.stage)
         .bind(to_json(&f.content))
         .bind(&f.content_hash)
-        .bind(fmt_ts(f.deadline_at))
+        .bind(f.deadline_at.map(fmt_ts))
         .bind(fmt_ts(f.created_at))
         .bind(&f.transport)
+        .bind(to_json(&f.authors))
+        .bind(to_json(&f.written))
         .execute(&mut *tx)
         .await
         .doing("storing a filing")?;
@@ -2631,44 +2701,242 @@ impl Store for SqliteStore {
             action: "filing.drafted".into(),
             incident_id: Some(f.incident_id.clone()),
             detail: serde_json::json!({ "filing_id": f.id.as_str(), "regulator": f.regulator, "stage": f.stage,
-                                        "deadline_at": fmt_ts(f.deadline_at), "content_hash": f.content_hash }),
+                                        "deadline_at": f.deadline_at.map(fmt_ts), "content_hash": f.content_hash,
+                                        "missing": f.missing().len() }),
         };
         append_ledger_in(&mut tx, &entry).await?;
         tx.commit().await.doing("committing a filing")
     }
 
-    async fn mark_filing_submitted(
+    async fn revise_filing(&self, f: &Filing, expected_hash: &str, actor: &Actor, why: &str) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        let incident: Option<String> = sqlx::query_scalar(
+            "UPDATE filings SET content = $1, content_hash = $2, deadline_at = $3, authors = $4, written = $5
+             WHERE id = $6 AND content_hash = $7 AND approved_at IS NULL AND submitted_at IS NULL
+             RETURNING incident_id",
+        )
+        .bind(to_json(&f.content))
+        .bind(&f.content_hash)
+        .bind(f.deadline_at.map(fmt_ts))
+        .bind(to_json(&f.authors))
+        .bind(to_json(&f.written))
+        .bind(f.id.as_str())
+        .bind(expected_hash)
+        .fetch_optional(&mut *tx)
+        .await
+        .doing("revising a filing")?;
+        let incident = filing_changed(incident, &f.id, "it was approved, submitted or changed meanwhile")?;
+        let entry = NewLedgerEntry {
+            at: Utc::now(),
+            actor: actor.clone(),
+            action: "filing.revised".into(),
+            incident_id: Some(incident),
+            detail: serde_json::json!({ "filing_id": f.id.as_str(), "why": why, "content_hash": f.content_hash,
+                                        "previous_hash": expected_hash, "missing": f.missing().len() }),
+        };
+        append_ledger_in(&mut tx, &entry).await?;
+        tx.commit().await.doing("committing a filing revision")
+    }
+
+    async fn approve_filing(
         &self,
         id: &FilingId,
+        content_hash: &str,
+        approver: &Actor,
         at: DateTime<Utc>,
-        location: &str,
-        actor: &Actor,
     ) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
         let incident: Option<String> = sqlx::query_scalar(
-            "UPDATE filings SET submitted_at = $1, location = $2 WHERE id = $3 AND submitted_at IS NULL
+            "UPDATE filings SET approved_by = $1, approved_at = $2
+             WHERE id = $3 AND content_hash = $4 AND approved_at IS NULL AND submitted_at IS NULL
              RETURNING incident_id",
         )
+        .bind(approver.as_str())
         .bind(fmt_ts(at))
-        .bind(location)
         .bind(id.as_str())
+        .bind(content_hash)
+        .fetch_optional(&mut *tx)
+        .await
+        .doing("approving a filing")?;
+        let incident = filing_changed(incident, id, "it was approved, submitted or changed meanwhile")?;
+        let entry = NewLedgerEntry {
+            at,
+            actor: approver.clone(),
+            action: "filing.approved".into(),
+            incident_id: Some(incident),
+            detail: serde_json::json!({ "filing_id": id.as_str(), "content_hash": content_hash }),
+        };
+        append_ledger_in(&mut tx, &entry).await?;
+        tx.commit().await.doing("committing a filing approval")
+    }
+
+    async fn record_filing_attempt(&self, a: &FilingSubmission, outcome: &FilingOutcome) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        let (kind, action, location, reference, ack, error) = match outcome {
+            FilingOutcome::Sent {
+                location,
+                reference,
+                acknowledgement,
+            } => (
+                "sent",
+                "filing.submitted",
+                Some(location.as_str()),
+                reference.as_deref(),
+                acknowledgement.as_deref(),
+                None,
+            ),
+            FilingOutcome::Document { location } => (
+                "document",
+                "filing.document_produced",
+                Some(location.as_str()),
+                None,
+                None,
+                None,
+            ),
+            FilingOutcome::Failed { error } => (
+                "failed",
+                "filing.submission_failed",
+                None,
+                None,
+                None,
+                Some(error.as_str()),
+            ),
+        };
+        let incident: Option<String> = sqlx::query_scalar(
+            "UPDATE filings SET
+                 submitted_at = CASE WHEN $7 = 'sent' THEN $1 ELSE submitted_at END,
+                 document_at = CASE WHEN $7 = 'document' THEN $1 ELSE document_at END,
+                 location = COALESCE($2, location),
+                 reference_number = COALESCE($3, reference_number),
+                 acknowledged_at = CASE WHEN $7 = 'sent' AND ($3 IS NOT NULL OR $4 IS NOT NULL) THEN $1
+                                        ELSE acknowledged_at END,
+                 acknowledgement = COALESCE($4, acknowledgement),
+                 last_error = $5,
+                 claimed_until = NULL
+             WHERE id = $6 AND submitted_at IS NULL RETURNING incident_id",
+        )
+        .bind(fmt_ts(a.at))
+        .bind(location)
+        .bind(reference)
+        .bind(ack)
+        .bind(error)
+        .bind(a.filing_id.as_str())
+        .bind(kind)
         .fetch_optional(&mut *tx)
         .await
         .doing("recording a filing submission")?;
-        let incident = incident.ok_or_else(|| StoreError::Conflict {
-            what: "filing",
-            id: id.to_string(),
-            reason: "it does not exist or was already submitted".into(),
-        })?;
+        let incident = filing_changed(incident, &a.filing_id, "it was already submitted")?;
+        insert_filing_submission(&mut tx, a).await?;
         let entry = NewLedgerEntry {
-            at,
-            actor: actor.clone(),
-            action: "filing.submitted".into(),
-            incident_id: Some(incident.parse().map_err(|e| corrupt("filings.incident_id", e))?),
-            detail: serde_json::json!({ "filing_id": id.as_str(), "location": location }),
+            at: a.at,
+            actor: a.actor.clone(),
+            action: action.into(),
+            incident_id: Some(incident),
+            detail: serde_json::json!({ "filing_id": a.filing_id.as_str(), "method": a.method, "target": a.target,
+                                        "outcome": a.outcome, "detail": a.detail }),
         };
         append_ledger_in(&mut tx, &entry).await?;
         tx.commit().await.doing("committing a filing submission")
+    }
+
+    async fn record_filing_reference(
+        &self,
+        id: &FilingId,
+        reference: &str,
+        filed_at: DateTime<Utc>,
+        actor: &Actor,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        let incident: Option<String> = sqlx::query_scalar(
+            "UPDATE filings SET submitted_at = $1, reference_number = $2, acknowledged_at = $3, claimed_until = NULL,
+                    last_error = NULL
+             WHERE id = $4 AND approved_at IS NOT NULL AND submitted_at IS NULL RETURNING incident_id",
+        )
+        .bind(fmt_ts(filed_at))
+        .bind(reference)
+        .bind(fmt_ts(at))
+        .bind(id.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .doing("recording a filing's reference number")?;
+        let incident = filing_changed(incident, id, "it is not approved, or was already submitted")?;
+        let row = FilingSubmission {
+            filing_id: id.clone(),
+            at,
+            actor: actor.clone(),
+            method: "reference".into(),
+            target: String::new(),
+            outcome: "recorded".into(),
+            detail: format!("filed at {}; reference {reference}", fmt_ts(filed_at)),
+        };
+        insert_filing_submission(&mut tx, &row).await?;
+        let entry = NewLedgerEntry {
+            at,
+            actor: actor.clone(),
+            action: "filing.reference_recorded".into(),
+            incident_id: Some(incident),
+            detail: serde_json::json!({ "filing_id": id.as_str(), "reference": reference, "filed_at": fmt_ts(filed_at) }),
+        };
+        append_ledger_in(&mut tx, &entry).await?;
+        tx.commit().await.doing("committing a filing's reference number")
+    }
+
+    async fn acknowledge_filing(
+        &self,
+        id: &FilingId,
+        reference: Option<&str>,
+        text: &str,
+        actor: &Actor,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        let incident: Option<String> = sqlx::query_scalar(
+            "UPDATE filings SET acknowledged_at = $1, acknowledgement = $2,
+                    reference_number = COALESCE($3, reference_number)
+             WHERE id = $4 AND submitted_at IS NOT NULL RETURNING incident_id",
+        )
+        .bind(fmt_ts(at))
+        .bind(text)
+        .bind(reference)
+        .bind(id.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .doing("recording a filing's acknowledgement")?;
+        let incident = filing_changed(incident, id, "it has not been submitted")?;
+        let row = FilingSubmission {
+            filing_id: id.clone(),
+            at,
+            actor: actor.clone(),
+            method: "acknowledgement".into(),
+            target: String::new(),
+            outcome: "recorded".into(),
+            detail: match reference {
+                Some(r) => format!("reference {r}: {text}"),
+                None => text.to_owned(),
+            },
+        };
+        insert_filing_submission(&mut tx, &row).await?;
+        let entry = NewLedgerEntry {
+            at,
+            actor: actor.clone(),
+            action: "filing.acknowledged".into(),
+            incident_id: Some(incident),
+            detail: serde_json::json!({ "filing_id": id.as_str(), "reference": reference, "text": text }),
+        };
+        append_ledger_in(&mut tx, &entry).await?;
+        tx.commit().await.doing("committing a filing's acknowledgement")
+    }
+
+    async fn filing_submissions(&self, id: &FilingId) -> Result<Vec<FilingSubmission>, StoreError> {
+        sqlx::query("SELECT * FROM filing_submissions WHERE filing_id = $1 ORDER BY seq")
+            .bind(id.as_str())
+            .fetch_all(&self.pool)
+            .await
+            .doing("listing a filing's submissions")?
+            .iter()
+            .map(filing_submission_from)
+            .collect()
     }
 
     async fn checkpoint(&self) -> Result<(), StoreError> {
@@ -3321,26 +3589,53 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_filing_is_claimed_by_one_submitter_at_a_time_and_submitted_once() {
+    async fn a_filing_is_approved_once_claimed_by_one_submitter_at_a_time_and_submitted_once() {
         let (_dir, s) = store().await;
         let (incident, _, _) = ready(&s).await;
         let alice: Actor = "alice".parse().expect("actor");
+        let bob: Actor = "bob".parse().expect("actor");
         let now = Utc::now();
         let filing = Filing {
             id: FilingId::generate(),
             incident_id: incident.clone(),
             regulator: "cn-cac".into(),
             stage: "initial".into(),
-            content: serde_json::json!({}),
+            content: serde_json::json!({ "missing": [] }),
             content_hash: "h".into(),
-            deadline_at: now,
+            deadline_at: Some(now),
             created_at: now,
             submitted_at: None,
-            transport: "file".into(),
+            transport: "email".into(),
             location: None,
+            authors: vec![alice.clone()],
+            written: Default::default(),
+            approved_by: None,
+            approved_at: None,
+            document_at: None,
+            reference_number: None,
+            acknowledged_at: None,
+            acknowledgement: None,
+            last_error: None,
         };
         s.insert_filing(&filing, &alice).await.expect("insert");
         let lease = now + ChronoDuration::minutes(5);
+        assert!(
+            !s.claim_filing(&filing.id, now, lease).await.expect("claim"),
+            "not approved yet"
+        );
+        assert!(
+            s.approve_filing(&filing.id, "other", &bob, now).await.is_err(),
+            "approval names the content it approves"
+        );
+        s.approve_filing(&filing.id, "h", &bob, now).await.expect("approve");
+        let revised = Filing {
+            content_hash: "h2".into(),
+            ..filing.clone()
+        };
+        assert!(
+            s.revise_filing(&revised, "h", &alice, "redraft").await.is_err(),
+            "an approved filing is frozen"
+        );
         assert!(s.claim_filing(&filing.id, now, lease).await.expect("claim"));
         assert!(
             !s.claim_filing(&filing.id, now, lease).await.expect("claim"),
@@ -3353,15 +3648,39 @@ mod tests {
                 .expect("claim"),
             "expired"
         );
-        s.mark_filing_submitted(&filing.id, later, "here", &alice)
+        let attempt = |outcome: &str| FilingSubmission {
+            filing_id: filing.id.clone(),
+            at: later,
+            actor: alice.clone(),
+            method: "https".into(),
+            target: "https://regulator.example/".into(),
+            outcome: outcome.into(),
+            detail: String::new(),
+        };
+        s.record_filing_attempt(&attempt("failed"), &FilingOutcome::Failed { error: "503".into() })
             .await
-            .expect("submit");
+            .expect("failure recorded");
+        let sent = FilingOutcome::Sent {
+            location: "https://regulator.example/".into(),
+            reference: Some("R-1".into()),
+            acknowledgement: None,
+        };
+        s.record_filing_attempt(&attempt("sent"), &sent).await.expect("submit");
         assert!(
-            s.mark_filing_submitted(&filing.id, later, "again", &alice)
-                .await
-                .is_err(),
+            s.record_filing_attempt(&attempt("sent"), &sent).await.is_err(),
             "submitted once"
         );
+        let stored = s.filing(&filing.id).await.expect("read").expect("stored");
+        assert_eq!(
+            stored.state(),
+            FilingState::Acknowledged,
+            "the reply carried a reference"
+        );
+        assert_eq!(stored.reference_number.as_deref(), Some("R-1"));
+        assert_eq!(stored.last_error, None);
+        let rows = s.filing_submissions(&filing.id).await.expect("submissions");
+        let outcomes: Vec<&str> = rows.iter().map(|r| r.outcome.as_str()).collect();
+        assert_eq!(outcomes, ["failed", "sent"]);
         let far = later + ChronoDuration::hours(1);
         assert!(
             !s.claim_filing(&filing.id, far, far).await.expect("claim"),
@@ -3425,6 +3744,14 @@ mod migration_tests {
                      'drf_00000000000000000000000000000001', 'ntc_00000000000000000000000000000001', 'm-1', 'sms',
                      '+6590000000', 0, 'sent', 1, '2026-11-30T08:00:00.000000Z', '2026-11-30T08:00:00.000000Z',
                      '2026-11-30T08:00:00.000000Z', '2026-11-30T08:00:00.000000Z')",
+            "INSERT INTO filings (id, incident_id, regulator, stage, content, content_hash, deadline_at, created_at,
+                     submitted_at, transport, location)
+             VALUES ('fil_00000000000000000000000000000001', 'inc_00000000000000000000000000000001', 'cn-cac',
+                     'initial', '{\"items\":[]}', 'fh', '2026-11-30T12:00:00.000000Z', '2026-11-30T08:00:00.000000Z',
+                     '2026-11-30T09:00:00.000000Z', 'file', '/data/filings/cn-cac-initial.json')",
+            "INSERT INTO ledger (seq, at, actor, action, incident_id, detail, prev_hash, hash)
+             VALUES (1, '2026-11-30T08:00:00.000000Z', 'alice', 'filing.drafted', 'inc_00000000000000000000000000000001',
+                     '{\"filing_id\":\"fil_00000000000000000000000000000001\"}', '0', 'lh1')",
         ] {
             sqlx::query(sql).execute(&pool).await.expect(sql);
         }
@@ -3462,5 +3789,12 @@ mod migration_tests {
                 .await
                 .expect("address");
         assert_eq!(first.as_deref(), Some("+6590000000"));
+        // A filing of the first schema keeps its deadline and submission, and learns who
+        // drafted it from the ledger (so that person cannot approve a revision of it).
+        let filings = s.filings(&incident).await.expect("filings");
+        assert_eq!(filings.len(), 1);
+        assert_eq!(filings[0].authors, ["alice".parse::<Actor>().expect("actor")]);
+        assert_eq!(filings[0].state(), FilingState::Submitted);
+        assert!(filings[0].deadline_at.is_some());
     }
 }

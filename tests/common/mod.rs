@@ -358,3 +358,31 @@ pub fn confirmed_incident(t: &Tocsin, key: &str) -> String {
     .ok();
     incident
 }
+
+/// Drafts the incident's `regulator` `stage` report as alice, has bob approve it and alice
+/// submit it; returns the filing as `filings submit --json` prints it.
+pub fn file_report(t: &Tocsin, incident: &str, regulator: &str, stage: &str) -> Value {
+    let drafted = t
+        .run(&[
+            "--json",
+            "--actor",
+            "alice",
+            "filings",
+            "draft",
+            incident,
+            "--regulator",
+            regulator,
+            "--stage",
+            stage,
+        ])
+        .ok()
+        .json();
+    let id = drafted[0]["filing"]["id"]
+        .as_str()
+        .expect("a drafted filing")
+        .to_owned();
+    t.run(&["--actor", "bob", "filings", "approve", &id]).ok();
+    t.run(&["--json", "--actor", "alice", "filings", "submit", &id])
+        .ok()
+        .json()
+}
