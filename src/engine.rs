@@ -1375,8 +1375,6 @@ impl Tocsin {
             return Ok(report);
         }
         let mailer = EmailTransport::from_settings(&self.settings.email, &self.paths.email_outbox)?;
-        let texter =
-            crate::channels::WebhookTransport::from_settings(Channel::Sms, &self.settings.sms, &self.paths.sms_outbox)?;
         for r in pending {
             let key = r.key();
             let sent = match r.channel.as_str() {
@@ -1393,7 +1391,7 @@ impl Tocsin {
                     };
                     mailer.send_mail(&mail).await.map(|_| ())
                 }
-                _ => texter.send_text(&r.recipient, &r.text, &key).await.map(|_| ()),
+                _ => self.text_responder(&r.recipient, &r.text, &key).await,
             };
             match sent {
                 Ok(()) => {
@@ -1416,6 +1414,20 @@ impl Tocsin {
             }
         }
         Ok(report)
+    }
+
+    /// Texts a responder through the SMS channel's providers in failover order (the channel's
+    /// own transport, or its named providers): the first that takes it wins. Providers that
+    /// send only approved templates (Aliyun) refuse free text and are passed over.
+    async fn text_responder(&self, to: &str, text: &str, key: &str) -> Result<(), crate::channels::SendError> {
+        let mut last = crate::channels::SendError::permanent("no SMS provider is configured");
+        for handle in self.channels.providers(Channel::Sms) {
+            match handle.provider.send_text(to, text, key).await {
+                Ok(_) => return Ok(()),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
     }
 
     /// The figures a report states besides the facts: who reports, the contact, how many
@@ -1875,7 +1887,7 @@ impl Tocsin {
                 token,
                 reference_pointer,
             } => {
-                let client = crate::channels::client_builder(30)
+                let client = crate::channels::http_client_builder(30)
                     .build()
                     .map_err(|e| crate::channels::setup_err("filing", e))?;
                 crate::submission::by_https(&client, url, token, reference_pointer, &report)

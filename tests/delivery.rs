@@ -226,14 +226,6 @@ async fn post_twilio(url: &str, params: &[(&str, &str)], signature: Option<&str>
     (status, response.text().await.unwrap_or_default())
 }
 
-fn form_of(request: &Request) -> Vec<(String, String)> {
-    serde_urlencoded::from_bytes(&request.body).expect("a form body")
-}
-
-fn form_value<'a>(form: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    form.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
-}
-
 fn json_body(request: &Request) -> Value {
     serde_json::from_slice(&request.body).expect("a JSON body")
 }

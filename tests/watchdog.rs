@@ -161,3 +161,56 @@ fn a_bad_watchdog_setting_is_refused_naming_it() {
         run.stderr
     );
 }
+
+/// SMS reminders go through the SMS channel's named providers in failover order: Aliyun sends
+/// only approved templates, so a reminder passes it over to Twilio, which takes free text.
+#[tokio::test]
+async fn sms_reminders_go_through_the_named_providers_that_take_free_text() {
+    const SID: &str = "AC00000000000000000000000000000001";
+    let twilio = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path(format!("/2010-04-01/Accounts/{SID}/Messages.json")))
+        .respond_with(ResponseTemplate::new(201).set_body_string(r#"{"sid":"SM1","status":"queued"}"#))
+        .mount(&twilio)
+        .await;
+    let aliyun = MockServer::start().await;
+    let mut t = Tocsin::new();
+    t.set("TOCSIN_PROVIDERS__ALI__KIND", "aliyun_sms")
+        .set("TOCSIN_PROVIDERS__ALI__ALIYUN_SMS__ACCESS_KEY_ID", "LTAI5tTestKeyId")
+        .set("TOCSIN_PROVIDERS__ALI__ALIYUN_SMS__ACCESS_KEY_SECRET", "secret")
+        .set("TOCSIN_PROVIDERS__ALI__ALIYUN_SMS__SIGN_NAME", "示例商城")
+        .set("TOCSIN_PROVIDERS__ALI__ALIYUN_SMS__TEMPLATE_CODE", "SMS_000001")
+        .set("TOCSIN_PROVIDERS__ALI__ALIYUN_SMS__BASE_URL", aliyun.uri())
+        .set("TOCSIN_PROVIDERS__TW__KIND", "twilio")
+        .set("TOCSIN_PROVIDERS__TW__TWILIO__ACCOUNT_SID", SID)
+        .set("TOCSIN_PROVIDERS__TW__TWILIO__AUTH_TOKEN", "token")
+        .set("TOCSIN_PROVIDERS__TW__TWILIO__FROM", "+15005550006")
+        .set(
+            "TOCSIN_PROVIDERS__TW__TWILIO__STATUS_CALLBACK_URL",
+            "https://tocsin.example/hooks/twilio/tw",
+        )
+        .set("TOCSIN_PROVIDERS__TW__TWILIO__BASE_URL", twilio.uri())
+        .set("TOCSIN_SMS__PROVIDERS", "ali,tw")
+        .set("TOCSIN_WATCHDOG__REMIND_BEFORE", "2h")
+        .set("TOCSIN_WATCHDOG__RESPONDERS", "+8613800000001");
+    let t = tokio::task::spawn_blocking(move || {
+        let incident = confirmed_incident(&t, "watchdog-providers");
+        assert_eq!(sent(&tick(&t, "2026-11-28T05:50:00Z")), (1, 0, 0));
+        assert_eq!(sent(&tick(&t, "2026-11-28T05:51:00Z")), (0, 0, 0), "once");
+        (t, incident)
+    })
+    .await
+    .expect("ticks");
+    drop(t);
+    assert!(
+        aliyun.received_requests().await.unwrap_or_default().is_empty(),
+        "a template-only provider is not asked to send free text"
+    );
+    let texts = twilio.received_requests().await.unwrap_or_default();
+    assert_eq!(texts.len(), 1);
+    let form = form_of(&texts[0]);
+    let field = |k: &str| form_value(&form, k);
+    assert_eq!(field("To"), Some("+8613800000001"));
+    assert!(field("Body").is_some_and(|b| b.contains("INC-2026-0001")), "{form:?}");
+    assert_eq!(field("StatusCallback"), None, "no receipt is awaited for a reminder");
+}

@@ -28,8 +28,8 @@ use crate::model::{Delivery, ErrorClass, Notice};
 
 pub use email::{EmailTransport, Mail, MailAttachment, delivery_named_by, names_delivery};
 pub(crate) use webhook::client_builder as http_client_builder;
+pub(crate) use webhook::without_url;
 pub use webhook::{WebhookTransport, sign};
-pub(crate) use webhook::{client_builder, without_url};
 
 /// One message to send: the outbox row and the notice it carries.
 pub struct Outbound<'a> {
@@ -140,6 +140,13 @@ pub trait Provider: Send + Sync {
     /// them (SMTP): a benchmark's reference must move messages of the same size.
     fn accepted_octets(&self) -> Option<u64> {
         None
+    }
+    /// Sends a free text outside any notice (a deadline reminder to a responder), under the
+    /// idempotency key `key`. Providers that send only pre-approved templates (Aliyun SMS)
+    /// and push providers refuse.
+    async fn send_text(&self, to: &str, text: &str, key: &str) -> Result<Accepted, SendError> {
+        let _ = (to, text, key);
+        Err(SendError::permanent("this provider sends notices only, not free text"))
     }
 }
 

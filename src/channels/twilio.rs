@@ -148,16 +148,16 @@ fn code_kind(code: i64) -> Option<FailureKind> {
     })
 }
 
-#[async_trait]
-impl Provider for TwilioProvider {
-    async fn send(&self, m: &Outbound<'_>) -> Result<Accepted, SendError> {
-        let mut form: Vec<(&str, &str)> = vec![("To", m.delivery.address.as_str())];
+impl TwilioProvider {
+    /// Creates a message (Messages API): `Ok` with its `sid` once Twilio accepted it.
+    async fn post_message(&self, to: &str, text: &str, with_callback: bool) -> Result<Accepted, SendError> {
+        let mut form: Vec<(&str, &str)> = vec![("To", to)];
         match &self.sender {
             Sender::From(from) => form.push(("From", from)),
             Sender::Service(sid) => form.push(("MessagingServiceSid", sid)),
         }
-        form.push(("Body", &m.notice.sms_text));
-        if let Some(url) = &self.status_callback_url {
+        form.push(("Body", text));
+        if let Some(url) = self.status_callback_url.as_deref().filter(|_| with_callback) {
             form.push(("StatusCallback", url));
         }
         let response = self
@@ -183,6 +183,18 @@ impl Provider for TwilioProvider {
         let kind = code.and_then(code_kind).unwrap_or_else(|| status_kind(status));
         let code_text = code.map(|c| c.to_string());
         Err(http_failure(PROVIDER, kind, status, code_text.as_deref(), &headers))
+    }
+}
+
+#[async_trait]
+impl Provider for TwilioProvider {
+    async fn send(&self, m: &Outbound<'_>) -> Result<Accepted, SendError> {
+        self.post_message(&m.delivery.address, &m.notice.sms_text, true).await
+    }
+
+    /// A reminder goes without a status callback: no delivery waits for its receipt.
+    async fn send_text(&self, to: &str, text: &str, _key: &str) -> Result<Accepted, SendError> {
+        self.post_message(to, text, false).await
     }
 
     fn reports_delivery(&self) -> bool {

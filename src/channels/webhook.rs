@@ -137,6 +137,18 @@ impl Provider for WebhookTransport {
     async fn send(&self, m: &Outbound<'_>) -> Result<Accepted, SendError> {
         self.post(&self.payload(m), &m.delivery.idempotency_key).await
     }
+
+    /// Sends `text` to `to` with the idempotency key `key` (a repeat is the same request).
+    async fn send_text(&self, to: &str, text: &str, key: &str) -> Result<Accepted, SendError> {
+        let payload = TextPayload {
+            channel: self.channel.as_str(),
+            idempotency_key: key,
+            kind: "reminder",
+            text,
+            to,
+        };
+        self.post(&payload, key).await
+    }
 }
 
 /// An operational text to a phone number (the watchdog's reminders to responders), through
@@ -151,18 +163,6 @@ struct TextPayload<'a> {
 }
 
 impl WebhookTransport {
-    /// Sends `text` to `to` with the idempotency key `key` (a repeat is the same request).
-    pub async fn send_text(&self, to: &str, text: &str, key: &str) -> Result<Accepted, SendError> {
-        let payload = TextPayload {
-            channel: self.channel.as_str(),
-            idempotency_key: key,
-            kind: "reminder",
-            text,
-            to,
-        };
-        self.post(&payload, key).await
-    }
-
     async fn post<P: serde::Serialize + Sync>(&self, payload: &P, key: &str) -> Result<Accepted, SendError> {
         match &self.inner {
             Inner::File(dir) => {

@@ -386,3 +386,12 @@ pub fn file_report(t: &Tocsin, incident: &str, regulator: &str, stage: &str) -> 
         .ok()
         .json()
 }
+
+/// The fields of a form-encoded request body (Twilio's, Aliyun's).
+pub fn form_of(request: &wiremock::Request) -> Vec<(String, String)> {
+    serde_urlencoded::from_bytes(&request.body).expect("a form body")
+}
+
+pub fn form_value<'a>(form: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    form.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
