@@ -165,6 +165,42 @@ async fn every_applicable_regulators_clock_is_listed_and_follows_the_incident() 
             .is_some_and(|d| d.ends_with("23:59 Asia/Shanghai"))
     );
 
+    // The summary report was drafted when handling ended, with the final figures; the
+    // responder's conclusions are missing until written, by someone who then cannot approve it.
+    let filings = t.run(&["--json", "filings", "list", &incident]).ok().json();
+    let summary = filings
+        .as_array()
+        .and_then(|l| l.iter().find(|f| f["regulator"] == "cn-cac" && f["stage"] == "final"))
+        .expect("the CAC summary report is drafted")
+        .clone();
+    assert_eq!(summary["state"], "incomplete");
+    assert!(summary["deadline_at"].is_string(), "30 days from the close");
+    assert_eq!(summary["missing"].as_array().map(Vec::len), Some(3));
+    let id = summary["id"].as_str().expect("id");
+    let shown = t.run(&["--json", "filings", "show", id]).ok().json();
+    let figures = shown["content"]["items"][1]["value"].as_str().unwrap_or_default();
+    assert!(figures.contains("告知") && figures.contains("个商家"), "{figures}");
+    for (field, text) in [
+        ("responsibility", "安全运维负责人未落实员工账号两步验证要求，已追责。"),
+        ("remediation", "全部员工账号强制两步验证；后台导出限量并告警。"),
+        ("lessons", "高权限账号必须多因素认证；数据导出须有上限和审计。"),
+    ] {
+        t.run(&["--actor", "bob", "filings", "write", id, field, text]).ok();
+    }
+    let own = t.run(&["--actor", "bob", "filings", "approve", id]);
+    assert!(own.code != 0 && own.stderr.contains("four eyes"), "{}", own.stderr);
+    t.run(&["--actor", "carol", "filings", "approve", id]).ok();
+    let filed = t
+        .run(&["--json", "--actor", "bob", "filings", "submit", id])
+        .ok()
+        .json();
+    assert_eq!(filed["state"], "awaiting_reference");
+    let document = std::fs::read_to_string(filed["location"].as_str().expect("document")).expect("read");
+    assert!(
+        document.contains("总结报告") && document.contains("经验教训"),
+        "the summary document"
+    );
+
     // The API lists the same clocks.
     tocsin::install_crypto_provider();
     let server = t.serve();
