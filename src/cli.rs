@@ -64,6 +64,9 @@ pub enum Command {
     /// reference number and the acknowledgement.
     #[command(subcommand)]
     Filings(FilingsCmd),
+    /// API tokens: each acts as one actor with one role; only its hash is stored.
+    #[command(subcommand)]
+    Tokens(TokensCmd),
     /// The audit ledger.
     #[command(subcommand)]
     Audit(AuditCmd),
@@ -131,6 +134,25 @@ pub enum BenchCmd {
         #[arg(long, default_value = "127.0.0.1:8089")]
         listen: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokensCmd {
+    /// Create a token acting as NAME; it is printed once and cannot be shown again.
+    Create {
+        /// Who the token acts as (recorded with every change made with it).
+        name: String,
+        /// responder, approver, auditor or admin.
+        #[arg(long)]
+        role: String,
+        /// When it stops working (RFC 3339).
+        #[arg(long)]
+        expires_at: Option<String>,
+    },
+    /// Every token: actor, role, created, expiry, revocation (never the token itself).
+    List,
+    /// Revoke a token at once.
+    Revoke { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -996,6 +1018,58 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             });
         }
         Command::Filings(cmd) => filings_command(&engine, cmd, &cli.actor, json).await?,
+        Command::Tokens(TokensCmd::Create { name, role, expires_at }) => {
+            let actor_name: Actor = name
+                .parse()
+                .map_err(|e: FieldError| anyhow::anyhow!("NAME: {}", e.reason))?;
+            let role: crate::auth::Role = role
+                .parse()
+                .map_err(|e: FieldError| anyhow::anyhow!("--role: {}", e.reason))?;
+            let expires_at = expires_at
+                .as_deref()
+                .map(|t| {
+                    crate::time::parse_ts(t)
+                        .map_err(|e| anyhow::anyhow!("--expires-at: '{t}' is not an RFC 3339 instant ({e})"))
+                })
+                .transpose()?;
+            let by = actor(&cli.actor, None)?;
+            let (token, secret) = engine.create_token(&actor_name, role, expires_at, &by).await?;
+            let out = serde_json::json!({ "token": secret, "details": token });
+            print(json, &out, || {
+                format!(
+                    "{secret}\n(token {} for {} as {}; shown once: only its hash is kept)",
+                    token.id, token.actor, token.role
+                )
+            });
+        }
+        Command::Tokens(TokensCmd::List) => {
+            let list = engine.tokens().await?;
+            print(json, &list, || {
+                list.iter()
+                    .map(|t| {
+                        format!(
+                            "{}  {:<20} {:<9} created {} by {}{}{}",
+                            t.id,
+                            t.actor,
+                            t.role,
+                            crate::time::human(t.created_at),
+                            t.created_by,
+                            t.expires_at
+                                .map(|e| format!(", expires {}", crate::time::human(e)))
+                                .unwrap_or_default(),
+                            t.revoked_at
+                                .map(|r| format!(", REVOKED {}", crate::time::human(r)))
+                                .unwrap_or_default()
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        Command::Tokens(TokensCmd::Revoke { id }) => {
+            engine.revoke_token(id, &actor(&cli.actor, None)?).await?;
+            print(json, &serde_json::json!({ "revoked": id }), || format!("revoked {id}"));
+        }
         Command::Deadlines { incident, all } => {
             let clocks = engine.deadlines(incident.as_deref(), *all, chrono::Utc::now()).await?;
             print(json, &clocks, || deadlines_text(&clocks));

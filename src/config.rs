@@ -67,6 +67,9 @@ pub struct Settings {
     pub push: WebhookChannelSettings,
     pub bulletin: BulletinSettings,
     pub filing: FilingSettings,
+    /// Security tools that post events with a signature instead of a token, by name.
+    #[serde(default)]
+    pub sources: std::collections::BTreeMap<String, SourceSettings>,
     pub watchdog: WatchdogSettings,
     #[serde(default)]
     pub paths: PathSettings,
@@ -117,10 +120,21 @@ pub struct ContactSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerSettings {
-    /// Address `tocsin serve` listens on. Only loopback until token authentication exists.
+    /// Address `tocsin serve` listens on: loopback only (it speaks plain HTTP).
     pub listen: String,
     /// Largest request body accepted, in bytes.
     pub body_limit_bytes: usize,
+    /// How far a signed event's timestamp may be from now (either way), in seconds: a captured
+    /// request cannot be replayed later than this.
+    pub replay_window_seconds: u64,
+}
+
+/// A security tool that posts events signed with a shared secret (`[sources.NAME]`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSettings {
+    /// The HMAC-SHA256 key of its `X-Tocsin-Signature`.
+    pub secret: Secret,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -501,6 +515,17 @@ impl Settings {
 
     fn check(&self) -> Result<(), ConfigError> {
         self.operator.operator_class()?;
+        for (name, source) in &self.sources {
+            if source.secret.expose().len() < 16 {
+                return Err(invalid(
+                    &format!("sources.{name}.secret"),
+                    "must be at least 16 characters (a shared HMAC key)",
+                ));
+            }
+        }
+        if !(1..=3600).contains(&self.server.replay_window_seconds) {
+            return Err(invalid("server.replay_window_seconds", "must be between 1 and 3600"));
+        }
         self.delivery.channel_order()?;
         self.email.from_address()?;
         if !matches!(self.email.transport.as_str(), "file" | "smtp") {

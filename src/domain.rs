@@ -130,6 +130,7 @@ prefixed_id!(NoticeId, "ntc");
 prefixed_id!(DeliveryId, "dlv");
 prefixed_id!(BulletinId, "blt");
 prefixed_id!(FilingId, "fil");
+prefixed_id!(TokenId, "tok");
 
 /// A person acting on an incident (responder, approver). Free-form but bounded and printable.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -2059,6 +2059,54 @@ impl Tocsin {
         }
     }
 
+    // ---- API tokens
+
+    /// Creates a token acting as `actor` with `role`; returns it once (only its hash is kept).
+    pub async fn create_token(
+        &self,
+        actor: &Actor,
+        role: crate::auth::Role,
+        expires_at: Option<DateTime<Utc>>,
+        by: &Actor,
+    ) -> Result<(crate::auth::ApiToken, String), EngineError> {
+        let now = Utc::now();
+        if expires_at.is_some_and(|e| e <= now) {
+            return Err(FieldError::new("expires_at", "must be in the future").into());
+        }
+        let (secret, hash) = crate::auth::new_token();
+        let token = crate::auth::ApiToken {
+            id: TokenId::generate(),
+            actor: actor.clone(),
+            role,
+            created_at: now,
+            created_by: by.clone(),
+            expires_at,
+            revoked_at: None,
+            revoked_by: None,
+        };
+        self.store.insert_token(&token, &hash).await?;
+        Ok((token, secret))
+    }
+
+    pub async fn revoke_token(&self, id: &str, by: &Actor) -> Result<(), EngineError> {
+        let id: TokenId = id.parse().map_err(|e: FieldError| FieldError::new("token", e.reason))?;
+        self.store.revoke_token(&id, by, Utc::now()).await?;
+        Ok(())
+    }
+
+    pub async fn tokens(&self) -> Result<Vec<crate::auth::ApiToken>, EngineError> {
+        Ok(self.store.tokens().await?)
+    }
+
+    /// The valid token a bearer presents (not revoked, not expired), if any.
+    pub async fn authenticate(&self, bearer: &str) -> Result<Option<crate::auth::ApiToken>, EngineError> {
+        if !bearer.starts_with(crate::auth::TOKEN_PREFIX) {
+            return Ok(None);
+        }
+        let token = self.store.token_by_hash(&crate::auth::token_hash(bearer)).await?;
+        Ok(token.filter(|t| t.is_valid_at(Utc::now())))
+    }
+
     // ---- reading
 
     pub async fn view(&self, id: &str) -> Result<IncidentView, EngineError> {

@@ -8,6 +8,7 @@
 //! hash-chained [`ledger`]. [`store`] owns all SQL; [`http`] and [`cli`] only translate.
 //! [`engine::Tocsin`] is the entry point for host applications.
 
+pub mod auth;
 pub mod bench;
 pub mod bulletin;
 pub mod channels;

@@ -9,31 +9,10 @@ use common::smtp_server::SmtpServer;
 use common::*;
 use serde_json::{Value, json};
 
-async fn post(client: &reqwest::Client, url: &str, body: Value) -> (u16, Value, String) {
-    let r = client.post(url).json(&body).send().await.expect("request");
-    let status = r.status().as_u16();
-    let ctype = r
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    let body = r.json::<Value>().await.unwrap_or(Value::Null);
-    (status, body, ctype)
-}
-
-async fn get_json(client: &reqwest::Client, url: &str) -> Value {
-    client.get(url).send().await.expect("get").json().await.expect("json")
-}
-
-/// One lifecycle action on the incident by `actor`.
-async fn act(client: &reqwest::Client, api: &str, id: &str, action: &str, actor: &str) -> (u16, Value, String) {
-    post(
-        client,
-        &format!("{api}/incidents/{id}/{action}"),
-        json!({ "actor": actor }),
-    )
-    .await
+/// One lifecycle action on the incident by `who`.
+async fn act(api: &Api, id: &str, action: &str, who: &str) -> (u16, Value, String) {
+    api.post(who, &format!("/api/v1/incidents/{id}/{action}"), json!({}))
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -65,36 +44,46 @@ async fn the_lifecycle_over_http_delivers_and_publishes() {
     .join("\n");
     t.run(&["merchants", "import", &t.file("m.jsonl", &merchants)]).ok();
     let server = t.serve();
-    let api = format!("{}/api/v1", server.base);
+    let api = t.api(
+        &server,
+        &[("siem", "responder"), ("alice", "responder"), ("bob", "approver")],
+    );
     let client = reqwest::Client::new();
 
+    // Without a token nothing is accepted.
+    let r = client
+        .post(format!("{}/api/v1/events", server.base))
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status().as_u16(), 401);
+    assert_eq!(
+        r.headers().get("www-authenticate").and_then(|v| v.to_str().ok()),
+        Some("Bearer")
+    );
+
     // Malformed events: 4xx problem documents naming the field; nothing stored.
-    let (status, problem, ctype) = post(&client, &format!("{api}/events"), json!({"source": "siem"})).await;
+    let (status, problem, ctype) = api.post("siem", "/api/v1/events", json!({"source": "siem"})).await;
     assert_eq!(status, 422);
     assert_eq!(ctype, "application/problem+json");
     assert_eq!(problem["field"], "external_id");
     let r = client
-        .post(format!("{api}/events"))
+        .post(format!("{}/api/v1/events", server.base))
+        .bearer_auth(api.token_of("siem"))
         .body("{not json")
         .send()
         .await
         .expect("request");
     assert_eq!(r.status().as_u16(), 400);
-    let listed: Value = client
-        .get(format!("{api}/incidents"))
-        .send()
-        .await
-        .expect("list")
-        .json()
-        .await
-        .expect("json");
+    let (_, listed) = api.get("alice", "/api/v1/incidents").await;
     assert_eq!(listed, json!([]));
 
     let ev: Value = serde_json::from_str(&event("api-e1", "api-key")).expect("event");
-    let (status, outcome, _) = post(&client, &format!("{api}/events"), ev.clone()).await;
+    let (status, outcome, _) = api.post("siem", "/api/v1/events", ev.clone()).await;
     assert_eq!(status, 202);
     assert_eq!(outcome[0]["outcome"], "opened");
-    let (_, again, _) = post(&client, &format!("{api}/events"), ev).await;
+    let (_, again, _) = api.post("siem", "/api/v1/events", ev).await;
     assert_eq!(again[0]["outcome"], "duplicate");
     let id = outcome[0]["incident_id"].as_str().expect("id").to_owned();
 
@@ -103,59 +92,71 @@ async fn the_lifecycle_over_http_delivers_and_publishes() {
             .expect("json");
     let mut bad_facts = facts.clone();
     bad_facts["grade"] = json!("apocalyptic");
-    let (status, problem, _) = post(
-        &client,
-        &format!("{api}/incidents/{id}/confirm"),
-        json!({"actor": "alice", "facts": bad_facts}),
-    )
-    .await;
+    let (status, problem, _) = api
+        .post(
+            "alice",
+            &format!("/api/v1/incidents/{id}/confirm"),
+            json!({"facts": bad_facts}),
+        )
+        .await;
     assert_eq!(status, 422, "{problem}");
     assert_eq!(problem["field"], "grade");
 
-    let (status, _, _) = post(
-        &client,
-        &format!("{api}/incidents/{id}/confirm"),
-        json!({"actor": "alice", "facts": facts}),
-    )
-    .await;
+    let (status, _, _) = api
+        .post(
+            "alice",
+            &format!("/api/v1/incidents/{id}/confirm"),
+            json!({"facts": facts}),
+        )
+        .await;
     assert_eq!(status, 200);
-    let (status, dry, _) = post(
-        &client,
-        &format!("{api}/incidents/{id}/scope"),
-        json!({"actor": "alice", "rule": {"any_categories": ["account_credentials"]}, "dry_run": true}),
-    )
-    .await;
+    let (status, dry, _) = api
+        .post(
+            "alice",
+            &format!("/api/v1/incidents/{id}/scope"),
+            json!({"rule": {"any_categories": ["account_credentials"]}, "dry_run": true}),
+        )
+        .await;
     assert_eq!((status, dry["affected"].as_u64()), (200, Some(3)));
-    let view: Value = get_json(&client, &format!("{api}/incidents/{id}")).await;
+    let (_, view) = api.get("alice", &format!("/api/v1/incidents/{id}")).await;
     assert_eq!(view["incident"]["state"], "confirmed", "a dry run stores nothing");
-    let (status, _, _) = post(
-        &client,
-        &format!("{api}/incidents/{id}/scope"),
-        json!({"actor": "alice", "rule": {"any_categories": ["account_credentials"]}}),
-    )
-    .await;
+    let (status, _, _) = api
+        .post(
+            "alice",
+            &format!("/api/v1/incidents/{id}/scope"),
+            json!({"rule": {"any_categories": ["account_credentials"]}}),
+        )
+        .await;
     assert_eq!(status, 200);
-    let (status, drafted, _) = act(&client, &api, &id, "draft", "alice").await;
+    let (status, drafted, _) = act(&api, &id, "draft", "alice").await;
     assert_eq!((status, drafted["notices"].as_u64()), (200, Some(3)));
-    let (status, problem, _) = act(&client, &api, &id, "approve", "alice").await;
-    assert_eq!(status, 403, "{problem}");
-    let (status, problem, _) = act(&client, &api, &id, "dispatch", "alice").await;
+    // A responder's token cannot approve; nor can the drafter with an approver's token.
+    let (status, problem, _) = act(&api, &id, "approve", "alice").await;
+    assert_eq!((status, problem["field"].as_str()), (403, Some("role")), "{problem}");
+    let alice_approver = t.token("alice", "approver");
+    let r = client
+        .post(format!("{}/api/v1/incidents/{id}/approve", server.base))
+        .bearer_auth(&alice_approver)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("request");
+    let (status, problem, _) = answer(r).await;
+    assert_eq!(
+        (status, problem["field"].as_str()),
+        (403, Some("actor")),
+        "four eyes: {problem}"
+    );
+    let (status, problem, _) = act(&api, &id, "dispatch", "alice").await;
     assert_eq!(status, 409, "dispatch before approval: {problem}");
-    let (status, _, _) = act(&client, &api, &id, "approve", "bob").await;
+    let (status, _, _) = act(&api, &id, "approve", "bob").await;
     assert_eq!(status, 200);
-    let (status, started, _) = act(&client, &api, &id, "dispatch", "alice").await;
+    let (status, started, _) = act(&api, &id, "dispatch", "alice").await;
     assert_eq!((status, started["queued"].as_u64()), (202, Some(2)));
 
     // The server's worker delivers and settles the incident.
     let settled = eventually(Duration::from_secs(20), async || {
-        let v: Value = client
-            .get(format!("{api}/incidents/{id}"))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let (_, v) = api.get("alice", &format!("/api/v1/incidents/{id}")).await;
         (v["incident"]["state"] == "monitoring").then_some(v)
     })
     .await
@@ -168,9 +169,9 @@ async fn the_lifecycle_over_http_delivers_and_publishes() {
     assert!(zh.contains("Content-Language: zh-CN"), "{zh}");
 
     // Notices read back with sections and rendered text.
-    let notices: Value = get_json(&client, &format!("{api}/incidents/{id}/notices")).await;
+    let (_, notices) = api.get("alice", &format!("/api/v1/incidents/{id}/notices")).await;
     let nid = notices[0]["id"].as_str().expect("notice id");
-    let notice: Value = get_json(&client, &format!("{api}/notices/{nid}")).await;
+    let (_, notice) = api.get("alice", &format!("/api/v1/notices/{nid}")).await;
     assert!(
         notice["notice"]["sections"]["advice"]
             .as_str()
@@ -181,12 +182,10 @@ async fn the_lifecycle_over_http_delivers_and_publishes() {
             .as_str()
             .is_some_and(|s| s.contains("<html"))
     );
-    let missing = client
-        .get(format!("{api}/notices/ntc_00000000000000000000000000000000"))
-        .send()
-        .await
-        .expect("get");
-    assert_eq!(missing.status().as_u16(), 404);
+    let (missing, _) = api
+        .get("alice", "/api/v1/notices/ntc_00000000000000000000000000000000")
+        .await;
+    assert_eq!(missing, 404);
 
     // The public bulletin is served, with its feed.
     let reference = settled["incident"]["reference"].as_str().expect("reference");

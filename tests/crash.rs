@@ -109,13 +109,13 @@ fn ids_with_status(list: &[Value], status: &str) -> HashSet<String> {
 
 /// Polls the running server's API until the incident has no delivery pending or sending and
 /// `sent` of them were accepted; returns how long it took.
-async fn until_all_sent(server: &Server, incident: &str, sent: usize, timeout: Duration) -> Duration {
+async fn until_all_sent(server: &Server, token: &str, incident: &str, sent: usize, timeout: Duration) -> Duration {
     let client = reqwest::Client::new();
     let url = format!("{}/api/v1/incidents/{incident}", server.base);
     let start = Instant::now();
     let mut last = Value::Null;
     loop {
-        if let Ok(r) = client.get(&url).send().await
+        if let Ok(r) = client.get(&url).bearer_auth(token).send().await
             && let Ok(view) = r.json::<Value>().await
         {
             let email = view["deliveries"]
@@ -236,7 +236,14 @@ async fn a_sigkill_mid_delivery_loses_nothing_and_duplicates_only_what_was_in_fl
     // Restart and let it finish.
     let restarted = Instant::now();
     let mut server = t.serve_logged("serve-2.log");
-    let to_finish = until_all_sent(&server, &incident, N, Duration::from_secs(180)).await;
+    let to_finish = until_all_sent(
+        &server,
+        &t.token("watcher", "auditor"),
+        &incident,
+        N,
+        Duration::from_secs(180),
+    )
+    .await;
     server.terminate();
     let exit = server.wait_exit(Duration::from_secs(20));
     assert!(exit.is_some_and(|s| s.success()), "serve exits cleanly: {exit:?}");
@@ -390,7 +397,14 @@ async fn sigterm_stops_claiming_finishes_what_is_in_flight_and_exits_cleanly() {
     // Restart (a quick relay now) and finish: nothing sent twice.
     smtp.set_data_delay(Duration::ZERO);
     let mut server = t.serve_logged("serve-2.log");
-    let to_finish = until_all_sent(&server, &incident, N, Duration::from_secs(120)).await;
+    let to_finish = until_all_sent(
+        &server,
+        &t.token("watcher", "auditor"),
+        &incident,
+        N,
+        Duration::from_secs(120),
+    )
+    .await;
     server.terminate();
     let exit = server.wait_exit(Duration::from_secs(15));
     assert!(exit.is_some_and(|s| s.success()), "{exit:?}");

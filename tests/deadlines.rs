@@ -204,12 +204,10 @@ async fn every_applicable_regulators_clock_is_listed_and_follows_the_incident() 
     // The API lists the same clocks.
     tocsin::install_crypto_provider();
     let server = t.serve();
-    let api: Value = reqwest::get(format!("{}/api/v1/deadlines?incident={incident}&all=true", server.base))
-        .await
-        .expect("request")
-        .json()
-        .await
-        .expect("json");
+    let (_, api) = t
+        .api(&server, &[("ann", "auditor")])
+        .get("ann", &format!("/api/v1/deadlines?incident={incident}&all=true"))
+        .await;
     let cli = t.run(&["--json", "deadlines", &incident, "--all"]).ok().json();
     let key = |v: &Value| -> Vec<(String, String, String)> {
         v.as_array()

@@ -408,74 +408,55 @@ async fn the_api_drafts_approves_and_submits_filings_and_reports_readiness() {
     let incident = confirmed_incident(&t, "api-filing");
     tocsin::install_crypto_provider();
     let server = t.serve();
-    let client = reqwest::Client::new();
-    let post = |url: String, body: Value| {
-        let client = client.clone();
-        async move {
-            let r = client.post(url).json(&body).send().await.expect("request");
-            let status = r.status().as_u16();
-            let ct = r
-                .headers()
-                .get("content-type")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_owned();
-            (status, ct, r.json::<Value>().await.expect("json"))
-        }
-    };
-    let base = &server.base;
-    let (status, _, list) = post(
-        format!("{base}/api/v1/incidents/{incident}/filings"),
-        json!({ "actor": "alice", "regulator": "cn-cac" }),
-    )
-    .await;
+    let api = t.api(
+        &server,
+        &[("alice", "responder"), ("bob", "approver"), ("ann", "auditor")],
+    );
+    let (status, list, _) = api
+        .post(
+            "alice",
+            &format!("/api/v1/incidents/{incident}/filings"),
+            json!({ "regulator": "cn-cac" }),
+        )
+        .await;
     assert_eq!(status, 200, "{list}");
     let filing = id(drafted(&list, "cn-cac", "initial"));
-    let (status, ct, problem) = post(
-        format!("{base}/api/v1/filings/{filing}/approve"),
-        json!({ "actor": "alice" }),
-    )
-    .await;
-    assert_eq!((status, ct.as_str()), (403, "application/problem+json"));
-    assert_eq!(problem["field"], "actor");
-    let (status, _, problem) = post(
-        format!("{base}/api/v1/filings/{filing}/fields"),
-        json!({ "actor": "alice", "field": "cause" }),
-    )
-    .await;
+    let (status, problem, _) = api
+        .post("ann", &format!("/api/v1/filings/{filing}/approve"), json!({}))
+        .await;
+    assert_eq!(
+        (status, problem["field"].as_str()),
+        (403, Some("role")),
+        "an auditor changes nothing"
+    );
+    let (status, problem, _) = api
+        .post(
+            "alice",
+            &format!("/api/v1/filings/{filing}/fields"),
+            json!({ "field": "cause" }),
+        )
+        .await;
     assert_eq!((status, problem["field"].as_str()), (400, Some("text")));
-    let (status, _, approved) = post(
-        format!("{base}/api/v1/filings/{filing}/approve"),
-        json!({ "actor": "bob" }),
-    )
-    .await;
+    let (status, approved, _) = api
+        .post("bob", &format!("/api/v1/filings/{filing}/approve"), json!({}))
+        .await;
     assert_eq!((status, approved["state"].as_str()), (200, Some("approved")));
-    let (status, _, produced) = post(
-        format!("{base}/api/v1/filings/{filing}/submit"),
-        json!({ "actor": "alice" }),
-    )
-    .await;
+    let (status, produced, _) = api
+        .post("alice", &format!("/api/v1/filings/{filing}/submit"), json!({}))
+        .await;
     assert_eq!((status, produced["state"].as_str()), (200, Some("awaiting_reference")));
-    let (status, _, recorded) = post(
-        format!("{base}/api/v1/filings/{filing}/reference"),
-        json!({ "actor": "alice", "reference": "CAC-API-1" }),
-    )
-    .await;
+    let (status, recorded, _) = api
+        .post(
+            "alice",
+            &format!("/api/v1/filings/{filing}/reference"),
+            json!({ "reference": "CAC-API-1" }),
+        )
+        .await;
     assert_eq!((status, recorded["state"].as_str()), (200, Some("acknowledged")));
 
-    let readiness: Value = reqwest::get(format!("{base}/api/v1/incidents/{incident}/readiness"))
-        .await
-        .expect("request")
-        .json()
-        .await
-        .expect("json");
+    let (_, readiness) = api.get("ann", &format!("/api/v1/incidents/{incident}/readiness")).await;
     let cli = t.run(&["--json", "incidents", "readiness", &incident]).ok().json();
     assert_eq!(readiness, cli);
-    let listed: Value = reqwest::get(format!("{base}/api/v1/incidents/{incident}/filings"))
-        .await
-        .expect("request")
-        .json()
-        .await
-        .expect("json");
+    let (_, listed) = api.get("ann", &format!("/api/v1/incidents/{incident}/filings")).await;
     assert_eq!(listed[0]["reference_number"], "CAC-API-1");
 }

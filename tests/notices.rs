@@ -212,11 +212,20 @@ fn transition_reasons(view: &Value) -> Vec<String> {
 }
 
 fn get_text(url: &str) -> (u16, String, Option<String>) {
+    get_text_as(url, None)
+}
+
+/// GETs `url`, with a bearer token if given.
+fn get_text_as(url: &str, token: Option<&str>) -> (u16, String, Option<String>) {
     tocsin::install_crypto_provider();
     let rt = tokio::runtime::Handle::current();
     tokio::task::block_in_place(|| {
         rt.block_on(async {
-            let r = reqwest::get(url).await.expect("GET");
+            let mut request = reqwest::Client::new().get(url);
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            let r = request.send().await.expect("GET");
             let status = r.status().as_u16();
             let cache = r
                 .headers()
@@ -228,17 +237,23 @@ fn get_text(url: &str) -> (u16, String, Option<String>) {
     })
 }
 
-fn get_json(url: &str) -> (u16, Value) {
-    let (status, body, _) = get_text(url);
+fn get_json(url: &str, token: &str) -> (u16, Value) {
+    let (status, body, _) = get_text_as(url, Some(token));
     (status, serde_json::from_str(&body).unwrap_or(Value::Null))
 }
 
-fn post_json(url: &str, body: &Value) -> (u16, Value) {
+fn post_json(url: &str, token: &str, body: &Value) -> (u16, Value) {
     tocsin::install_crypto_provider();
     let rt = tokio::runtime::Handle::current();
     tokio::task::block_in_place(|| {
         rt.block_on(async {
-            let r = reqwest::Client::new().post(url).json(body).send().await.expect("POST");
+            let r = reqwest::Client::new()
+                .post(url)
+                .bearer_auth(token)
+                .json(body)
+                .send()
+                .await
+                .expect("POST");
             let status = r.status().as_u16();
             (status, r.json::<Value>().await.unwrap_or(Value::Null))
         })
@@ -648,19 +663,19 @@ async fn encrypted_data_needs_no_notice_until_a_responder_decides_otherwise() {
     // The override goes through the API (the CLI's --required flag is covered below).
     let server = t.serve();
     let url = format!("{}/api/v1/incidents/{incident}/notice-decisions", server.base);
-    let (status, problem) = post_json(
-        &url,
-        &json!({"actor": "carol", "merchant_id": "n-enc-1", "required": true}),
-    );
+    let carol = t.token("carol", "responder");
+    let (status, problem) = post_json(&url, &carol, &json!({"merchant_id": "n-enc-1", "required": true}));
     assert_eq!((status, problem["field"].as_str()), (400, Some("reason")), "{problem}");
     let (status, problem) = post_json(
         &url,
-        &json!({"actor": "carol", "merchant_id": "n-enc-1", "required": true, "reason": "  "}),
+        &carol,
+        &json!({"merchant_id": "n-enc-1", "required": true, "reason": "  "}),
     );
     assert_eq!((status, problem["field"].as_str()), (422, Some("reason")), "{problem}");
     let (status, decided) = post_json(
         &url,
-        &json!({"actor": "carol", "merchant_id": "n-enc-1", "required": true,
+        &carol,
+        &json!({"merchant_id": "n-enc-1", "required": true,
                 "reason": "the key's custody cannot be proven for this shop's backup"}),
     );
     assert_eq!(status, 200, "{decided}");
@@ -897,14 +912,15 @@ async fn a_preview_renders_every_channel_in_every_language_on_the_cli_and_the_ap
     // The API gives the same preview.
     let server = t.serve();
     let api = format!("{}/api/v1/incidents/{incident}", server.base);
-    let (status, over_http) = get_json(&format!("{api}/preview/pv-ca"));
+    let reader = t.token("reader", "auditor");
+    let (status, over_http) = get_json(&format!("{api}/preview/pv-ca"), &reader);
     assert_eq!(status, 200);
     assert_eq!(over_http, preview);
-    let (status, v1) = get_json(&format!("{api}/preview/pv-ca?version=1"));
+    let (status, v1) = get_json(&format!("{api}/preview/pv-ca?version=1"), &reader);
     assert_eq!((status, &v1), (200, &preview));
-    let (status, problem) = get_json(&format!("{api}/preview/pv-ca?version=7"));
+    let (status, problem) = get_json(&format!("{api}/preview/pv-ca?version=7"), &reader);
     assert_eq!((status, problem["field"].as_str()), (422, Some("version")), "{problem}");
-    let (status, problem) = get_json(&format!("{api}/preview/nobody-here"));
+    let (status, problem) = get_json(&format!("{api}/preview/nobody-here"), &reader);
     assert_eq!(
         (status, problem["field"].as_str()),
         (422, Some("merchant_id")),
@@ -1068,10 +1084,11 @@ async fn an_update_is_a_new_version_that_says_what_changed_and_leaves_the_first_
 
     let server = t.serve();
     let api = format!("{}/api/v1/incidents/{incident}/diff/u-en", server.base);
-    let (status, over_http) = get_json(&format!("{api}?from=1&to=2"));
+    let reader = t.token("reader", "auditor");
+    let (status, over_http) = get_json(&format!("{api}?from=1&to=2"), &reader);
     assert_eq!(status, 200);
     assert_eq!(over_http, diff);
-    let (status, problem) = get_json(&api);
+    let (status, problem) = get_json(&api, &reader);
     assert_eq!((status, problem["field"].as_str()), (400, Some("from")), "{problem}");
     t.run(&["audit", "verify"]).ok();
 }

@@ -530,6 +530,14 @@ pub trait Store: Send + Sync {
     ) -> Result<(), StoreError>;
     async fn bulletin_coverage(&self, bulletin: &BulletinId) -> Result<Vec<MerchantId>, StoreError>;
 
+    // API tokens
+    /// Stores a new token by its hash (the token itself is never stored), with a ledger entry.
+    async fn insert_token(&self, token: &crate::auth::ApiToken, hash: &str) -> Result<(), StoreError>;
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<crate::auth::ApiToken>, StoreError>;
+    async fn tokens(&self) -> Result<Vec<crate::auth::ApiToken>, StoreError>;
+    /// Revokes a token (kept, for the record), with a ledger entry; revoking again changes nothing.
+    async fn revoke_token(&self, id: &TokenId, by: &Actor, at: DateTime<Utc>) -> Result<(), StoreError>;
+
     // Filings
     async fn filings(&self, incident: &IncidentId) -> Result<Vec<Filing>, StoreError>;
     async fn filing(&self, id: &FilingId) -> Result<Option<Filing>, StoreError>;

@@ -408,6 +408,19 @@ fn filing_from(row: &SqliteRow) -> Result<Filing, StoreError> {
     })
 }
 
+fn token_from(row: &SqliteRow) -> Result<crate::auth::ApiToken, StoreError> {
+    Ok(crate::auth::ApiToken {
+        id: col(row, "id")?,
+        actor: col(row, "actor")?,
+        role: col(row, "role")?,
+        created_at: ts_col(row, "created_at")?,
+        created_by: col(row, "created_by")?,
+        expires_at: opt_ts_col(row, "expires_at")?,
+        revoked_at: opt_ts_col(row, "revoked_at")?,
+        revoked_by: opt_col(row, "revoked_by")?,
+    })
+}
+
 fn filing_submission_from(row: &SqliteRow) -> Result<FilingSubmission, StoreError> {
     let text = |name: &'static str| -> Result<String, StoreError> { row.try_get(name).doing("reading a submission") };
     Ok(FilingSubmission {
@@ -2635,6 +2648,90 @@ impl Store for SqliteStore {
         ids.iter()
             .map(|i| i.parse().map_err(|e| corrupt("bulletin_coverage.merchant_id", e)))
             .collect()
+    }
+
+    async fn insert_token(&self, t: &crate::auth::ApiToken, hash: &str) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO api_tokens (id, hash, actor, role, created_at, created_by, expires_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(t.id.as_str())
+        .bind(hash)
+        .bind(t.actor.as_str())
+        .bind(t.role.as_str())
+        .bind(fmt_ts(t.created_at))
+        .bind(t.created_by.as_str())
+        .bind(t.expires_at.map(fmt_ts))
+        .execute(&mut *tx)
+        .await
+        .doing("storing a token")?;
+        let entry = NewLedgerEntry {
+            at: t.created_at,
+            actor: t.created_by.clone(),
+            action: "token.created".into(),
+            incident_id: None,
+            detail: serde_json::json!({ "token_id": t.id.as_str(), "actor": t.actor.as_str(), "role": t.role.as_str(),
+                                        "expires_at": t.expires_at.map(fmt_ts) }),
+        };
+        append_ledger_in(&mut tx, &entry).await?;
+        tx.commit().await.doing("committing a token")
+    }
+
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<crate::auth::ApiToken>, StoreError> {
+        sqlx::query("SELECT * FROM api_tokens WHERE hash = $1")
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await
+            .doing("looking up a token")?
+            .as_ref()
+            .map(token_from)
+            .transpose()
+    }
+
+    async fn tokens(&self) -> Result<Vec<crate::auth::ApiToken>, StoreError> {
+        sqlx::query("SELECT * FROM api_tokens ORDER BY created_at, id")
+            .fetch_all(&self.pool)
+            .await
+            .doing("listing tokens")?
+            .iter()
+            .map(token_from)
+            .collect()
+    }
+
+    async fn revoke_token(&self, id: &TokenId, by: &Actor, at: DateTime<Utc>) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        let done =
+            sqlx::query("UPDATE api_tokens SET revoked_at = $1, revoked_by = $2 WHERE id = $3 AND revoked_at IS NULL")
+                .bind(fmt_ts(at))
+                .bind(by.as_str())
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await
+                .doing("revoking a token")?;
+        if done.rows_affected() == 0 {
+            let exists: Option<String> = sqlx::query_scalar("SELECT id FROM api_tokens WHERE id = $1")
+                .bind(id.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .doing("revoking a token")?;
+            return match exists {
+                Some(_) => Ok(()),
+                None => Err(StoreError::NotFound {
+                    what: "token",
+                    id: id.to_string(),
+                }),
+            };
+        }
+        let entry = NewLedgerEntry {
+            at,
+            actor: by.clone(),
+            action: "token.revoked".into(),
+            incident_id: None,
+            detail: serde_json::json!({ "token_id": id.as_str() }),
+        };
+        append_ledger_in(&mut tx, &entry).await?;
+        tx.commit().await.doing("committing a token revocation")
     }
 
     async fn filings(&self, incident: &IncidentId) -> Result<Vec<Filing>, StoreError> {

@@ -395,3 +395,81 @@ pub fn form_of(request: &wiremock::Request) -> Vec<(String, String)> {
 pub fn form_value<'a>(form: &'a [(String, String)], name: &str) -> Option<&'a str> {
     form.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
+
+/// An API client of a running server holding one token per person, each created with
+/// `tocsin tokens create NAME --role ROLE`.
+pub struct Api {
+    pub base: String,
+    pub client: reqwest::Client,
+    tokens: std::collections::HashMap<String, String>,
+}
+
+impl Tocsin {
+    /// A token acting as `name` with `role`, created through the command line.
+    pub fn token(&self, name: &str, role: &str) -> String {
+        let created = self
+            .run(&["--json", "--actor", "ops", "tokens", "create", name, "--role", role])
+            .ok()
+            .json();
+        created["token"].as_str().expect("the token").to_owned()
+    }
+
+    /// An API client of `server` for `people` (`(name, role)`).
+    pub fn api(&self, server: &Server, people: &[(&str, &str)]) -> Api {
+        Api {
+            base: server.base.clone(),
+            client: reqwest::Client::new(),
+            tokens: people
+                .iter()
+                .map(|(name, role)| (name.to_string(), self.token(name, role)))
+                .collect(),
+        }
+    }
+}
+
+/// Status, JSON body (null if none) and content type of an answer.
+pub async fn answer(r: reqwest::Response) -> (u16, Value, String) {
+    let status = r.status().as_u16();
+    let ctype = r
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    (status, r.json::<Value>().await.unwrap_or(Value::Null), ctype)
+}
+
+impl Api {
+    pub fn token_of(&self, who: &str) -> &str {
+        self.tokens
+            .get(who)
+            .map(String::as_str)
+            .unwrap_or_else(|| panic!("no token for {who}"))
+    }
+
+    /// POSTs `body` to `path` (under the server's base) as `who`.
+    pub async fn post(&self, who: &str, path: &str, body: Value) -> (u16, Value, String) {
+        let r = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(self.token_of(who))
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+        answer(r).await
+    }
+
+    /// GETs `path` as `who`: status and JSON body.
+    pub async fn get(&self, who: &str, path: &str) -> (u16, Value) {
+        let r = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(self.token_of(who))
+            .send()
+            .await
+            .expect("request");
+        let (status, body, _) = answer(r).await;
+        (status, body)
+    }
+}

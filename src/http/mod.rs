@@ -6,17 +6,22 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
+mod routes;
+
+pub use routes::{API, Endpoint, openapi};
+
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Extension, MatchedPath, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Router, middleware};
 use chrono::Utc;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tower_http::services::ServeDir;
 
+use crate::auth::Role;
 use crate::domain::{Actor, FieldError, Grade, IncidentState, LocalizedText, MerchantId};
 use crate::engine::{EngineError, Tocsin};
 use crate::incident::IncidentError;
@@ -26,7 +31,7 @@ use crate::scheduler::Schedule;
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error(
-        "refusing to listen on {0}: until token authentication exists Tocsin only listens on loopback (127.0.0.1 or ::1)"
+        "refusing to listen on {0}: Tocsin listens on loopback only (127.0.0.1 or ::1), as it speaks plain HTTP; put a TLS-terminating proxy in front to serve others"
     )]
     NotLoopback(String),
     #[error("server.listen: '{0}' is not an address such as 127.0.0.1:8080")]
@@ -98,7 +103,7 @@ impl From<EngineError> for Problem {
                 field: Some(error.field.clone()),
             },
             EngineError::Ingest(IngestError::Syntax(_)) => bad_request("body", detail),
-            EngineError::NotFound { .. } => Problem {
+            EngineError::NotFound { .. } | EngineError::Store(crate::store::StoreError::NotFound { .. }) => Problem {
                 status: StatusCode::NOT_FOUND,
                 title: "not found",
                 detail,
@@ -172,14 +177,6 @@ fn body_json(bytes: &Bytes) -> Result<Value, Problem> {
     serde_json::from_slice(bytes).map_err(|e| bad_request("body", format!("not valid JSON: {e}")))
 }
 
-fn actor_of(body: &Value) -> Result<Actor, Problem> {
-    let raw = body
-        .get("actor")
-        .and_then(Value::as_str)
-        .ok_or_else(|| bad_request("actor", "is required: who is acting"))?;
-    raw.parse().map_err(|e: FieldError| bad_request("actor", e.reason))
-}
-
 /// The router: API and public bulletins (no worker; see [`serve`]).
 pub fn router(engine: Arc<Tocsin>) -> Router {
     router_with(AppState {
@@ -191,37 +188,12 @@ pub fn router(engine: Arc<Tocsin>) -> Router {
 fn router_with(state: AppState) -> Router {
     let limit = state.engine.settings.server.body_limit_bytes;
     let bulletins = ServeDir::new(state.engine.paths.bulletins.clone()).append_index_html_on_directories(true);
+    let api = routes::api_router().route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
-        .route("/api/v1/events", post(post_events))
-        .route("/api/v1/incidents", get(list_incidents))
-        .route("/api/v1/deadlines", get(list_deadlines))
-        .route("/api/v1/incidents/{id}", get(get_incident))
-        .route("/api/v1/incidents/{id}/confirm", post(confirm))
-        .route("/api/v1/incidents/{id}/dismiss", post(dismiss))
-        .route("/api/v1/incidents/{id}/close", post(close))
-        .route("/api/v1/incidents/{id}/scope", post(scope))
-        .route("/api/v1/incidents/{id}/draft", post(draft))
-        .route("/api/v1/incidents/{id}/approve", post(approve))
-        .route("/api/v1/incidents/{id}/dispatch", post(dispatch))
-        .route("/api/v1/incidents/{id}/bulletin", post(bulletin))
-        .route("/api/v1/incidents/{id}/filings", get(list_filings).post(draft_filings))
-        .route("/api/v1/incidents/{id}/readiness", get(readiness))
-        .route("/api/v1/filings/{id}", get(get_filing))
-        .route("/api/v1/filings/{id}/fields", post(write_filing_field))
-        .route("/api/v1/filings/{id}/approve", post(approve_filing))
-        .route("/api/v1/filings/{id}/submit", post(submit_filing))
-        .route("/api/v1/filings/{id}/reference", post(filing_reference))
-        .route("/api/v1/filings/{id}/acknowledgement", post(acknowledge_filing))
-        .route("/api/v1/incidents/{id}/notices", get(list_notices))
-        .route("/api/v1/incidents/{id}/deliveries", get(list_deliveries))
-        .route("/api/v1/incidents/{id}/affected", get(list_affected))
-        .route("/api/v1/incidents/{id}/amend", post(amend))
-        .route("/api/v1/incidents/{id}/grade", post(grade))
-        .route("/api/v1/incidents/{id}/notice-decisions", post(notice_decision))
-        .route("/api/v1/incidents/{id}/preview/{merchant}", get(preview))
-        .route("/api/v1/incidents/{id}/diff/{merchant}", get(diff))
-        .route("/api/v1/notices/{id}", get(get_notice))
+        .route("/api/openapi.json", get(|| async { axum::Json(openapi()) }))
+        .merge(api)
+        // Public: a merchant's own notice (by its unguessable token), the bulletin's lookup.
         .route("/n/{token}", get(notice_page))
         .route("/lookup", post(lookup))
         // Provider callbacks, each authenticated by the provider's own scheme.
@@ -233,17 +205,187 @@ fn router_with(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn post_events(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> ApiResult {
-    let actor_header = headers
-        .get("x-tocsin-actor")
+/// Who is calling: the actor and role of the bearer token presented.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub actor: Actor,
+    pub role: Role,
+}
+
+fn unauthenticated(detail: &str) -> Response {
+    let mut response = Problem {
+        status: StatusCode::UNAUTHORIZED,
+        title: "not authenticated",
+        detail: detail.to_owned(),
+        field: Some("Authorization".into()),
+    }
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
+    response
+}
+
+/// Every API request presents a valid token whose role has the endpoint's access; the token's
+/// actor is the one every change is recorded under. Events may come signed by a configured
+/// source instead (checked by the handler, which has the body).
+async fn authorize(
+    State(s): State<AppState>,
+    matched: MatchedPath,
+    mut request: axum::extract::Request,
+    next: middleware::Next,
+) -> Response {
+    let Some(endpoint) = routes::endpoint(request.method(), matched.as_str()) else {
+        return Problem {
+            status: StatusCode::NOT_FOUND,
+            title: "not found",
+            detail: "no such operation".into(),
+            field: None,
+        }
+        .into_response();
+    };
+    let bearer = request
+        .headers()
+        .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("webhook");
-    let actor: Actor = actor_header
-        .parse()
-        .map_err(|e: FieldError| bad_request("X-Tocsin-Actor", e.reason))?;
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .map(str::to_owned);
+    let Some(bearer) = bearer else {
+        if endpoint.path == "/api/v1/events" && request.headers().contains_key("x-tocsin-source") {
+            return next.run(request).await;
+        }
+        return unauthenticated("send a token: Authorization: Bearer <token> (tocsin tokens create)");
+    };
+    let token = match s.engine.authenticate(&bearer).await {
+        Ok(Some(t)) => t,
+        Ok(None) => return unauthenticated("the token is unknown, revoked or expired"),
+        Err(e) => return Problem::from(e).into_response(),
+    };
+    if !token.role.may(endpoint.access) {
+        let roles: Vec<&str> = endpoint.access.roles().iter().map(|r| r.as_str()).collect();
+        return Problem {
+            status: StatusCode::FORBIDDEN,
+            title: "not allowed for this role",
+            detail: format!(
+                "{} {} needs the role {}; this token is a {}",
+                endpoint.method,
+                endpoint.path,
+                roles.join(" or "),
+                token.role
+            ),
+            field: Some("role".into()),
+        }
+        .into_response();
+    }
+    request.extensions_mut().insert(Caller {
+        actor: token.actor,
+        role: token.role,
+    });
+    next.run(request).await
+}
+
+async fn post_events(
+    State(s): State<AppState>,
+    caller: Option<Extension<Caller>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    let actor = match caller {
+        Some(Extension(c)) => c.actor,
+        None => source_actor(&s, &headers, &body)?,
+    };
     let text = std::str::from_utf8(&body).map_err(|_| bad_request("body", "is not UTF-8"))?;
     let outcomes = s.engine.ingest_text(text, &actor).await?;
     Ok((StatusCode::ACCEPTED, axum::Json(outcomes)).into_response())
+}
+
+/// The actor of an event posted by a configured source (`source:<name>`), once its signature
+/// over timestamp and body checks out within the replay window.
+fn source_actor(s: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<Actor, Problem> {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let forbidden = |detail: String, field: &str| Problem {
+        status: StatusCode::UNAUTHORIZED,
+        title: "not authenticated",
+        detail,
+        field: Some(field.to_owned()),
+    };
+    let name = header("x-tocsin-source").unwrap_or_default();
+    let source = s.engine.settings.sources.get(name).ok_or_else(|| {
+        forbidden(
+            "X-Tocsin-Source: no such source is configured".into(),
+            "X-Tocsin-Source",
+        )
+    })?;
+    crate::auth::verify_source_signature(
+        source.secret.expose().as_bytes(),
+        header("x-tocsin-timestamp"),
+        header("x-tocsin-signature"),
+        body,
+        Utc::now(),
+        s.engine.settings.server.replay_window_seconds,
+    )
+    .map_err(|e| {
+        let text = e.to_string();
+        let field = text.split(':').next().unwrap_or("X-Tocsin-Signature").to_owned();
+        forbidden(text, &field)
+    })?;
+    format!("source:{name}")
+        .parse()
+        .map_err(|e: FieldError| bad_request("X-Tocsin-Source", e.reason))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenBody {
+    actor: String,
+    role: String,
+    #[serde(default)]
+    expires_at: Option<String>,
+}
+
+async fn create_token(State(s): State<AppState>, Extension(caller): Extension<Caller>, body: Bytes) -> ApiResult {
+    let body: TokenBody = serde_json::from_slice(&body).map_err(|e| bad_request("body", e.to_string()))?;
+    let actor: Actor = body
+        .actor
+        .parse()
+        .map_err(|e: FieldError| bad_request("actor", e.reason))?;
+    let role: Role = body
+        .role
+        .parse()
+        .map_err(|e: FieldError| bad_request("role", e.reason))?;
+    let expires_at = body
+        .expires_at
+        .as_deref()
+        .map(|t| {
+            crate::time::parse_ts(t).map_err(|e| bad_request("expires_at", format!("not an RFC 3339 instant ({e})")))
+        })
+        .transpose()?;
+    let (token, secret) = s.engine.create_token(&actor, role, expires_at, &caller.actor).await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(json!({ "token": secret, "details": token })),
+    )
+        .into_response())
+}
+
+async fn list_tokens(State(s): State<AppState>) -> ApiResult {
+    ok(s.engine.tokens().await?)
+}
+
+async fn revoke_token(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult {
+    s.engine.revoke_token(&id, &caller.actor).await?;
+    ok(json!({ "revoked": id }))
+}
+
+async fn verify_ledger(State(s): State<AppState>) -> ApiResult {
+    ok(crate::ledger::verify(s.engine.store.as_ref())
+        .await
+        .map_err(EngineError::from)?)
 }
 
 async fn list_incidents(State(s): State<AppState>) -> ApiResult {
@@ -268,62 +410,85 @@ async fn get_incident(State(s): State<AppState>, Path(id): Path<String>) -> ApiR
     ok(s.engine.view(&id).await?)
 }
 
-async fn confirm(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+async fn confirm(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> ApiResult {
     let body = body_json(&body)?;
     let facts = body.get("facts").ok_or_else(|| bad_request("facts", "is required"))?;
-    ok(s.engine.confirm(&id, facts, &actor_of(&body)?).await?)
+    ok(s.engine.confirm(&id, facts, &caller.actor).await?)
 }
 
-async fn dismiss(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+async fn dismiss(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> ApiResult {
     let body = body_json(&body)?;
     let reason = body
         .get("reason")
         .and_then(Value::as_str)
         .ok_or_else(|| bad_request("reason", "is required"))?;
-    s.engine.dismiss(&id, reason, &actor_of(&body)?).await?;
+    s.engine.dismiss(&id, reason, &caller.actor).await?;
     ok(json!({ "dismissed": id }))
 }
 
-async fn close(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+async fn close(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> ApiResult {
     let body = body_json(&body)?;
     let reason = body
         .get("reason")
         .and_then(Value::as_str)
         .unwrap_or("handling finished");
-    s.engine.close(&id, reason, &actor_of(&body)?).await?;
+    s.engine.close(&id, reason, &caller.actor).await?;
     ok(json!({ "closed": id }))
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ScopeBody {
-    actor: String,
+    /// Ignored: the token names the actor (kept so that older clients are not refused).
+    #[serde(default, rename = "actor")]
+    _actor: Option<String>,
     rule: ScopeRule,
     #[serde(default)]
     dry_run: bool,
 }
 
-async fn scope(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+async fn scope(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> ApiResult {
     let mut de = serde_json::Deserializer::from_slice(&body);
     let body: ScopeBody = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let field = e.path().to_string();
         let reason = e.inner().to_string();
         bad_request(if field == "." { "body" } else { &field }, reason)
     })?;
-    let actor: Actor = body
-        .actor
-        .parse()
-        .map_err(|e: FieldError| bad_request("actor", e.reason))?;
-    ok(s.engine.scope(&id, &body.rule, &actor, body.dry_run).await?)
+    ok(s.engine.scope(&id, &body.rule, &caller.actor, body.dry_run).await?)
 }
 
-async fn draft(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+async fn draft(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> ApiResult {
     let body = body_json(&body)?;
     let changes: Option<LocalizedText> = match body.get("changes") {
         None | Some(Value::Null) => None,
         Some(v) => Some(serde_json::from_value(v.clone()).map_err(|e| bad_request("changes", e.to_string()))?),
     };
-    ok(s.engine.draft(&id, &actor_of(&body)?, changes.as_ref()).await?)
+    ok(s.engine.draft(&id, &caller.actor, changes.as_ref()).await?)
 }
 
 /// A required string field of a JSON body.
@@ -333,24 +498,39 @@ fn text_field<'a>(body: &'a Value, name: &str) -> Result<&'a str, Problem> {
         .ok_or_else(|| bad_request(name, "is required (a string)"))
 }
 
-async fn amend(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+async fn amend(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> ApiResult {
     let body = body_json(&body)?;
     let facts = body.get("facts").ok_or_else(|| bad_request("facts", "is required"))?;
     ok(s.engine
-        .amend(&id, facts, &actor_of(&body)?, text_field(&body, "reason")?)
+        .amend(&id, facts, &caller.actor, text_field(&body, "reason")?)
         .await?)
 }
 
-async fn grade(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+async fn grade(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> ApiResult {
     let body = body_json(&body)?;
     let grade: Grade = text_field(&body, "grade")?
         .parse()
         .map_err(|e: FieldError| bad_request("grade", e.reason))?;
     let reason = body.get("reason").and_then(Value::as_str).unwrap_or("");
-    ok(s.engine.set_grade(&id, grade, reason, &actor_of(&body)?).await?)
+    ok(s.engine.set_grade(&id, grade, reason, &caller.actor).await?)
 }
 
-async fn notice_decision(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+async fn notice_decision(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> ApiResult {
     let body = body_json(&body)?;
     let merchant: MerchantId = text_field(&body, "merchant_id")?
         .parse()
@@ -360,13 +540,7 @@ async fn notice_decision(State(s): State<AppState>, Path(id): Path<String>, body
         .and_then(Value::as_bool)
         .ok_or_else(|| bad_request("required", "is required (true or false)"))?;
     ok(s.engine
-        .override_notice(
-            &id,
-            &merchant,
-            required,
-            text_field(&body, "reason")?,
-            &actor_of(&body)?,
-        )
+        .override_notice(&id, &merchant, required, text_field(&body, "reason")?, &caller.actor)
         .await?)
 }
 
@@ -518,20 +692,26 @@ async fn lookup_answer(State(s): State<AppState>, request: axum::extract::Reques
     response
 }
 
-async fn approve(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
-    ok(s.engine.approve(&id, &actor_of(&body_json(&body)?)?).await?)
+async fn approve(State(s): State<AppState>, Path(id): Path<String>, Extension(caller): Extension<Caller>) -> ApiResult {
+    ok(s.engine.approve(&id, &caller.actor).await?)
 }
 
-async fn dispatch(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
-    let started = s.engine.dispatch(&id, &actor_of(&body_json(&body)?)?).await?;
+async fn dispatch(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult {
+    let started = s.engine.dispatch(&id, &caller.actor).await?;
     s.wake_worker.notify_one();
     Ok((StatusCode::ACCEPTED, axum::Json(started)).into_response())
 }
 
-async fn bulletin(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
-    ok(s.engine
-        .publish_bulletin(&id, &actor_of(&body_json(&body)?)?, true)
-        .await?)
+async fn bulletin(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult {
+    ok(s.engine.publish_bulletin(&id, &caller.actor, true).await?)
 }
 
 /// An optional string member of a JSON body; present but not a string is an error naming it.
@@ -552,10 +732,15 @@ async fn list_filings(State(s): State<AppState>, Path(id): Path<String>) -> ApiR
 }
 
 /// Drafts the reports the incident owes (`regulator` and `stage` optional).
-async fn draft_filings(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+async fn draft_filings(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> ApiResult {
     let body = body_json(&body)?;
     let (regulator, stage) = (opt_str(&body, "regulator")?, opt_str(&body, "stage")?);
-    ok(s.engine.draft_filings(&id, regulator, stage, &actor_of(&body)?).await?)
+    ok(s.engine.draft_filings(&id, regulator, stage, &caller.actor).await?)
 }
 
 async fn readiness(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
@@ -566,21 +751,39 @@ async fn get_filing(State(s): State<AppState>, Path(id): Path<String>) -> ApiRes
     ok(s.engine.filing(&id).await?)
 }
 
-async fn write_filing_field(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+async fn write_filing_field(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> ApiResult {
     let body = body_json(&body)?;
     let (field, text) = (req_str(&body, "field")?, req_str(&body, "text")?);
-    ok(s.engine.write_filing_field(&id, field, text, &actor_of(&body)?).await?)
+    ok(s.engine.write_filing_field(&id, field, text, &caller.actor).await?)
 }
 
-async fn approve_filing(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
-    ok(s.engine.approve_filing(&id, &actor_of(&body_json(&body)?)?).await?)
+async fn approve_filing(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult {
+    ok(s.engine.approve_filing(&id, &caller.actor).await?)
 }
 
-async fn submit_filing(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
-    ok(s.engine.submit_filing(&id, &actor_of(&body_json(&body)?)?).await?)
+async fn submit_filing(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult {
+    ok(s.engine.submit_filing(&id, &caller.actor).await?)
 }
 
-async fn filing_reference(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+async fn filing_reference(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> ApiResult {
     let body = body_json(&body)?;
     let filed_at = opt_str(&body, "filed_at")?
         .map(|t| {
@@ -588,15 +791,20 @@ async fn filing_reference(State(s): State<AppState>, Path(id): Path<String>, bod
         })
         .transpose()?;
     ok(s.engine
-        .record_filing_reference(&id, req_str(&body, "reference")?, filed_at, &actor_of(&body)?)
+        .record_filing_reference(&id, req_str(&body, "reference")?, filed_at, &caller.actor)
         .await?)
 }
 
-async fn acknowledge_filing(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+async fn acknowledge_filing(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> ApiResult {
     let body = body_json(&body)?;
     let note = opt_str(&body, "note")?.unwrap_or_default();
     ok(s.engine
-        .acknowledge_filing(&id, opt_str(&body, "reference")?, note, &actor_of(&body)?)
+        .acknowledge_filing(&id, opt_str(&body, "reference")?, note, &caller.actor)
         .await?)
 }
 
