@@ -530,7 +530,12 @@ pub enum NoticesCmd {
 #[derive(Debug, Subcommand)]
 pub enum AuditCmd {
     /// Walk the hash chain and report the first broken link.
-    Verify,
+    Verify {
+        /// An entry recorded earlier as ENTRY:HASH (this command prints the head so): the
+        /// ledger must still hold it unchanged, so cutting or rebuilding the chain shows.
+        #[arg(long)]
+        anchor: Option<String>,
+    },
 }
 
 fn actor(cli_actor: &Option<String>, fallback: Option<&str>) -> anyhow::Result<Actor> {
@@ -1074,11 +1079,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let clocks = engine.deadlines(incident.as_deref(), *all, chrono::Utc::now()).await?;
             print(json, &clocks, || deadlines_text(&clocks));
         }
-        Command::Audit(AuditCmd::Verify) => {
-            let result = crate::ledger::verify(engine.store.as_ref()).await?;
+        Command::Audit(AuditCmd::Verify { anchor }) => {
+            let anchor = anchor
+                .as_deref()
+                .map(|a| {
+                    a.parse::<crate::ledger::Anchor>()
+                        .map_err(|e| anyhow::anyhow!("--anchor: {e}"))
+                })
+                .transpose()?;
+            let result = crate::ledger::verify_with_anchor(engine.store.as_ref(), anchor.as_ref()).await?;
             print(json, &result, || match &result {
                 Verification::Intact { entries, head } => {
-                    format!("ledger intact: {entries} entries, head {head}")
+                    format!(
+                        "ledger intact: {entries} entries, head {head}\nanchor for later checks: --anchor {entries}:{head}"
+                    )
                 }
                 Verification::Broken { seq, reason } => {
                     format!("ledger BROKEN at entry {seq}: {reason}")

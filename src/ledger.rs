@@ -105,8 +105,61 @@ pub fn verify_entries(entries: &[LedgerEntry]) -> Verification {
 
 /// Walks the whole ledger in the store.
 pub async fn verify(store: &dyn Store) -> Result<Verification, StoreError> {
+    verify_with_anchor(store, None).await
+}
+
+/// A chain alone cannot show that its newest entries were cut off, or that the whole chain
+/// was rebuilt: an anchor can. It is an entry's number and hash recorded elsewhere earlier
+/// (printed by `audit verify`, kept in an evidence manifest or a ticket); the ledger still
+/// holds that entry with that hash, or it was cut or rewritten.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Anchor {
+    pub seq: i64,
+    pub hash: String,
+}
+
+impl std::str::FromStr for Anchor {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (seq, hash) = s
+            .split_once(':')
+            .ok_or("must be ENTRY:HASH, as audit verify prints it")?;
+        let seq: i64 = seq
+            .trim()
+            .parse()
+            .map_err(|_| format!("'{seq}' is not an entry number"))?;
+        let hash = hash.trim();
+        if seq < 1 || hash.len() != 64 || !hash.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err("must be ENTRY:HASH with a 64-digit hex hash".into());
+        }
+        Ok(Anchor {
+            seq,
+            hash: hash.to_ascii_lowercase(),
+        })
+    }
+}
+
+/// [`verify`], and that the ledger still holds the `anchor` entry unchanged.
+pub async fn verify_with_anchor(store: &dyn Store, anchor: Option<&Anchor>) -> Result<Verification, StoreError> {
     let entries = store.ledger_entries(None).await?;
-    Ok(verify_entries(&entries))
+    let verdict = verify_entries(&entries);
+    let Some(anchor) = anchor else {
+        return Ok(verdict);
+    };
+    if matches!(verdict, Verification::Broken { .. }) {
+        return Ok(verdict);
+    }
+    Ok(match entries.iter().find(|e| e.seq == anchor.seq) {
+        None => Verification::Broken {
+            seq: anchor.seq,
+            reason: "the anchored entry is gone: the ledger was cut back".into(),
+        },
+        Some(e) if e.hash != anchor.hash => Verification::Broken {
+            seq: anchor.seq,
+            reason: "the anchored entry has another hash now: the chain was rebuilt".into(),
+        },
+        Some(_) => verdict,
+    })
 }
 
 #[cfg(test)]

@@ -119,7 +119,8 @@ pub static API: &[Endpoint] = &[
         body: &[("actor", "who the token acts as"), ("role", "responder, approver, auditor or admin"), ("expires_at", "optional RFC 3339 instant")]),
     endpoint!("POST" "/api/v1/tokens/{id}/revoke", Admin, 200, post(revoke_token), "Revoke an API token"),
     endpoint!("GET" "/api/v1/audit/verify", Audit, 200, get(verify_ledger),
-        "Walk the audit ledger's hash chain; the first broken link if any"),
+        "Walk the audit ledger's hash chain; the first broken link if any",
+        query: &[("anchor", "ENTRY:HASH recorded earlier: the ledger must still hold it")]),
 ];
 
 /// The endpoint a request matched (its route template, as axum's `MatchedPath` gives it).
