@@ -2144,6 +2144,33 @@ impl Tocsin {
         Ok(self.store.incidents().await?)
     }
 
+    /// The figures `/metrics` reports, read from the database as of `now`.
+    pub async fn metrics_snapshot(&self, now: DateTime<Utc>) -> Result<crate::metrics::Snapshot, EngineError> {
+        let mut incidents = std::collections::BTreeMap::new();
+        for incident in self.store.incidents().await? {
+            *incidents.entry(incident.state.as_str().to_owned()).or_default() += 1;
+        }
+        Ok(crate::metrics::Snapshot {
+            deliveries: self.store.delivery_counts().await?,
+            clocks: self.deadlines(None, false, now).await?,
+            providers: self.store.provider_health().await?,
+            incidents,
+            now,
+        })
+    }
+
+    /// Whether this instance can do its work: the database answers and the publish
+    /// directory takes files. Each check by name, with the reason when it fails.
+    pub async fn readiness(&self) -> Vec<(&'static str, Result<(), String>)> {
+        let database = self.store.ping().await.map_err(|e| e.to_string());
+        let probe = self.paths.bulletins.join(format!(".readyz-{}", std::process::id()));
+        let publish = std::fs::create_dir_all(&self.paths.bulletins)
+            .and_then(|()| std::fs::write(&probe, b"ok"))
+            .and_then(|()| std::fs::remove_file(&probe))
+            .map_err(|e| format!("{}: {e}", self.paths.bulletins.display()));
+        vec![("database", database), ("publish_dir", publish)]
+    }
+
     pub async fn notice(&self, id: &str) -> Result<NoticeView, EngineError> {
         let not_found = || EngineError::NotFound {
             what: "notice",

@@ -170,6 +170,17 @@ fn ok(value: impl serde::Serialize) -> ApiResult {
 struct AppState {
     engine: Arc<Tocsin>,
     wake_worker: Arc<tokio::sync::Notify>,
+    requests: Arc<crate::metrics::RequestCounter>,
+}
+
+impl AppState {
+    fn new(engine: Arc<Tocsin>) -> Self {
+        AppState {
+            engine,
+            wake_worker: Arc::new(tokio::sync::Notify::new()),
+            requests: Arc::default(),
+        }
+    }
 }
 
 /// Parses a JSON body once, at the edge.
@@ -179,10 +190,7 @@ fn body_json(bytes: &Bytes) -> Result<Value, Problem> {
 
 /// The router: API and public bulletins (no worker; see [`serve`]).
 pub fn router(engine: Arc<Tocsin>) -> Router {
-    router_with(AppState {
-        engine,
-        wake_worker: Arc::new(tokio::sync::Notify::new()),
-    })
+    router_with(AppState::new(engine))
 }
 
 fn router_with(state: AppState) -> Router {
@@ -190,7 +198,9 @@ fn router_with(state: AppState) -> Router {
     let bulletins = ServeDir::new(state.engine.paths.bulletins.clone()).append_index_html_on_directories(true);
     let api = routes::api_router().route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
+        // Probes for supervisors: no data, no token.
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
         .route("/api/openapi.json", get(|| async { axum::Json(openapi()) }))
         .merge(api)
         // Public: a merchant's own notice (by its unguessable token), the bulletin's lookup.
@@ -202,7 +212,58 @@ fn router_with(state: AppState) -> Router {
         .route("/hooks/email/dsn", post(email_dsn))
         .nest_service("/bulletins", bulletins)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(state.clone(), count_request))
         .with_state(state)
+}
+
+/// Counts every answer by method, route template (never the path itself: it may hold a
+/// notice's token) and status.
+async fn count_request(State(s): State<AppState>, request: axum::extract::Request, next: middleware::Next) -> Response {
+    let method = request.method().as_str().to_owned();
+    let route = match request.extensions().get::<MatchedPath>() {
+        Some(m) if m.as_str().starts_with("/bulletins") => "/bulletins".to_owned(),
+        Some(m) => m.as_str().to_owned(),
+        None if request.uri().path().starts_with("/bulletins") => "/bulletins".to_owned(),
+        None => "unmatched".to_owned(),
+    };
+    let response = next.run(request).await;
+    s.requests.record(&method, &route, response.status().as_u16());
+    response
+}
+
+async fn metrics(State(s): State<AppState>) -> ApiResult {
+    let snapshot = s.engine.metrics_snapshot(Utc::now()).await?;
+    Ok((
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        crate::metrics::render(&snapshot, &s.requests),
+    )
+        .into_response())
+}
+
+/// 200 when every check passes, 503 naming the ones that failed (the reasons go to the log:
+/// the probe answers anyone).
+async fn readyz(State(s): State<AppState>) -> Response {
+    let checks = s.engine.readiness().await;
+    let ready = checks.iter().all(|(_, r)| r.is_ok());
+    let body: serde_json::Map<String, Value> = checks
+        .into_iter()
+        .map(|(name, r)| {
+            let state = match r {
+                Ok(()) => "ok",
+                Err(reason) => {
+                    tracing::warn!(check = name, %reason, "not ready");
+                    "failed"
+                }
+            };
+            (name.to_owned(), json!(state))
+        })
+        .collect();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(json!({ "ready": ready, "checks": body }))).into_response()
 }
 
 /// Who is calling: the actor and role of the bearer token presented.
@@ -969,10 +1030,7 @@ pub async fn serve(
     // Printed (not only logged) so a supervisor or test harness can find a port-0 server.
     println!("tocsin listening on http://{local}");
     tracing::info!(%local, "listening");
-    let state = AppState {
-        engine,
-        wake_worker: Arc::new(tokio::sync::Notify::new()),
-    };
+    let state = AppState::new(engine);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let watchdog_schedule = Schedule::parse(&state.engine.settings.watchdog.schedule)?;
     let watchdog_task = tokio::spawn(watchdog(state.engine.clone(), watchdog_schedule, stop_rx.clone()));

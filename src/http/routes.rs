@@ -20,6 +20,8 @@ pub struct Endpoint {
     pub query: &'static [(&'static str, &'static str)],
     /// The success status.
     pub status: u16,
+    /// The success answer's media type.
+    pub produces: &'static str,
     pub(super) route: fn() -> MethodRouter<AppState>,
 }
 
@@ -30,7 +32,7 @@ const PAGE: &[(&str, &str)] = &[
 ];
 
 macro_rules! endpoint {
-    ($method:literal $path:literal, $access:ident, $status:literal, $route:expr, $summary:literal $(, body: $body:expr)? $(, query: $query:expr)?) => {
+    ($method:literal $path:literal, $access:ident, $status:literal, $route:expr, $summary:literal $(, body: $body:expr)? $(, query: $query:expr)? $(, produces: $produces:expr)?) => {
         Endpoint {
             method: $method,
             path: $path,
@@ -39,17 +41,23 @@ macro_rules! endpoint {
             body: endpoint!(@body $($body)?),
             query: endpoint!(@query $($query)?),
             status: $status,
+            produces: endpoint!(@produces $($produces)?),
             route: || $route,
         }
     };
+    (@produces) => { "application/json" };
+    (@produces $produces:expr) => { $produces };
     (@body) => { None };
     (@body $body:expr) => { Some($body) };
     (@query) => { NONE };
     (@query $query:expr) => { $query };
 }
 
-/// Every operation under `/api/v1`.
+/// Every authenticated operation: the API under `/api/v1` and the metrics.
 pub static API: &[Endpoint] = &[
+    endpoint!("GET" "/metrics", Read, 200, get(metrics),
+        "Prometheus metrics: deliveries by channel, provider and status, queue depth, clock slack, provider circuits, requests",
+        produces: crate::metrics::CONTENT_TYPE),
     endpoint!("POST" "/api/v1/events", Respond, 202, post(post_events),
         "Ingest security events (Tocsin's format or OCSF 1.x Detection/Incident Findings): a token, or a source's signature",
         body: &[("(body)", "one event, an array, or JSON Lines")]),
@@ -149,13 +157,13 @@ pub fn openapi() -> Value {
             json!({ "name": name, "in": "query", "required": false, "description": what, "schema": { "type": "string" } })
         }));
         let mut op = json!({
-            "operationId": format!("{}_{}", e.method.to_lowercase(), e.path.trim_start_matches("/api/v1/").replace(['/', '{', '}', '-'], "_")),
+            "operationId": format!("{}_{}", e.method.to_lowercase(), e.path.trim_start_matches("/api/v1/").trim_start_matches('/').replace(['/', '{', '}', '-'], "_")),
             "summary": e.summary,
             "parameters": parameters,
             "security": [{ "bearer": [] }],
             "x-roles": e.access.roles().iter().map(|r| r.as_str()).collect::<Vec<_>>(),
             "responses": {
-                e.status.to_string(): { "description": "success", "content": { "application/json": { "schema": {} } } },
+                e.status.to_string(): { "description": "success", "content": { e.produces: { "schema": {} } } },
                 "400": { "$ref": "#/components/responses/Problem" },
                 "401": { "$ref": "#/components/responses/Problem" },
                 "403": { "$ref": "#/components/responses/Problem" },

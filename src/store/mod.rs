@@ -264,6 +264,16 @@ pub struct HealthUpdate {
     pub cooldown: chrono::Duration,
 }
 
+/// How many deliveries of one channel and provider are in one status.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeliveryCount {
+    pub channel: String,
+    /// `None` before the first attempt.
+    pub provider: Option<String>,
+    pub status: String,
+    pub count: i64,
+}
+
 /// A provider's circuit-breaker state as stored.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ProviderHealth {
@@ -511,6 +521,10 @@ pub trait Store: Send + Sync {
     async fn delivery(&self, id: &DeliveryId) -> Result<Option<Delivery>, StoreError>;
     async fn deliveries(&self, incident: &IncidentId) -> Result<Vec<Delivery>, StoreError>;
     async fn delivery_tally(&self, incident: &IncidentId) -> Result<Vec<ChannelTally>, StoreError>;
+    /// Every delivery counted by channel, provider (of the latest attempt) and status.
+    async fn delivery_counts(&self) -> Result<Vec<DeliveryCount>, StoreError>;
+    /// A round trip to the database, for readiness checks.
+    async fn ping(&self) -> Result<(), StoreError>;
     /// Deliveries not yet final (pending or sending), for any incident if `None`.
     async fn open_deliveries(&self, incident: Option<&IncidentId>) -> Result<u64, StoreError>;
     /// Accepted deliveries still waiting for their receipt: the incident is not settled yet.

@@ -2540,6 +2540,33 @@ impl Store for SqliteStore {
             .collect())
     }
 
+    async fn delivery_counts(&self) -> Result<Vec<DeliveryCount>, StoreError> {
+        let rows: Vec<(String, Option<String>, String, i64)> = sqlx::query_as(
+            "SELECT channel, provider, status, COUNT(*) FROM deliveries
+             GROUP BY channel, provider, status ORDER BY channel, provider, status",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .doing("counting deliveries by channel, provider and status")?;
+        Ok(rows
+            .into_iter()
+            .map(|(channel, provider, status, count)| DeliveryCount {
+                channel,
+                provider,
+                status,
+                count,
+            })
+            .collect())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .doing("reaching the database")?;
+        Ok(())
+    }
+
     async fn open_deliveries(&self, incident: Option<&IncidentId>) -> Result<u64, StoreError> {
         let count: i64 = sqlx::query_scalar(
             "SELECT (SELECT COUNT(*) FROM deliveries WHERE status = 'pending' AND ($1 IS NULL OR +incident_id = $1))

@@ -114,6 +114,8 @@ pub enum Reply {
     Transient,
     /// `550 5.1.1`
     Permanent,
+    /// `550 5.1.1 <address>: ...`, repeating the address as Postfix does.
+    PermanentNamingAddress,
 }
 
 type RcptPolicy = Arc<dyn Fn(&str, u32) -> Reply + Send + Sync + 'static>;
@@ -691,6 +693,10 @@ where
                             }
                             Reply::Permanent => {
                                 reply(writer, "550 5.1.1 Recipient address rejected: no such user").await?;
+                            }
+                            Reply::PermanentNamingAddress => {
+                                let text = format!("550 5.1.1 <{to}>: Recipient address rejected: User unknown");
+                                reply(writer, &text).await?;
                             }
                         }
                     }
