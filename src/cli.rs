@@ -70,6 +70,9 @@ pub enum Command {
     /// The audit ledger.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Evidence packages for regulators and courts.
+    #[command(subcommand)]
+    Evidence(EvidenceCmd),
     /// The outbox across incidents: dead letters, re-drives, histories, providers.
     #[command(subcommand)]
     Deliveries(DeliveriesCmd),
@@ -535,6 +538,19 @@ pub enum AuditCmd {
         /// ledger must still hold it unchanged, so cutting or rebuilding the chain shows.
         #[arg(long)]
         anchor: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EvidenceCmd {
+    /// Write an incident's evidence package to DIR (new or empty): every notice version with
+    /// its content hash, the delivery ledger as CSV, bulletins and whom they covered, filings
+    /// with submissions and acknowledgements, the ledger extract, and checksums of it all
+    /// (`sha256sum -c SHA256SUMS` inside DIR checks them).
+    Export {
+        /// The incident's id or reference.
+        incident: String,
+        dir: std::path::PathBuf,
     },
 }
 
@@ -1083,6 +1099,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Deadlines { incident, all } => {
             let clocks = engine.deadlines(incident.as_deref(), *all, chrono::Utc::now()).await?;
             print(json, &clocks, || deadlines_text(&clocks));
+        }
+        Command::Evidence(EvidenceCmd::Export { incident, dir }) => {
+            let manifest = engine.export_evidence(incident, dir, &actor(&cli.actor, None)?).await?;
+            print(json, &manifest, || {
+                format!(
+                    "evidence of {} written to {}: {} files, {} notices, {} deliveries; check with: cd {} && sha256sum -c SHA256SUMS",
+                    manifest.reference,
+                    dir.display(),
+                    manifest.files.len() + 2,
+                    manifest.counts["notices"],
+                    manifest.counts["deliveries"],
+                    dir.display()
+                )
+            });
         }
         Command::Audit(AuditCmd::Verify { anchor }) => {
             let anchor = anchor

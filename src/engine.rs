@@ -72,6 +72,8 @@ pub enum EngineError {
         regulator: String,
         stage: String,
     },
+    #[error(transparent)]
+    Evidence(#[from] crate::evidence::EvidenceError),
     #[error("submitting the report: {0}")]
     Submission(#[from] crate::submission::SubmissionError),
     /// A provider callback whose signature or token does not check out.
@@ -115,6 +117,8 @@ pub struct OutputPaths {
     pub push_outbox: PathBuf,
     pub bulletins: PathBuf,
     pub filings: PathBuf,
+    /// Evidence packages exported over the API (kept: what was handed out, and when).
+    pub evidence: PathBuf,
 }
 
 impl OutputPaths {
@@ -126,6 +130,7 @@ impl OutputPaths {
             push_outbox: data_dir.join("outbox").join("push"),
             bulletins: data_dir.join("publish").join("bulletins"),
             filings: data_dir.join("filings"),
+            evidence: data_dir.join("evidence"),
         }
     }
 }
@@ -421,7 +426,7 @@ impl Tocsin {
         )
     }
 
-    async fn incident(&self, id_or_reference: &str) -> Result<Incident, EngineError> {
+    pub(crate) async fn incident(&self, id_or_reference: &str) -> Result<Incident, EngineError> {
         self.store
             .incident(id_or_reference)
             .await?

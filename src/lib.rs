@@ -23,6 +23,7 @@ pub mod dispatch;
 pub mod domain;
 pub mod draft;
 pub mod engine;
+pub mod evidence;
 pub mod filing;
 pub mod http;
 pub mod incident;

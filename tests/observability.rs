@@ -203,14 +203,7 @@ async fn metrics_report_deliveries_queue_and_clocks_and_the_probes_answer() {
 async fn no_email_address_or_phone_number_of_a_merchant_reaches_the_logs() {
     tocsin::install_crypto_provider();
     // Peers that repeat the address in their refusals, as real ones do.
-    let smtp = SmtpServer::start().await;
-    smtp.set_rcpt_policy(|rcpt, _| {
-        if rcpt == "gone.merchant@example.cn" {
-            Reply::PermanentNamingAddress
-        } else {
-            Reply::Accept
-        }
-    });
+    let smtp = SmtpServer::refusing("gone.merchant@example.cn", Reply::PermanentNamingAddress).await;
     let twilio = MockServer::start().await;
     Mock::given(method("POST"))
         .and(body_string_contains("13900000302"))

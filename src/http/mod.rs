@@ -443,6 +443,33 @@ async fn revoke_token(
     ok(json!({ "revoked": id }))
 }
 
+async fn export_evidence(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult {
+    let (archive, name) = s.engine.export_evidence_archive(&id, &caller.actor).await?;
+    let file = tokio::fs::File::open(&archive).await.map_err(|e| {
+        EngineError::from(crate::evidence::EvidenceError::Write {
+            path: archive.display().to_string(),
+            reason: e.to_string(),
+        })
+    })?;
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/x-tar".to_owned()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{name}.tar\""),
+            ),
+            (header::CACHE_CONTROL, "no-store".to_owned()),
+        ],
+        body,
+    )
+        .into_response())
+}
+
 async fn verify_ledger(State(s): State<AppState>) -> ApiResult {
     ok(crate::ledger::verify(s.engine.store.as_ref())
         .await

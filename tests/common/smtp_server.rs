@@ -188,6 +188,13 @@ impl SmtpServer {
     }
 
     /// Like [`SmtpServer::start`], with TLS and AUTH as `options` say.
+    /// A server that refuses `refused` with `reply` and accepts every other recipient.
+    pub async fn refusing(refused: &'static str, reply: Reply) -> SmtpServer {
+        let server = SmtpServer::start().await;
+        server.set_rcpt_policy(move |rcpt, _| if rcpt == refused { reply } else { Reply::Accept });
+        server
+    }
+
     pub async fn start_with(options: ServerOptions) -> SmtpServer {
         let tls = (options.tls != ServerTls::None).then(test_tls_acceptor);
         let listener = TcpListener::bind("127.0.0.1:0")
