@@ -272,8 +272,7 @@ impl Tocsin {
             }
         };
         // manifest.json and SHA256SUMS, then the rename that makes the package appear whole.
-        let manifest_bytes =
-            serde_json::to_vec_pretty(&manifest).map_err(|e| write_error(dir, e))?;
+        let manifest_bytes = serde_json::to_vec_pretty(&manifest).map_err(|e| write_error(dir, e))?;
         package.put("manifest.json", &manifest_bytes)?;
         let mut sums = String::new();
         for f in &package.files {
@@ -334,8 +333,7 @@ impl Tocsin {
                     }))
                     .map_err(|e| write_error(&file.path, e))?;
                     line.push(b'\n');
-                    file.write_all(&line)
-                        .map_err(|e| write_error(&file.path, e))?;
+                    file.write_all(&line).map_err(|e| write_error(&file.path, e))?;
                     notices += 1;
                 }
             }
@@ -422,8 +420,7 @@ impl Tocsin {
         for e in &entries {
             let mut line = serde_json::to_vec(e).map_err(|err| write_error(&file.path, err))?;
             line.push(b'\n');
-            file.write_all(&line)
-                .map_err(|err| write_error(&file.path, err))?;
+            file.write_all(&line).map_err(|err| write_error(&file.path, err))?;
         }
         package.close("ledger.jsonl", file)?;
         let verification = crate::ledger::verify(self.store.as_ref()).await?;
@@ -483,8 +480,7 @@ impl Tocsin {
             incident.reference,
             Utc::now().format("%Y%m%dT%H%M%S%.3fZ")
         );
-        std::fs::create_dir_all(&self.paths.evidence)
-            .map_err(|e| write_error(&self.paths.evidence, e))?;
+        std::fs::create_dir_all(&self.paths.evidence).map_err(|e| write_error(&self.paths.evidence, e))?;
         let dir = self.paths.evidence.join(&name);
         self.export_evidence(incident.id.as_str(), &dir, actor).await?;
         let tar = self.paths.evidence.join(format!("{name}.tar"));

@@ -1,7 +1,8 @@
 //! Ingest: security events from files, the CLI and the HTTP API, parsed at the edge into a
 //! [`SecurityEvent`]. Malformed input is rejected with the field and the reason and stored
 //! nowhere; a repeated (source, external id) is accepted once; an event joins the open
-//! incident with its correlation key or opens a new one in triage.
+//! incident with its correlation key or opens a new one in triage. OCSF 1.x findings (objects
+//! with a `class_uid`) are mapped by [`crate::ocsf`].
 
 use serde_json::Value;
 
@@ -22,15 +23,18 @@ pub enum IngestError {
     Store(#[from] StoreError),
 }
 
-fn is_source(s: &str) -> bool {
+pub(crate) fn is_source(s: &str) -> bool {
     s.len() <= 64
         && s.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
         && s.chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'))
 }
 
-/// Parses one event object.
+/// Parses one event object: Tocsin's format, or an OCSF finding when it has a `class_uid`.
 pub fn parse_event(value: &Value, taxonomy: &Taxonomy) -> Result<SecurityEvent, FieldError> {
+    if crate::ocsf::is_ocsf(value) {
+        return crate::ocsf::parse_finding(value, taxonomy);
+    }
     let mut f = Fields::of(value)?;
     let source = f.string("source", 1, 64)?;
     if !is_source(&source) {

@@ -32,6 +32,7 @@ mod input;
 pub mod ledger;
 pub mod metrics;
 pub mod model;
+pub mod ocsf;
 pub mod redact;
 pub mod scheduler;
 pub mod scope;
