@@ -244,6 +244,9 @@ pub enum DeliveriesCmd {
     Dead {
         #[command(flatten)]
         filter: DeliveryFilterArgs,
+        /// Only those after this delivery id (the last of the previous page).
+        #[arg(long)]
+        after: Option<String>,
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
@@ -275,8 +278,19 @@ async fn filter_of(
 async fn deliveries(engine: &Tocsin, cli: &Cli, cmd: &DeliveriesCmd) -> anyhow::Result<()> {
     let json = cli.json;
     match cmd {
-        DeliveriesCmd::Dead { filter: f, limit } => {
-            let list = engine.dead_letters(&filter_of(engine, f).await?, *limit).await?;
+        DeliveriesCmd::Dead {
+            filter: f,
+            after,
+            limit,
+        } => {
+            let after = after
+                .as_deref()
+                .map(|a| a.parse::<crate::domain::DeliveryId>())
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--after: {}", e.reason))?;
+            let list = engine
+                .dead_letters(&filter_of(engine, f).await?, after.as_ref(), *limit)
+                .await?;
             print(json, &list, || {
                 if list.is_empty() {
                     return "no dead letters match".into();

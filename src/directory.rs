@@ -266,10 +266,25 @@ pub async fn import_file(store: &dyn Store, path: &Path, taxonomy: &Taxonomy) ->
         .and_then(|e| e.to_str())
         .unwrap_or("")
         .to_ascii_lowercase();
-    let (good, rejected) = match ext.as_str() {
-        "jsonl" | "ndjson" | "json" => parse_jsonl(&text, taxonomy),
-        "csv" => parse_csv(&text, taxonomy)?,
+    let csv = match ext.as_str() {
+        "jsonl" | "ndjson" | "json" => false,
+        "csv" => true,
         _ => return Err(DirectoryError::Format(path.display().to_string())),
+    };
+    import_text(store, &text, csv, taxonomy).await
+}
+
+/// Imports a document: CSV with a header row, or JSON Lines.
+pub async fn import_text(
+    store: &dyn Store,
+    text: &str,
+    csv: bool,
+    taxonomy: &Taxonomy,
+) -> Result<ImportReport, DirectoryError> {
+    let (good, rejected) = if csv {
+        parse_csv(text, taxonomy)?
+    } else {
+        parse_jsonl(text, taxonomy)
     };
     import(store, &good, rejected).await
 }

@@ -449,6 +449,11 @@ impl Tocsin {
         Ok(directory::import_file(self.store.as_ref(), path, &self.taxonomy).await?)
     }
 
+    /// Imports merchants from a document: JSON Lines, or CSV with a header row.
+    pub async fn import_merchants_text(&self, text: &str, csv: bool) -> Result<ImportReport, EngineError> {
+        Ok(directory::import_text(self.store.as_ref(), text, csv, &self.taxonomy).await?)
+    }
+
     /// Parses and stores a document of events (one object, an array, or JSON Lines).
     pub async fn ingest_text(&self, text: &str, actor: &Actor) -> Result<Vec<IngestOutcome>, EngineError> {
         let events = ingest::parse_events(text, &self.taxonomy)?;
@@ -2315,8 +2320,30 @@ impl Tocsin {
     }
 
     /// Dead letters matching `filter` (the incident may be given by reference).
-    pub async fn dead_letters(&self, filter: &DeliveryFilter, limit: u32) -> Result<Vec<Delivery>, EngineError> {
-        Ok(self.store.dead_letters(filter, limit).await?)
+    pub async fn dead_letters(
+        &self,
+        filter: &DeliveryFilter,
+        after: Option<&DeliveryId>,
+        limit: u32,
+    ) -> Result<Vec<Delivery>, EngineError> {
+        Ok(self.store.dead_letters(filter, after, limit).await?)
+    }
+
+    /// A page of the incident's deliveries in id order after `after`.
+    pub async fn deliveries_page(
+        &self,
+        id: &str,
+        after: Option<&DeliveryId>,
+        limit: u32,
+    ) -> Result<Vec<Delivery>, EngineError> {
+        let incident = self.incident(id).await?;
+        Ok(self.store.deliveries_page(&incident.id, after, limit).await?)
+    }
+
+    /// The security events that opened or joined the incident.
+    pub async fn incident_events(&self, id: &str) -> Result<Vec<SecurityEvent>, EngineError> {
+        let incident = self.incident(id).await?;
+        Ok(self.store.incident_events(&incident.id).await?)
     }
 
     /// Puts matching dead letters back in the outbox; recorded in the ledger with the actor.

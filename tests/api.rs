@@ -213,3 +213,254 @@ async fn the_lifecycle_over_http_delivers_and_publishes() {
         .expect("text");
     assert!(index.contains(reference));
 }
+
+/// A raw body posted with `who`'s token: status, JSON answer, content type.
+async fn post_raw(
+    api: &Api,
+    server: &Server,
+    who: &str,
+    path: &str,
+    ctype: &str,
+    body: String,
+) -> (u16, Value, String) {
+    let r = reqwest::Client::new()
+        .post(format!("{}{path}", server.base))
+        .bearer_auth(api.token_of(who))
+        .header("content-type", ctype)
+        .body(body)
+        .send()
+        .await
+        .expect("request");
+    answer(r).await
+}
+
+/// `GET path` with `who`'s token: status, JSON answer, and the `Link` header's next URL.
+async fn get_page(api: &Api, server: &Server, who: &str, path: &str) -> (u16, Value, Option<String>) {
+    let r = reqwest::Client::new()
+        .get(format!("{}{path}", server.base))
+        .bearer_auth(api.token_of(who))
+        .send()
+        .await
+        .expect("request");
+    let next = r
+        .headers()
+        .get("link")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|l| l.strip_prefix('<'))
+        .and_then(|l| l.split_once(">; rel=\"next\""))
+        .map(|(url, _)| url.to_owned());
+    let (status, body, _) = answer(r).await;
+    (status, body, next)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cli_operations_are_served_with_pages_limits_and_problem_documents() {
+    tocsin::install_crypto_provider();
+    let smtp = SmtpServer::refusing("flaky@example.com", common::smtp_server::Reply::Transient).await;
+    let mut t = Tocsin::new();
+    t.smtp(smtp.port())
+        .set("TOCSIN_DELIVERY__SWEEP_SCHEDULE", "* * * * * *")
+        .set("TOCSIN_DELIVERY__MAX_ATTEMPTS", "2")
+        .set("TOCSIN_SERVER__BODY_LIMIT_BYTES", "65536");
+    let server = t.serve();
+    let api = t.api(
+        &server,
+        &[
+            ("alice", "responder"),
+            ("bob", "approver"),
+            ("olga", "auditor"),
+            ("root", "admin"),
+        ],
+    );
+
+    // Merchants over HTTP, as JSON Lines or CSV: bad rows listed, the others stored.
+    let jsonl = [
+        merchant(
+            "ops-1",
+            "en",
+            Some("fine@example.com"),
+            None,
+            None,
+            &["account_credentials"],
+        ),
+        merchant(
+            "ops-2",
+            "en",
+            Some("flaky@example.com"),
+            None,
+            None,
+            &["account_credentials"],
+        ),
+        merchant("ops-3", "en", None, None, None, &["no_such_category"]),
+    ]
+    .join("\n");
+    let (status, report, _) = post_raw(
+        &api,
+        &server,
+        "alice",
+        "/api/v1/merchants",
+        "application/x-ndjson",
+        jsonl,
+    )
+    .await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["counts"]["inserted"], 2);
+    assert_eq!(report["rejected"].as_array().map(Vec::len), Some(1), "{report}");
+    let csv = "id,name,kind,locale,region,email,holdings\nops-4,Shop Four,individual_business,zh-CN,CN-ZJ,four@example.cn,account_credentials\n";
+    let (status, report, _) = post_raw(&api, &server, "alice", "/api/v1/merchants", "text/csv", csv.into()).await;
+    assert_eq!(
+        (status, report["counts"]["inserted"].as_u64()),
+        (200, Some(1)),
+        "{report}"
+    );
+    let (status, problem, ctype) = post_raw(
+        &api,
+        &server,
+        "alice",
+        "/api/v1/merchants",
+        "text/csv",
+        "id,colour\nx,red\n".into(),
+    )
+    .await;
+    assert_eq!(
+        (status, ctype.as_str(), problem["field"].as_str()),
+        (422, "application/problem+json", Some("header"))
+    );
+    let (status, _, _) = post_raw(&api, &server, "olga", "/api/v1/merchants", "text/csv", csv.into()).await;
+    assert_eq!(status, 403, "an auditor does not import");
+
+    // A body over the configured limit is refused before it is read whole.
+    let (status, problem, ctype) = post_raw(
+        &api,
+        &server,
+        "alice",
+        "/api/v1/events",
+        "application/json",
+        "x".repeat(70_000),
+    )
+    .await;
+    assert_eq!((status, ctype.as_str()), (413, "application/problem+json"), "{problem}");
+    assert_eq!(problem["field"], "body");
+
+    // Three incidents, listed two at a time: the Link header leads to the rest.
+    let mut ids = Vec::new();
+    for n in 1..=3 {
+        let ev: Value = serde_json::from_str(&event(&format!("ops-e{n}"), &format!("ops-key-{n}"))).expect("event");
+        let (_, outcome, _) = api.post("alice", "/api/v1/events", ev).await;
+        ids.push(outcome[0]["incident_id"].as_str().expect("id").to_owned());
+    }
+    let (status, first, next) = get_page(&api, &server, "olga", "/api/v1/incidents?limit=2").await;
+    assert_eq!((status, first.as_array().map(Vec::len)), (200, Some(2)));
+    let next = next.expect("a next page");
+    let (_, second, none) = get_page(&api, &server, "olga", &next).await;
+    assert_eq!(second.as_array().map(Vec::len), Some(1));
+    assert!(none.is_none(), "the last page has no next");
+    let mut listed: Vec<String> = first
+        .as_array()
+        .into_iter()
+        .chain(second.as_array())
+        .flatten()
+        .map(|i| i["id"].as_str().expect("id").to_owned())
+        .collect();
+    listed.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(listed, expected, "every incident once");
+    let (status, problem, _) = get_page(&api, &server, "olga", "/api/v1/incidents?limit=0").await;
+    assert_eq!((status, problem["field"].as_str()), (400, Some("limit")));
+    let (status, problem, _) = get_page(&api, &server, "olga", "/api/v1/incidents?after=inc_nope").await;
+    assert_eq!((status, problem["field"].as_str()), (400, Some("after")));
+
+    // The first incident, delivered: the flaky address uses up its attempts.
+    let id = &ids[0];
+    let (_, events) = api.get("olga", &format!("/api/v1/incidents/{id}/events")).await;
+    assert_eq!(events[0]["external_id"], "ops-e1", "{events}");
+    let facts: Value =
+        serde_json::from_str(&std::fs::read_to_string(repo("config/demo/incident.json")).expect("facts"))
+            .expect("json");
+    for (who, action, body) in [
+        ("alice", "confirm", json!({ "facts": facts })),
+        (
+            "alice",
+            "scope",
+            json!({ "rule": { "merchant_ids": ["ops-1", "ops-2", "ops-4"] } }),
+        ),
+        ("alice", "draft", json!({})),
+        ("bob", "approve", json!({})),
+        ("alice", "dispatch", json!({})),
+    ] {
+        let (status, answer, _) = api.post(who, &format!("/api/v1/incidents/{id}/{action}"), body).await;
+        assert!(status < 300, "{action}: {status} {answer}");
+    }
+    let dead = eventually(Duration::from_secs(30), async || {
+        let (_, dead) = api.get("olga", &format!("/api/v1/deliveries/dead?incident={id}")).await;
+        (dead.as_array().is_some_and(|d| d.len() == 1)).then_some(dead)
+    })
+    .await
+    .expect("the flaky address is dead-lettered");
+    assert_eq!(dead[0]["merchant_id"], "ops-2");
+    let dead_id = dead[0]["id"].as_str().expect("id");
+    let (status, history) = api.get("olga", &format!("/api/v1/deliveries/{dead_id}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        history["events"]
+            .as_array()
+            .map(|e| e.iter().filter(|e| e["event"] == "attempt").count()),
+        Some(2),
+        "{history}"
+    );
+    let (status, missing) = api
+        .get("olga", "/api/v1/deliveries/dlv_00000000000000000000000000000000")
+        .await;
+    assert_eq!(status, 404, "{missing}");
+
+    // Deliveries one page at a time, in id order.
+    let (_, page1, next) = get_page(
+        &api,
+        &server,
+        "olga",
+        &format!("/api/v1/incidents/{id}/deliveries?limit=2"),
+    )
+    .await;
+    let (_, page2, _) = get_page(&api, &server, "olga", &next.expect("a next page")).await;
+    let all: Vec<&Value> = page1.as_array().into_iter().chain(page2.as_array()).flatten().collect();
+    assert_eq!(all.len(), 3);
+    assert!(all.windows(2).all(|w| w[0]["id"].as_str() < w[1]["id"].as_str()));
+
+    let (_, providers) = api.get("olga", "/api/v1/providers").await;
+    assert!(
+        providers
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p["channel"] == "email")),
+        "{providers}"
+    );
+
+    // The re-drive: a responder's, not an auditor's.
+    let (status, _, _) = api
+        .post("olga", "/api/v1/deliveries/redrive", json!({ "incident": id }))
+        .await;
+    assert_eq!(status, 403);
+    let (status, problem, _) = api
+        .post("alice", "/api/v1/deliveries/redrive", json!({ "channel": "fax" }))
+        .await;
+    assert!((400..500).contains(&status), "{problem}");
+    let (status, redriven, _) = api
+        .post("alice", "/api/v1/deliveries/redrive", json!({ "incident": id }))
+        .await;
+    assert_eq!((status, redriven["redriven"].as_u64()), (200, Some(1)), "{redriven}");
+
+    // The watchdog: its reminders listed; a round run by an admin only.
+    let (status, reminders) = api.get("olga", &format!("/api/v1/incidents/{id}/reminders")).await;
+    assert!(status == 200 && reminders.is_array(), "{reminders}");
+    let (status, _, _) = api.post("alice", "/api/v1/watchdog/tick", json!({})).await;
+    assert_eq!(status, 403);
+    let (status, round, _) = api
+        .post("root", "/api/v1/watchdog/tick", json!({ "now": "not a time" }))
+        .await;
+    assert_eq!((status, round["field"].as_str()), (400, Some("now")));
+    let (status, round, _) = api.post("root", "/api/v1/watchdog/tick", json!({})).await;
+    assert_eq!(status, 200, "{round}");
+    assert!(round["stored"].is_u64(), "{round}");
+    let (status, lookups) = api.get("olga", &format!("/api/v1/incidents/{id}/lookups")).await;
+    assert_eq!((status, lookups), (200, json!([])));
+}

@@ -8,7 +8,6 @@ mod common;
 
 use common::*;
 use serde_json::{Value, json};
-use sqlx::Connection;
 
 fn fixture(name: &str) -> Value {
     let path = repo(&format!("tests/fixtures/ocsf/{name}"));
@@ -16,19 +15,18 @@ fn fixture(name: &str) -> Value {
     serde_json::from_str(&text).expect("fixture JSON")
 }
 
-/// The event as Tocsin stored it (no API shows an event's categories or merchants; the
-/// responder sees them when confirming): source, severity and the stored event body.
-async fn stored_event(t: &Tocsin, external_id: &str) -> (String, String, Value) {
-    let url = format!("sqlite://{}?mode=ro", t.data_dir().join("tocsin.db").display());
-    let mut db = sqlx::SqliteConnection::connect(&url).await.expect("open the database");
-    let (source, severity, body): (String, String, String) =
-        sqlx::query_as("SELECT source, severity, body FROM events WHERE external_id = $1")
-            .bind(external_id)
-            .fetch_one(&mut db)
-            .await
-            .expect("the stored event");
-    db.close().await.expect("close");
-    (source, severity, serde_json::from_str(&body).expect("event body"))
+/// The incident's event with `external_id` as the API shows it to a responder: source,
+/// severity and the whole event.
+async fn stored_event(api: &Api, incident: &str, external_id: &str) -> (String, String, Value) {
+    let (status, events) = api.get("alice", &format!("/api/v1/incidents/{incident}/events")).await;
+    assert_eq!(status, 200, "{events}");
+    let event = events
+        .as_array()
+        .and_then(|list| list.iter().find(|e| e["external_id"] == external_id))
+        .unwrap_or_else(|| panic!("no event {external_id} in {events}"))
+        .clone();
+    let text = |k: &str| event[k].as_str().unwrap_or_default().to_owned();
+    (text("source"), text("severity"), event)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -64,7 +62,7 @@ async fn a_detection_finding_opens_an_incident_and_the_siems_incident_finding_jo
 
     // The event as stored: source from the product, the categories and merchants Tocsin scopes
     // by, when it happened, and the finding itself for whoever needs more.
-    let (source, severity, event) = stored_event(&t, "dlp-evt-88213").await;
+    let (source, severity, event) = stored_event(&api, &id, "dlp-evt-88213").await;
     assert_eq!((source.as_str(), severity.as_str()), ("lanyard-dlp", "critical"));
     assert_eq!(
         event["categories"],
@@ -93,7 +91,7 @@ async fn a_detection_finding_opens_an_incident_and_the_siems_incident_finding_jo
     assert_eq!(status, 202, "{joined}");
     assert_eq!(joined[0]["outcome"], "joined", "{joined}");
     assert_eq!(joined[0]["incident_id"], id.as_str());
-    let (source, severity, event) = stored_event(&t, "INC-2026-1128-0009").await;
+    let (source, severity, event) = stored_event(&api, &id, "INC-2026-1128-0009").await;
     assert_eq!((source.as_str(), severity.as_str()), ("watchtower-siem", "high"));
     assert_eq!(event["kind"], "leak");
     assert_eq!(

@@ -103,6 +103,12 @@ impl From<EngineError> for Problem {
                 field: Some(error.field.clone()),
             },
             EngineError::Ingest(IngestError::Syntax(_)) => bad_request("body", detail),
+            EngineError::Directory(crate::directory::DirectoryError::Header(_)) => Problem {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                title: "invalid input",
+                detail,
+                field: Some("header".into()),
+            },
             EngineError::NotFound { .. } | EngineError::Store(crate::store::StoreError::NotFound { .. }) => Problem {
                 status: StatusCode::NOT_FOUND,
                 title: "not found",
@@ -196,7 +202,9 @@ pub fn router(engine: Arc<Tocsin>) -> Router {
 fn router_with(state: AppState) -> Router {
     let limit = state.engine.settings.server.body_limit_bytes;
     let bulletins = ServeDir::new(state.engine.paths.bulletins.clone()).append_index_html_on_directories(true);
-    let api = routes::api_router().route_layer(middleware::from_fn_with_state(state.clone(), authorize));
+    let api = routes::api_router()
+        .route_layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(middleware::from_fn(problems_only));
     Router::new()
         // Probes for supervisors: no data, no token.
         .route("/healthz", get(|| async { "ok" }))
@@ -214,6 +222,40 @@ fn router_with(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(state.clone(), count_request))
         .with_state(state)
+}
+
+/// Errors the framework answers itself (a body over the limit, a method not allowed, a JSON
+/// body it could not take) become problem documents like every other API error.
+async fn problems_only(request: axum::extract::Request, next: middleware::Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|t| t.as_bytes().starts_with(b"application/problem+json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_problem {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let field = matches!(
+        status,
+        StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNSUPPORTED_MEDIA_TYPE
+    )
+    .then(|| "body".to_owned());
+    let mut problem = Problem {
+        status,
+        title: status.canonical_reason().unwrap_or("error"),
+        detail: String::from_utf8_lossy(&text).trim().to_owned(),
+        field,
+    }
+    .into_response();
+    for name in [header::ALLOW, header::RETRY_AFTER, header::WWW_AUTHENTICATE] {
+        if let Some(v) = parts.headers.get(&name) {
+            problem.headers_mut().insert(name, v.clone());
+        }
+    }
+    problem
 }
 
 /// Counts every answer by method, route template (never the path itself: it may hold a
@@ -430,8 +472,9 @@ async fn create_token(State(s): State<AppState>, Extension(caller): Extension<Ca
         .into_response())
 }
 
-async fn list_tokens(State(s): State<AppState>) -> ApiResult {
-    ok(s.engine.tokens().await?)
+async fn list_tokens(State(s): State<AppState>, uri: axum::http::Uri, Query(page): Query<Page>) -> ApiResult {
+    let items = page.of(s.engine.tokens().await?, |t| t.id.to_string())?;
+    paged(&uri, items, &page, |t| t.id.to_string())
 }
 
 async fn revoke_token(
@@ -476,8 +519,197 @@ async fn verify_ledger(State(s): State<AppState>) -> ApiResult {
         .map_err(EngineError::from)?)
 }
 
-async fn list_incidents(State(s): State<AppState>) -> ApiResult {
-    ok(s.engine.incidents().await?)
+/// `?after=&limit=` of a paginated list.
+#[derive(Debug, Default, Deserialize)]
+struct Page {
+    after: Option<String>,
+    limit: Option<u32>,
+}
+
+const PAGE_DEFAULT: u32 = 100;
+const PAGE_MAX: u32 = 1000;
+
+impl Page {
+    fn limit(&self) -> Result<u32, Problem> {
+        match self.limit {
+            None => Ok(PAGE_DEFAULT),
+            Some(n) if (1..=PAGE_MAX).contains(&n) => Ok(n),
+            Some(_) => Err(bad_request("limit", format!("must be 1 to {PAGE_MAX}"))),
+        }
+    }
+
+    /// The page of a list held whole (small lists: incidents, tokens, lookups) after the
+    /// cursor, `cursor` naming each item as `after` does.
+    fn of<T>(&self, items: Vec<T>, cursor: impl Fn(&T) -> String) -> Result<Vec<T>, Problem> {
+        let limit = self.limit()? as usize;
+        let start = match &self.after {
+            None => 0,
+            Some(after) => {
+                items
+                    .iter()
+                    .position(|i| cursor(i) == *after)
+                    .ok_or_else(|| bad_request("after", "is not an item of this list"))?
+                    + 1
+            }
+        };
+        Ok(items.into_iter().skip(start).take(limit).collect())
+    }
+}
+
+/// One page as a JSON array; when the page is full, `Link: <...>; rel="next"` (RFC 8288)
+/// gives the URL of the next one.
+fn paged<T: serde::Serialize>(
+    uri: &axum::http::Uri,
+    items: Vec<T>,
+    page: &Page,
+    cursor: impl Fn(&T) -> String,
+) -> ApiResult {
+    let limit = page.limit()?;
+    let next = (items.len() == limit as usize)
+        .then(|| items.last().map(&cursor))
+        .flatten();
+    let mut response = (StatusCode::OK, axum::Json(items)).into_response();
+    if let Some(after) = next {
+        let mut query: Vec<(String, String)> = uri
+            .query()
+            .map(|q| serde_urlencoded::from_str(q).unwrap_or_default())
+            .unwrap_or_default();
+        query.retain(|(k, _)| k != "after" && k != "limit");
+        query.push(("after".into(), after));
+        query.push(("limit".into(), limit.to_string()));
+        let query = serde_urlencoded::to_string(&query).unwrap_or_default();
+        if let Ok(link) = axum::http::HeaderValue::from_str(&format!("<{}?{query}>; rel=\"next\"", uri.path())) {
+            response.headers_mut().insert(header::LINK, link);
+        }
+    }
+    Ok(response)
+}
+
+async fn list_incidents(State(s): State<AppState>, uri: axum::http::Uri, Query(page): Query<Page>) -> ApiResult {
+    let items = page.of(s.engine.incidents().await?, |i| i.id.to_string())?;
+    paged(&uri, items, &page, |i| i.id.to_string())
+}
+
+async fn incident_events(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    ok(s.engine.incident_events(&id).await?)
+}
+
+async fn list_lookups(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    uri: axum::http::Uri,
+    Query(page): Query<Page>,
+) -> ApiResult {
+    let cursor = |l: &crate::model::Lookup| l.at.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+    let items = page.of(s.engine.lookups(&id).await?, cursor)?;
+    paged(&uri, items, &page, cursor)
+}
+
+async fn list_reminders(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    ok(s.engine.reminders(&id).await?)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct TickBody {
+    now: Option<String>,
+}
+
+async fn watchdog_tick(State(s): State<AppState>, body: Bytes) -> ApiResult {
+    let body: TickBody = if body.is_empty() {
+        TickBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| bad_request("body", e.to_string()))?
+    };
+    let now = match body.now.as_deref() {
+        Some(t) => {
+            crate::time::parse_ts(t).map_err(|e| bad_request("now", format!("not an RFC 3339 instant ({e})")))?
+        }
+        None => Utc::now(),
+    };
+    ok(s.engine.watchdog_tick(now).await?)
+}
+
+/// Which dead letters: by incident, channel, provider, error class.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DeliveryFilterParams {
+    incident: Option<String>,
+    channel: Option<String>,
+    provider: Option<String>,
+    error_class: Option<String>,
+    #[serde(default)]
+    after: Option<String>,
+    #[serde(default)]
+    limit: Option<u32>,
+}
+
+impl DeliveryFilterParams {
+    async fn filter(&self, s: &AppState) -> Result<crate::store::DeliveryFilter, Problem> {
+        Ok(s.engine
+            .delivery_filter(
+                self.incident.as_deref(),
+                self.channel.as_deref(),
+                self.provider.as_deref(),
+                self.error_class.as_deref(),
+            )
+            .await?)
+    }
+}
+
+fn delivery_param(field: &str, raw: &str) -> Result<crate::domain::DeliveryId, Problem> {
+    raw.parse().map_err(|e: FieldError| bad_request(field, e.reason))
+}
+
+async fn dead_letters(
+    State(s): State<AppState>,
+    uri: axum::http::Uri,
+    Query(q): Query<DeliveryFilterParams>,
+) -> ApiResult {
+    let page = Page {
+        after: q.after.clone(),
+        limit: q.limit,
+    };
+    let after = q.after.as_deref().map(|a| delivery_param("after", a)).transpose()?;
+    let items = s
+        .engine
+        .dead_letters(&q.filter(&s).await?, after.as_ref(), page.limit()?)
+        .await?;
+    paged(&uri, items, &page, |d| d.id.to_string())
+}
+
+async fn redrive(State(s): State<AppState>, Extension(caller): Extension<Caller>, body: Bytes) -> ApiResult {
+    let q: DeliveryFilterParams = if body.is_empty() {
+        DeliveryFilterParams::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| bad_request("body", e.to_string()))?
+    };
+    if q.after.is_some() || q.limit.is_some() {
+        return Err(bad_request(
+            "body",
+            "a re-drive takes incident, channel, provider and error_class only",
+        ));
+    }
+    let n = s.engine.redrive(&q.filter(&s).await?, &caller.actor).await?;
+    ok(json!({ "redriven": n }))
+}
+
+async fn delivery_history(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    ok(s.engine.delivery_history(&id).await?)
+}
+
+async fn list_providers(State(s): State<AppState>) -> ApiResult {
+    ok(s.engine.providers().await?)
+}
+
+/// A merchant document: CSV (`Content-Type: text/csv`) or JSON Lines (anything else).
+async fn import_merchants(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> ApiResult {
+    let text = std::str::from_utf8(&body).map_err(|_| bad_request("body", "is not UTF-8"))?;
+    let csv = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("text/csv"));
+    ok(s.engine.import_merchants_text(text, csv).await?)
 }
 
 #[derive(serde::Deserialize)]
@@ -923,8 +1155,15 @@ async fn list_notices(State(s): State<AppState>, Path(id): Path<String>, Query(q
     ok(rows)
 }
 
-async fn list_deliveries(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
-    ok(s.engine.deliveries(&id).await?)
+async fn list_deliveries(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    uri: axum::http::Uri,
+    Query(page): Query<Page>,
+) -> ApiResult {
+    let after = page.after.as_deref().map(|a| delivery_param("after", a)).transpose()?;
+    let items = s.engine.deliveries_page(&id, after.as_ref(), page.limit()?).await?;
+    paged(&uri, items, &page, |d| d.id.to_string())
 }
 
 async fn get_notice(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {

@@ -511,8 +511,13 @@ pub trait Store: Send + Sync {
     async fn receipts_overdue(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Delivery>, StoreError>;
     /// The channels a merchant already has a delivery of this notice version on.
     async fn version_channels(&self, draft: &DraftId, merchant: &MerchantId) -> Result<Vec<Channel>, StoreError>;
-    /// Dead letters matching `filter`, oldest first.
-    async fn dead_letters(&self, filter: &DeliveryFilter, limit: u32) -> Result<Vec<Delivery>, StoreError>;
+    /// Dead letters matching `filter`, in id order after `after`.
+    async fn dead_letters(
+        &self,
+        filter: &DeliveryFilter,
+        after: Option<&DeliveryId>,
+        limit: u32,
+    ) -> Result<Vec<Delivery>, StoreError>;
     /// Puts the dead letters matching `filter` back in the outbox with fresh attempts; returns
     /// how many. Recorded in the ledger with the filter and the actor.
     async fn redrive(&self, filter: &DeliveryFilter, actor: &Actor, now: DateTime<Utc>) -> Result<u64, StoreError>;
@@ -520,6 +525,13 @@ pub trait Store: Send + Sync {
     async fn delivery_events(&self, delivery: &DeliveryId) -> Result<Vec<DeliveryEvent>, StoreError>;
     async fn delivery(&self, id: &DeliveryId) -> Result<Option<Delivery>, StoreError>;
     async fn deliveries(&self, incident: &IncidentId) -> Result<Vec<Delivery>, StoreError>;
+    /// An incident's deliveries in id order after `after`.
+    async fn deliveries_page(
+        &self,
+        incident: &IncidentId,
+        after: Option<&DeliveryId>,
+        limit: u32,
+    ) -> Result<Vec<Delivery>, StoreError>;
     async fn delivery_tally(&self, incident: &IncidentId) -> Result<Vec<ChannelTally>, StoreError>;
     /// Every delivery counted by channel, provider (of the latest attempt) and status.
     async fn delivery_counts(&self) -> Result<Vec<DeliveryCount>, StoreError>;

@@ -2484,8 +2484,13 @@ impl Store for SqliteStore {
         outbox::version_channels(&self.pool, draft, merchant).await
     }
 
-    async fn dead_letters(&self, filter: &DeliveryFilter, limit: u32) -> Result<Vec<Delivery>, StoreError> {
-        outbox::dead_letters(&self.pool, filter, limit).await
+    async fn dead_letters(
+        &self,
+        filter: &DeliveryFilter,
+        after: Option<&DeliveryId>,
+        limit: u32,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        outbox::dead_letters(&self.pool, filter, after, limit).await
     }
 
     async fn redrive(&self, filter: &DeliveryFilter, actor: &Actor, now: DateTime<Utc>) -> Result<u64, StoreError> {
@@ -2498,6 +2503,27 @@ impl Store for SqliteStore {
 
     async fn delivery(&self, id: &DeliveryId) -> Result<Option<Delivery>, StoreError> {
         outbox::delivery(&self.pool, id).await
+    }
+
+    async fn deliveries_page(
+        &self,
+        incident: &IncidentId,
+        after: Option<&DeliveryId>,
+        limit: u32,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        sqlx::query(trusted(format!(
+            "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE incident_id = $1 AND ($2 IS NULL OR id > $2)
+             ORDER BY id LIMIT $3"
+        )))
+        .bind(incident.as_str())
+        .bind(after.map(|a| a.as_str()))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .doing("listing a page of deliveries")?
+        .iter()
+        .map(delivery_from)
+        .collect()
     }
 
     async fn deliveries(&self, incident: &IncidentId) -> Result<Vec<Delivery>, StoreError> {

@@ -904,15 +904,17 @@ const FILTER: &str = "status = 'dead' AND ($1 IS NULL OR incident_id = $1) AND (
 pub(super) async fn dead_letters(
     pool: &SqlitePool,
     f: &DeliveryFilter,
+    after: Option<&DeliveryId>,
     limit: u32,
 ) -> Result<Vec<Delivery>, StoreError> {
     sqlx::query(trusted(format!(
-        "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE {FILTER} ORDER BY updated_at LIMIT $5"
+        "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE {FILTER} AND ($5 IS NULL OR id > $5) ORDER BY id LIMIT $6"
     )))
     .bind(f.incident.as_ref().map(|i| i.as_str()))
     .bind(f.channel.map(|c| c.as_str()))
     .bind(f.provider.as_deref())
     .bind(f.error_class.as_deref())
+    .bind(after.map(|a| a.as_str()))
     .bind(limit as i64)
     .fetch_all(pool)
     .await
