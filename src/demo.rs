@@ -35,6 +35,8 @@ pub struct DemoSummary {
     pub outputs: crate::engine::OutputPaths,
     pub bulletin_pages: Vec<String>,
     pub filing_files: Vec<String>,
+    /// The evidence package of this run (a new one each run: evidence is never written over).
+    pub evidence_package: String,
 }
 
 fn demo_err(reason: impl Into<String>) -> EngineError {
@@ -63,6 +65,7 @@ fn shift_times(value: &mut Value, keys: &[&str], shift: chrono::Duration) {
 pub async fn run(engine: &Tocsin) -> Result<DemoSummary, EngineError> {
     let alice: Actor = "alice@security".parse()?;
     let bob: Actor = "bob@security".parse()?;
+    let olga: Actor = "olga@audit".parse()?;
     let ingest: Actor = "siem-connector".parse()?;
 
     let (merchants, rejected) = directory::parse_jsonl(MERCHANTS, &engine.taxonomy);
@@ -122,6 +125,7 @@ pub async fn run(engine: &Tocsin) -> Result<DemoSummary, EngineError> {
         }
     }
 
+    let (_, package) = engine.export_evidence_archive(id, &olga).await?;
     let incident = engine.view(id).await?;
     let reference = incident.incident.reference.clone();
     let list = |dir: std::path::PathBuf| -> Vec<String> {
@@ -150,6 +154,7 @@ pub async fn run(engine: &Tocsin) -> Result<DemoSummary, EngineError> {
         notices_drafted_now: drafted,
         bulletin_pages: list(engine.paths.bulletins.join(&reference)),
         filing_files: list(engine.paths.filings.join(&reference)),
+        evidence_package: engine.paths.evidence.join(package).display().to_string(),
         outputs: engine.paths.clone(),
         incident,
     })
@@ -279,6 +284,7 @@ impl DemoSummary {
             ("push (JSON files)", &o.push_outbox),
             ("public bulletins", &o.bulletins),
             ("regulator filings", &o.filings),
+            ("evidence packages", &o.evidence),
         ] {
             if path.is_dir() {
                 let count = std::fs::read_dir(path).map(|d| d.count()).unwrap_or(0);
@@ -290,6 +296,10 @@ impl DemoSummary {
         for p in self.bulletin_pages.iter().chain(&self.filing_files) {
             out.push_str(&format!("    {p}\n"));
         }
+        out.push_str(&format!(
+            "    {} (check: cd there && sha256sum -c SHA256SUMS)\n",
+            self.evidence_package
+        ));
         out
     }
 }

@@ -38,7 +38,7 @@ fn files_under(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 /// `sha256sum -c SHA256SUMS` in `dir`: whether every checksum holds.
 fn sha256sum_check(dir: &Path) -> bool {
     Command::new("sha256sum")
-        .args(["-c", "--quiet", "SHA256SUMS"])
+        .args(["-c", "--status", "SHA256SUMS"])
         .current_dir(dir)
         .status()
         .expect("run sha256sum")
