@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod console;
 mod routes;
 
 pub use routes::{API, Endpoint, openapi};
@@ -219,6 +220,7 @@ fn router_with(state: AppState) -> Router {
         .route("/hooks/aliyun/{provider}", post(aliyun_report))
         .route("/hooks/email/dsn", post(email_dsn))
         .nest_service("/bulletins", bulletins)
+        .merge(console::router())
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(state.clone(), count_request))
         .with_state(state)

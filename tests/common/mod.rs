@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod smtp_server;
+pub mod webdriver;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
